@@ -1,0 +1,44 @@
+"""Shared pytest setup: fixture paths, the cuda/ascend skips, quiet backends."""
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+TOKENIZER_MODEL = FIXTURES / "tokenizer" / "tiny_glm2_sp.model"
+TOKENIZER_CASES = FIXTURES / "tokenizer" / "cases.json"
+TINY_MODEL = FIXTURES / "model" / "tiny_glm2"
+TINY_PTUNING_MODEL = FIXTURES / "model" / "tiny_glm2_ptuning"
+ADGEN_DIR = FIXTURES / "data" / "adgen"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _has_ascend() -> bool:
+    return os.path.exists("/dev/davinci0")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = None if _has_cuda() else pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_ascend = None if _has_ascend() else pytest.mark.skip(reason="needs an Ascend NPU")
+    for item in items:
+        if skip_cuda and "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
+        if skip_ascend and "ascend" in item.keywords:
+            item.add_marker(skip_ascend)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from glm_common.tokenizer import ChatGLM2Tokenizer
+    return ChatGLM2Tokenizer(str(TOKENIZER_MODEL))
