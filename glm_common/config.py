@@ -213,6 +213,8 @@ class ChatGLM2Config:
                 raise ConfigError(f"{source}.{key}: unknown model_config key")
         if arch.get("rope_ratio", 1) != 1:
             raise ConfigError(f"{source}.rope_ratio: only 1 is supported")
+        # the dtype weights are stored in: mindformers calls it param_init_type
+        arch.setdefault("torch_dtype", run.get("param_init_type", RunOptions.param_init_type))
         cfg = cls.from_dict(arch, source=source)
         opts = RunOptions(**run)
         opts.ignored = ignored

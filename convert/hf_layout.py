@@ -1,0 +1,437 @@
+"""HF checkpoint directories in every layout ChatGLM2 ships in: read lazily, write atomically.
+
+Layouts:
+- ``single``: ``model.safetensors``
+- ``sharded-safetensors``: ``model-0000N-of-0000M.safetensors`` + ``model.safetensors.index.json``
+- ``sharded-bin``: ``pytorch_model-0000N-of-0000M.bin`` + ``pytorch_model.bin.index.json`` (the 6B release)
+- ``single-bin``: ``pytorch_model.bin``
+
+:class:`HFCheckpoint` reads one tensor at a time: safetensors through our own header parser and a
+memory map (bfloat16 comes back as an ``ml_dtypes.bfloat16`` array, no torch needed), ``.bin`` shards
+with ``torch.load(mmap=True)`` one shard at a time. :func:`write_hf_checkpoint` writes shards plus
+index into a temporary folder and moves them in place only when everything is written.
+
+CLI (the tiny model in any layout, for tests and the demo)::
+
+    python -m convert.hf_layout tiny --layout sharded-bin --out /tmp/tiny_glm2 [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+__all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
+           "read_safetensors_header", "save_safetensors", "parse_size", "NP_DTYPES"]
+
+LAYOUTS = ("single", "sharded-safetensors", "sharded-bin", "single-bin")
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory that cannot be read; one line naming the file."""
+
+
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# safetensors dtype tag <-> numpy dtype
+_ST_TO_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+#: dtype names used on the command line and in configs -> numpy dtype.
+NP_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+             "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def _np_dtype(tag: str, where: str):
+    if tag == "BF16":
+        return _bf16()
+    if tag not in _ST_TO_NP:
+        raise CheckpointError(f"{where}: unsupported safetensors dtype {tag}")
+    return np.dtype(_ST_TO_NP[tag])
+
+
+def _st_tag(dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype == _bf16():
+        return "BF16"
+    for tag, np_t in _ST_TO_NP.items():
+        if np.dtype(np_t) == dtype:
+            return tag
+    raise CheckpointError(f"safetensors: cannot store dtype {dtype}")
+
+
+def dtype_name(dtype) -> str:
+    """``float32`` / ``float16`` / ``bfloat16`` / numpy's name for others."""
+    dtype = np.dtype(dtype)
+    return "bfloat16" if dtype == _bf16() else dtype.name
+
+
+def to_dtype(array: np.ndarray, name: str) -> np.ndarray:
+    """Cast to a dtype named ``float32|float16|bfloat16`` (or ``fp32|fp16|bf16``)."""
+    target = NP_DTYPES.get(name, name)
+    want = _bf16() if target == "bfloat16" else np.dtype(target)
+    return array if array.dtype == want else array.astype(want)
+
+
+# ---------------------------------------------------------------------- safetensors
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """``(header, data_offset)`` of a safetensors file; validates that every tensor lies in the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, "
+                                  f"file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated safetensors file ({name} ends at byte {end} of "
+                                  f"{data_len} data bytes)")
+    return header, 8 + n
+
+
+def save_safetensors(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: Optional[dict] = None):
+    """Write a safetensors file from ``(name, array)`` pairs (arrays are written one at a time)."""
+    items = list(tensors)
+    header, offset = {}, 0
+    for name, arr in items:
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": _st_tag(arr.dtype), "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, arr in items:
+            f.write(np.ascontiguousarray(arr).tobytes())
+
+
+# ---------------------------------------------------------------------- reading
+class HFCheckpoint:
+    """Lazy view of an HF checkpoint directory: names, shapes, dtypes; one tensor read at a time.
+
+    >>> ckpt = HFCheckpoint("chatglm2-6b")
+    >>> for name, array in ckpt.items():    # numpy arrays, shard by shard
+    ...     ...
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path}: not a directory (expected an HF checkpoint directory)")
+        self._st_headers: dict[str, tuple[dict, int]] = {}
+        self._bin_cache: tuple[Optional[str], Optional[dict]] = (None, None)
+        self.layout, self.weight_map = self._discover()
+
+    # .................................................................. discovery
+    def _discover(self) -> tuple[str, dict[str, str]]:
+        p = self.path
+        for index_name, layout in ((SAFE_INDEX, "sharded-safetensors"), (BIN_INDEX, "sharded-bin")):
+            index = os.path.join(p, index_name)
+            if os.path.isfile(index):
+                try:
+                    with open(index, encoding="utf-8") as f:
+                        data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise CheckpointError(f"{index}:{e.lineno}: not valid JSON: {e.msg}") from None
+                wm = data.get("weight_map") if isinstance(data, dict) else None
+                if not isinstance(wm, dict) or not wm:
+                    raise CheckpointError(f"{index}: weight_map: missing or empty")
+                for shard in sorted(set(wm.values())):
+                    if not os.path.isfile(os.path.join(p, shard)):
+                        raise CheckpointError(f"{index}: shard {shard} is named in weight_map but missing")
+                return layout, dict(wm)
+        single = os.path.join(p, "model.safetensors")
+        if os.path.isfile(single):
+            header, _ = self._header(single)
+            return "single", {name: "model.safetensors" for name in header}
+        single_bin = os.path.join(p, "pytorch_model.bin")
+        if os.path.isfile(single_bin):
+            sd = self._load_bin(single_bin)
+            return "single-bin", {name: "pytorch_model.bin" for name in sd}
+        raise CheckpointError(f"{p}: no weights found (expected model.safetensors, {SAFE_INDEX}, "
+                              f"{BIN_INDEX} or pytorch_model.bin)")
+
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._st_headers:
+            self._st_headers[file] = read_safetensors_header(file)
+        return self._st_headers[file]
+
+    def _load_bin(self, file: str) -> dict:
+        if self._bin_cache[0] != file:
+            import torch
+            self._bin_cache = (None, None)
+            try:
+                sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{file}: truncated or corrupt .bin checkpoint ({msg})") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{file}: expected a state dict, got {type(sd).__name__}")
+            self._bin_cache = (file, sd)
+        return self._bin_cache[1]
+
+    # .................................................................. queries
+    @property
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard file names in order of first appearance."""
+        return list(dict.fromkeys(self.weight_map.values()))
+
+    def file_of(self, name: str) -> str:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        return os.path.join(self.path, self.weight_map[name])
+
+    def info(self, name: str) -> tuple[tuple[int, ...], str]:
+        """``(shape, dtype name)`` without reading the data (for .bin shards, mmap'ed)."""
+        file = self.file_of(name)
+        if file.endswith(".safetensors"):
+            header, _ = self._header(file)
+            if name not in header:
+                raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
+            meta = header[name]
+            return tuple(meta["shape"]), dtype_name(_np_dtype(meta["dtype"], file))
+        t = self._bin_tensor(file, name)
+        return tuple(t.shape), str(t.dtype).replace("torch.", "")
+
+    def _bin_tensor(self, file: str, name: str):
+        sd = self._load_bin(file)
+        if name not in sd:
+            raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
+        return sd[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``), a copy owned by the caller."""
+        file = self.file_of(name)
+        if file.endswith(".safetensors"):
+            header, data_offset = self._header(file)
+            if name not in header:
+                raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
+            meta = header[name]
+            dtype = _np_dtype(meta["dtype"], file)
+            begin, end = meta["data_offsets"]
+            count = int(np.prod(meta["shape"], dtype=np.int64))
+            if end - begin != count * dtype.itemsize:
+                raise CheckpointError(f"{file}: {name}: {end - begin} bytes do not hold shape {meta['shape']} "
+                                      f"of {meta['dtype']}")
+            with open(file, "rb") as f:
+                f.seek(data_offset + begin)
+                buf = f.read(end - begin)
+            if len(buf) != end - begin:
+                raise CheckpointError(f"{file}: truncated safetensors file while reading {name}")
+            return np.frombuffer(buf, dtype=dtype).reshape(meta["shape"]).copy()
+        return _torch_to_numpy(self._bin_tensor(file, name))
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """``(name, array)`` shard by shard, so at most one .bin shard is mapped at a time."""
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in self.weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        for shard, names in by_shard.items():
+            for name in names:
+                yield name, self.read(name)
+        self._bin_cache = (None, None)
+
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.path, s)) for s in self.shards)
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(_bf16()).copy()
+    return t.contiguous().numpy().copy()
+
+
+def _numpy_to_torch(a: np.ndarray):
+    import torch
+    if a.dtype == _bf16():
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+# ---------------------------------------------------------------------- writing
+def parse_size(text: str | int | None) -> Optional[int]:
+    """``"2GB"`` / ``"500MB"`` / ``"10KB"`` / bytes -> bytes (decimal units as HF uses them)."""
+    if text is None or isinstance(text, int):
+        return text
+    s = str(text).strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise CheckpointError(f"max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB)") from None
+
+
+def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, fmt: str = "safetensors",
+                        max_shard_size: int | str | None = None) -> list[str]:
+    """Write ``(name, array)`` pairs as an HF checkpoint into ``out_dir``; return the files written.
+
+    ``fmt``: ``safetensors`` or ``bin``. Without ``max_shard_size`` one file (``model.safetensors`` /
+    ``pytorch_model.bin``); with it, ``*-0000N-of-0000M.*`` shards plus the index json. Tensors are
+    consumed one at a time; a shard is written when it is full. Nothing appears in ``out_dir`` until
+    every file is complete.
+    """
+    if fmt not in ("safetensors", "bin"):
+        raise CheckpointError(f"format: expected safetensors or bin, got {fmt!r}")
+    limit = parse_size(max_shard_size)
+    os.makedirs(out_dir, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".partial-", dir=out_dir)
+    try:
+        shards: list[list[str]] = []
+        weight_map: dict[str, int] = {}
+        current: list[tuple[str, np.ndarray]] = []
+        size = total = 0
+
+        def flush():
+            nonlocal current, size
+            if not current:
+                return
+            idx = len(shards)
+            tmp_name = os.path.join(stage, f"shard{idx}")
+            if fmt == "safetensors":
+                save_safetensors(current, tmp_name, metadata={"format": "pt"})
+            else:
+                import torch
+                torch.save({n: _numpy_to_torch(a) for n, a in current}, tmp_name)
+            shards.append([n for n, _ in current])
+            for n, _ in current:
+                weight_map[n] = idx
+            current, size = [], 0
+
+        for name, arr in tensors:
+            if name in weight_map or any(name == n for n, _ in current):
+                raise CheckpointError(f"{out_dir}: tensor {name} written twice")
+            nbytes = arr.size * arr.dtype.itemsize
+            if limit and current and size + nbytes > limit:
+                flush()
+            current.append((name, arr))
+            size += nbytes
+            total += nbytes
+        flush()
+        n = len(shards)
+        base, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+        if limit is None:
+            final = [f"{base}.{ext}"]
+        else:
+            final = [f"{base}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
+        written = []
+        for i, fname in enumerate(final):
+            os.replace(os.path.join(stage, f"shard{i}"), os.path.join(stage, fname))
+        if limit is not None:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {name: final[i] for name, i in weight_map.items()}}
+            index_name = SAFE_INDEX if fmt == "safetensors" else BIN_INDEX
+            with open(os.path.join(stage, index_name), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+            final = final + [index_name]
+        for fname in final:
+            os.replace(os.path.join(stage, fname), os.path.join(out_dir, fname))
+            written.append(os.path.join(out_dir, fname))
+        return written
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- the built-in tiny model
+def _fixtures_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures")
+
+
+def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_glm2",
+                      dtype: Optional[str] = None, shards: int = 3) -> str:
+    """Write the golden tiny ChatGLM2 (``tiny_glm2`` or ``tiny_glm2_ptuning``) as an HF directory.
+
+    ``layout`` is one of :data:`LAYOUTS`; sharded layouts get ``shards`` files (about equal bytes).
+    ``dtype`` casts the weights (``float32|float16|bfloat16``); ``config.json`` says the dtype.
+    ``tokenizer.model`` and ``tokenizer_config.json`` are written beside the weights.
+    """
+    from glm_common.config import ChatGLM2Config
+    from glm_common.tokenizer import ChatGLM2Tokenizer
+
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    src = os.path.join(_fixtures_dir(), "model", model)
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src}: no such built-in model")
+    config = ChatGLM2Config.from_hf(src)
+    ckpt = HFCheckpoint(src)
+    tensors = [(n, a if dtype is None else to_dtype(a, dtype)) for n, a in ckpt.items()]
+    total = sum(a.nbytes for _, a in tensors)
+    fmt = "bin" if layout.endswith("bin") else "safetensors"
+    limit = None if layout in ("single", "single-bin") else -(-total // shards)
+    os.makedirs(out_dir, exist_ok=True)
+    write_hf_checkpoint(tensors, out_dir, fmt=fmt, max_shard_size=limit)
+    if dtype is not None:
+        config.torch_dtype = NP_DTYPES.get(dtype, dtype)
+    config.save_hf(out_dir)
+    ChatGLM2Tokenizer(os.path.join(_fixtures_dir(), "tokenizer", "tiny_glm2_sp.model")).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m convert.hf_layout",
+                                 description="Inspect HF ChatGLM2 checkpoints, or write the built-in tiny model.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tiny", help="write the built-in tiny ChatGLM2 as an HF directory")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--layout", default="single", choices=LAYOUTS)
+    t.add_argument("--model", default="tiny_glm2", choices=("tiny_glm2", "tiny_glm2_ptuning"))
+    t.add_argument("--dtype", default=None, choices=sorted(NP_DTYPES), help="cast weights (default: keep fp32)")
+    t.add_argument("--shards", type=int, default=3, help="number of shards for sharded layouts")
+    i = sub.add_parser("info", help="list the tensors of an HF checkpoint directory")
+    i.add_argument("dir")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "tiny":
+            out = write_tiny_hf_dir(args.out, args.layout, args.model, args.dtype, args.shards)
+            print(f"wrote {args.model} ({args.layout}) to {out}")
+        else:
+            ckpt = HFCheckpoint(args.dir)
+            for name in ckpt.names:
+                shape, dt = ckpt.info(name)
+                print(f"{name}\t{list(shape)}\t{dt}\t{ckpt.weight_map[name]}")
+            print(f"{len(ckpt.names)} tensors, {ckpt.total_bytes()} bytes, layout {ckpt.layout}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
