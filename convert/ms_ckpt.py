@@ -122,7 +122,9 @@ class CheckpointWriter:
     def write(self, name: str, array: np.ndarray) -> None:
         if name in self._seen:
             raise MSCheckpointError(f"{self.path}: tensor {name} written twice")
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape (1,))
+            array = array.copy(order="C")
         head = _value_header(name, tuple(int(d) for d in array.shape), _ms_type(array.dtype), array.nbytes)
         self._f.write(head)
         self._f.write(memoryview(array.reshape(-1).view(np.uint8)))
