@@ -42,7 +42,8 @@ reference ``answers`` (a list of N strings) for generation-based metrics.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import os
+from typing import Sequence
 
 import numpy as np
 
@@ -84,7 +85,14 @@ def _fit_prompt(tokenizer, ids: list, limit: int) -> list:
 
 
 def _prompts(samples, starts) -> list:
-    return [build_prompt(s.query(st), s.history(st)) for s, st in zip(samples, starts)]
+    """``build_prompt(query, history)`` of each sample's last round, from round ``start`` on."""
+    out = []
+    for s, st in zip(samples, starts):
+        if len(s.rounds) == 1 and not s.preamble:       # the common case, without the history lists
+            out.append(round_text(1, s.rounds[0].query))
+        else:
+            out.append(build_prompt(s.query(st), s.history(st)))
+    return out
 
 
 def _encode_prompts(samples, tokenizer, mode, max_source_length) -> list:
@@ -174,32 +182,37 @@ def build_train_features(samples: Sequence, tokenizer, mode: str = "official", m
     L = max_source_length + max_target_length + 1
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     input_ids = np.full((n, L), pad, dtype=np.int64)
-    labels = np.full((n, L), pad, dtype=np.int64)
     lengths = np.zeros(n, dtype=np.int64)
+    label_from = np.zeros(n, dtype=np.int64)    # labels = input_ids from this column on ...
+    explicit = {}                               # ... except rows with labels of their own (conversations)
     bar = _progress(n, "features", progress)
     for lo in range(0, n, _CHUNK):
         chunk = samples[lo:lo + _CHUNK]
-        single = [i for i, s in enumerate(chunk) if not s.is_text and s.single_target]
-        multi = [i for i, s in enumerate(chunk) if not s.is_text and not s.single_target]
-        text = [i for i, s in enumerate(chunk) if s.is_text]
+        single, multi, text = [], [], []
+        for i, s in enumerate(chunk):
+            if s.text is not None:
+                text.append(i)
+            elif (len(s.rounds) == 1 and s.rounds[0].loss) or s.single_target:
+                single.append(i)
+            else:
+                multi.append(i)
         if single:
             sam = [chunk[i] for i in single]
             A = _encode_prompts(sam, tokenizer, mode, max_source_length)
             B = tokenizer.encode_batch([s.answer for s in sam], add_special_tokens=False)
             for i, a, b in zip(single, A, B):
-                b = b[:max_target_length]
-                row = a + b
+                row = a + b[:max_target_length]
                 row.append(eos)
-                r, na, m = lo + i, len(a), len(row)
+                r, m = lo + i, len(row)
                 input_ids[r, :m] = row
-                labels[r, na:m] = row[na:]
+                label_from[r] = len(a)
                 lengths[r] = m
         if multi:
             conv = _encode_conversations([chunk[i] for i in multi], tokenizer, mode, max_source_length,
                                          max_target_length)
             for i, (ids, lab) in zip(multi, conv):
                 input_ids[lo + i, :len(ids)] = ids
-                labels[lo + i, :len(lab)] = lab
+                explicit[lo + i] = lab
                 lengths[lo + i] = len(ids)
         if text:
             T = tokenizer.encode_batch([chunk[i].text for i in text], add_special_tokens=False)
@@ -207,12 +220,15 @@ def build_train_features(samples: Sequence, tokenizer, mode: str = "official", m
             for i, t in zip(text, T):
                 row = (pre + t)[:L - 1] + [eos]
                 input_ids[lo + i, :len(row)] = row
-                labels[lo + i, len(pre):len(row)] = row[len(pre):]
+                label_from[lo + i] = len(pre)
                 lengths[lo + i] = len(row)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    labels = np.where(np.arange(L)[None, :] >= label_from[:, None], input_ids, pad)
+    for r, lab in explicit.items():
+        labels[r, :len(lab)] = lab
     labels[labels == pad] = IGNORE_INDEX     # as the official code: every pad id in labels is ignored
     return {"input_ids": input_ids, "labels": labels, "lengths": lengths}
 
@@ -274,7 +290,6 @@ def length_stats(samples: Sequence, tokenizer, max_source_length: int = 64, max_
 
 def save_features(path: str, features: dict, **meta) -> None:
     """Write the array features to ``path`` (``.npz``) atomically; ``meta`` values are stored too."""
-    import os
     arrays = {k: np.asarray(v) for k, v in features.items() if isinstance(v, np.ndarray)}
     for k, v in meta.items():
         arrays[f"meta_{k}"] = np.asarray(v)

@@ -50,7 +50,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 __all__ = ["Round", "Sample", "BadRow", "DataError", "FORMATS", "detect_format", "read_samples",
            "load_samples", "iter_rows"]
@@ -417,7 +417,10 @@ def read_samples(path: str | os.PathLike, format: Optional[str] = None) -> tuple
         try:
             s = parse(row)
         except _Bad as e:
-            bad.append(BadRow(path, line, str(e)))
+            msg, other = str(e), detect_format(row)
+            if other not in (None, format):
+                msg += f" (the row looks like format {other!r}, the file is {format!r})"
+            bad.append(BadRow(path, line, msg))
             continue
         s.where = f"{path}:{line}"
         samples.append(s)
@@ -444,7 +447,7 @@ def load_samples(paths, format: Optional[str] = None, on_error: str = "raise") -
             if on_error == "raise":
                 more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
                 raise DataError(f"{bad[0]}{more}; list them with `python -m glm_common.data check "
-                                f"{os.fspath(path)}` or skip them with on_error='skip'")
+                                f"{os.fspath(path)}` or skip them (on_error='skip', --skip-bad-rows)")
             print(f"{os.fspath(path)}: skipped {len(bad)} bad rows (first: {bad[0]})", file=sys.stderr)
         out.extend(samples)
     return out
