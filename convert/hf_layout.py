@@ -227,8 +227,12 @@ class HFCheckpoint:
             raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
         return sd[name]
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``), a copy owned by the caller."""
+    def read(self, name: str, copy: bool = True) -> np.ndarray:
+        """The tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``), a copy owned by the caller.
+
+        ``copy=False`` saves a copy: a read-only array over the bytes read (safetensors) or over the
+        memory-mapped shard (``.bin``; valid while the shard is the one mapped, see :meth:`release`).
+        """
         file = self.file_of(name)
         if file.endswith(".safetensors"):
             header, data_offset = self._header(file)
@@ -246,8 +250,85 @@ class HFCheckpoint:
                 buf = f.read(end - begin)
             if len(buf) != end - begin:
                 raise CheckpointError(f"{file}: truncated safetensors file while reading {name}")
-            return np.frombuffer(buf, dtype=dtype).reshape(meta["shape"]).copy()
-        return _torch_to_numpy(self._bin_tensor(file, name))
+            array = np.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+            return array.copy() if copy else array
+        return _torch_to_numpy(self._bin_tensor(file, name), copy=copy)
+
+    def release(self, name: str) -> None:
+        """Drop the memory-mapped pages of a ``.bin`` tensor already read (no-op for safetensors).
+
+        ``.bin`` shards are mapped privately and read-only, so the kernel re-reads a dropped page from
+        the file if it is touched again; dropping keeps the resident set near one tensor, not a shard.
+        """
+        file = self.file_of(name)
+        if file.endswith(".safetensors") or self._bin_cache[0] != file:
+            return
+        t = self._bin_cache[1].get(name)
+        if t is None or t.numel() == 0:
+            return
+        _drop_pages(t.data_ptr(), t.numel() * t.element_size())
+
+    def byte_range(self, name: str) -> Optional[tuple[str, int, int]]:
+        """``(file, offset, nbytes)``: where the tensor's bytes lie, in row-major order, in its file; ``None``
+        when that cannot be told (a non-contiguous view in a ``.bin``). Lets a caller copy them in the kernel."""
+        file = self.file_of(name)
+        if file.endswith(".safetensors"):
+            header, data_offset = self._header(file)
+            if name not in header:
+                raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
+            begin, end = header[name]["data_offsets"]
+            return file, data_offset + begin, end - begin
+        t = self._bin_tensor(file, name)
+        base = self._bin_base(file)
+        if base is None or not t.is_contiguous():
+            return None
+        return file, t.data_ptr() - base, t.numel() * t.element_size()
+
+    def _bin_base(self, file: str) -> Optional[int]:
+        """Address of byte 0 of the mapped ``.bin`` shard: ``torch.load(mmap=True)`` maps the whole file
+        and each storage is a slice of it at its zip record's offset. Checked on every storage."""
+        cache = getattr(self, "_bin_bases", None)
+        if cache is None:
+            cache = self._bin_bases = {}
+        if file not in cache:
+            import torch
+            sd = self._load_bin(file)
+            try:
+                reader = torch._C.PyTorchFileReader(file)
+                offsets = {reader.get_record_offset(r) for r in reader.get_all_records()
+                           if r.rsplit("/", 2)[-2:-1] == ["data"]}
+                ptrs = {t.untyped_storage().data_ptr() for t in sd.values() if t.numel()}
+                base = min(ptrs) - min(offsets) if ptrs and offsets else None
+                if base is not None and not {p - base for p in ptrs} <= offsets:
+                    base = None
+            except (AttributeError, RuntimeError):
+                base = None
+            cache.clear()  # one shard is mapped at a time
+            cache[file] = base
+        return cache[file]
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes now (asynchronous readahead; a hint only).
+
+        For ``.bin`` tensors this acts only on the shard currently mapped (the one last read from).
+        """
+        file = self.file_of(name)
+        if file.endswith(".safetensors"):
+            header, data_offset = self._header(file)
+            if name not in header or not hasattr(os, "posix_fadvise"):
+                return
+            begin, end = header[name]["data_offsets"]
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, data_offset + begin, end - begin, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+            return
+        if self._bin_cache[0] != file:
+            return
+        t = self._bin_cache[1].get(name)
+        if t is not None and t.numel():
+            _advise(t.data_ptr(), t.numel() * t.element_size(), 3, inner=False)  # 3 = MADV_WILLNEED
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """``(name, array)`` shard by shard, so at most one .bin shard is mapped at a time."""
@@ -263,12 +344,39 @@ class HFCheckpoint:
         return sum(os.path.getsize(os.path.join(self.path, s)) for s in self.shards)
 
 
-def _torch_to_numpy(t) -> np.ndarray:
+def _drop_pages(address: int, nbytes: int) -> None:
+    """``madvise(MADV_DONTNEED)`` the whole pages inside ``[address, address + nbytes)`` (Linux; else no-op)."""
+    _advise(address, nbytes, 4, inner=True)  # 4 = MADV_DONTNEED
+
+
+def _advise(address: int, nbytes: int, advice: int, inner: bool) -> None:
+    """``madvise`` on the pages wholly inside the range (``inner``) or touching it (Linux; else no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import mmap
+    page = mmap.PAGESIZE
+    if inner:
+        start, end = -(-address // page) * page, (address + nbytes) // page * page
+    else:
+        start, end = address // page * page, -(-(address + nbytes) // page) * page
+    if end <= start:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+
+def _torch_to_numpy(t, copy: bool = True) -> np.ndarray:
     import torch
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(_bf16()).copy()
-    return t.contiguous().numpy().copy()
+        array = t.contiguous().view(torch.int16).numpy().view(_bf16())
+    else:
+        array = t.contiguous().numpy()
+    if copy:
+        return array.copy()
+    array.flags.writeable = False
+    return array
 
 
 def _numpy_to_torch(a: np.ndarray):

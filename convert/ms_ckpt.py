@@ -132,6 +132,23 @@ class CheckpointWriter:
         self.names.append(name)
         self.bytes_written += len(head) + array.nbytes
 
+    def write_from_file(self, name: str, shape: tuple[int, ...], dtype, src: str, offset: int, nbytes: int) -> None:
+        """Append a tensor whose row-major bytes are ``nbytes`` at ``offset`` in file ``src``; the kernel
+        copies them (``os.copy_file_range``) without passing through this process where it can."""
+        if name in self._seen:
+            raise MSCheckpointError(f"{self.path}: tensor {name} written twice")
+        shape = tuple(int(d) for d in shape)
+        dtype = np.dtype(dtype)
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes:
+            raise MSCheckpointError(f"{self.path}: {name}: {nbytes} bytes do not hold shape {list(shape)} of {dtype}")
+        head = _value_header(name, shape, _ms_type(dtype), nbytes)
+        self._f.write(head)
+        self._f.flush()
+        copy_bytes(src, offset, nbytes, self._f)
+        self._seen.add(name)
+        self.names.append(name)
+        self.bytes_written += len(head) + nbytes
+
     def close(self) -> str:
         self._f.close()
         os.replace(self.tmp, self.path)
@@ -151,6 +168,31 @@ class CheckpointWriter:
         else:
             self.abort()
         return False
+
+
+def copy_bytes(src: str, offset: int, nbytes: int, out) -> None:
+    """Append ``nbytes`` of file ``src`` from ``offset`` to the open (flushed) binary file ``out``:
+    ``os.copy_file_range`` where the system has it, else reads of 64 MiB."""
+    done = 0
+    with open(src, "rb") as f:
+        fd_in, fd_out = f.fileno(), out.fileno()
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(fd_in, fd_out, nbytes - done, offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:  # EXDEV / ENOSYS / EINVAL: fall back to plain reads
+                pass
+        while done < nbytes:
+            buf = os.pread(fd_in, min(nbytes - done, 64 << 20), offset + done)
+            if not buf:
+                raise MSCheckpointError(f"{src}: truncated: {nbytes - done} bytes missing at byte {offset + done}")
+            out.write(buf)
+            out.flush()
+            done += len(buf)
+    out.seek(0, os.SEEK_END)
 
 
 def save_ms_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], path: str | os.PathLike) -> str:
