@@ -1,6 +1,7 @@
 """Fine-tuning entry point: ``python -m torch_glm.train --config RUN.yaml [overrides]``.
 
-Reads the mindformers-shaped run YAML the MindSpore runner reads, where the keys mean the same thing:
+Reads the mindformers-shaped run YAML the MindSpore runner reads (:mod:`glm_common.run_config`), where the
+keys mean the same thing:
 
 * ``model.model_config`` (:meth:`ChatGLM2Config.from_model_config`) and its ``pet_config``
   (``pet_type: lora|ptuning2|qlora``; none = full fine-tuning); a top-level ``pet_config`` also works;
@@ -11,7 +12,8 @@ Reads the mindformers-shaped run YAML the MindSpore runner reads, where the keys
   generation metrics (rouge-1/2/l, bleu-4 of :mod:`glm_common.metrics`);
 * ``runner_config``: ``epochs``, ``batch_size``, ``gradient_accumulation_steps`` (``max_steps`` caps
   the optimizer steps); ``runner_wrapper``: ``use_clip_grad``, ``max_grad_norm``;
-* ``optimizer``: AdamW (``type`` AdamW / AdamWeightDecay / FP32StateAdamWeightDecay), ``beta1``,
+* ``optimizer``: ``type`` AdamWeightDecay / FusedAdamWeightDecay / FP32StateAdamWeightDecay (MindSpore's
+  formula, no bias correction: :class:`AdamWeightDecay`) or AdamW (``torch.optim.AdamW``), ``beta1``,
   ``beta2``, ``eps``, ``weight_decay`` (not on norms and biases), ``learning_rate``;
 * ``lr_schedule``: ``type`` linear / cosine / polynomial / constant (or mindformers' class names),
   ``learning_rate``, ``lr_end``, ``warmup_steps`` or ``warmup_ratio``, ``total_steps`` (-1: all),
@@ -31,196 +33,64 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from glm_common.config import ChatGLM2Config, ConfigError
+from glm_common.config import ConfigError
+from glm_common.run_config import RunConfigError, TrainSettings, load_run_config, settings_from_config
+from glm_common.schedules import decays, learning_rates, lr_at, schedule_total
+from glm_common.train_log import LossLog, plot_losses, summary_line
 
-__all__ = ["TrainSettings", "load_run_config", "settings_from_config", "lr_at", "build_model", "train", "main"]
-
-SCHEDULES = {"linear": "linear", "linearwithwarmuplr": "linear", "cosine": "cosine",
-             "cosinewithwarmuplr": "cosine", "polynomial": "polynomial", "polynomialwithwarmuplr": "polynomial",
-             "constant": "constant", "constantwarmuplr": "constant"}
-OPTIMIZERS = ("adamw", "adamweightdecay", "fp32stateadamweightdecay", "adam")
-
-
-@dataclass
-class TrainSettings:
-    """Everything a run needs, flattened from the YAML (see the module docstring for the keys)."""
-
-    config: ChatGLM2Config
-    pet: dict = field(default_factory=lambda: {"pet_type": "full"})
-    load_checkpoint: str = ""
-    vocab_file: str = ""
-    train_file: str = ""
-    eval_file: str = ""
-    max_source_length: int = 64
-    max_target_length: int = 128
-    eval_max_source_length: int = 64
-    eval_max_target_length: int = 128
-    eval_num_samples: int = 0
-    eval_batch_size: int = 8
-    do_eval: bool = False
-    eval_step_interval: int = -1
-    shuffle: bool = True
-    drop_remainder: bool = True
-    epochs: int = 1
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_steps: int = -1
-    clip_grad: bool = True
-    max_grad_norm: float = 1.0
-    learning_rate: float = 5e-5
-    lr_end: float = 0.0
-    schedule: str = "polynomial"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    total_steps: int = -1
-    power: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    print_every: int = 1
-    ckpt_prefix: str = "glm2"
-    save_steps: int = 0
-    keep_max: int = 1
-    seed: int = 0
-    output_dir: str = "./output"
-    resume: bool = False
-    compute_dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    num_workers: int = 0
-    progress: bool = True
+__all__ = ["TrainSettings", "RunConfigError", "load_run_config", "settings_from_config", "lr_at", "AdamWeightDecay",
+           "make_optimizer", "build_model", "train", "main"]
 
 
-class RunConfigError(ValueError):
-    """A run YAML that cannot be used; one line naming the file and the key."""
+
+class AdamWeightDecay(torch.optim.Optimizer):
+    """MindSpore's ``nn.AdamWeightDecay`` (mindformers' AdamWeightDecay family) in torch: Adam without
+    bias correction and decoupled weight decay, in float32 (see :mod:`glm_common.schedules`)::
+
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= lr * (m / (sqrt(v) + eps) + wd * p)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = m / (v.sqrt() + group["eps"])
+                pf = p.float()
+                if group["weight_decay"]:
+                    update = update + group["weight_decay"] * pf
+                p.copy_(pf - group["lr"] * update)
 
 
-# ---------------------------------------------------------------------------------------- config
-def load_run_config(path: str) -> dict:
-    """Parse a run YAML into a mapping; errors name the file and line."""
-    import yaml
-    if not os.path.isfile(path):
-        raise RunConfigError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise RunConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise RunConfigError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def _get(mapping: Mapping, dotted: str, default=None):
-    cur: Any = mapping
-    for part in dotted.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            return default
-        cur = cur[part]
-    return default if cur is None else cur
-
-
-def _num(value, key: str, source: str, kind=float):
-    try:
-        return kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
-        raise RunConfigError(f"{source}: {key}: expected a number, got {value!r}") from None
-
-
-def settings_from_config(cfg: Mapping, source: str = "config") -> TrainSettings:
-    """Flatten a mindformers-shaped run mapping into :class:`TrainSettings`."""
-    from torch_glm.lora import pet_settings
-    mc = _get(cfg, "model.model_config")
-    if mc is None:
-        raise RunConfigError(f"{source}: model.model_config: missing")
-    try:
-        config, opts = ChatGLM2Config.from_model_config(mc, source=f"{source}: model.model_config")
-    except ConfigError as e:
-        raise RunConfigError(str(e)) from None
-    pet = pet_settings(opts.pet_config or cfg.get("pet_config"), source=f"{source}: pet_config")
-    if pet["pet_type"] == "ptuning2":
-        config = config.replace(pre_seq_len=pet["pre_seq_len"], prefix_projection=pet["prefix_projection"])
-    s = TrainSettings(config=config, pet=pet)
-    s.load_checkpoint = str(cfg.get("load_checkpoint") or "")
-    s.vocab_file = str(_get(cfg, "train_dataset.tokenizer.vocab_file") or _get(cfg, "processor.tokenizer.vocab_file") or "")
-    s.train_file = str(_get(cfg, "train_dataset.data_loader.dataset_dir", ""))
-    s.eval_file = str(_get(cfg, "eval_dataset.data_loader.dataset_dir", ""))
-    n = lambda key, default, kind=float: _num(_get(cfg, key, default), key, source, kind)  # noqa: E731
-    s.max_source_length = n("train_dataset.max_source_length", 64, int)
-    s.max_target_length = n("train_dataset.max_target_length", 128, int)
-    s.eval_max_source_length = n("eval_dataset.max_source_length", s.max_source_length, int)
-    s.eval_max_target_length = n("eval_dataset.max_target_length", s.max_target_length, int)
-    s.eval_num_samples = n("eval_dataset.num_samples", 0, int)
-    s.eval_batch_size = n("eval_dataset.batch_size", 8, int)
-    s.do_eval = bool(cfg.get("do_eval", False)) and bool(s.eval_file)
-    s.eval_step_interval = n("eval_step_interval", -1, int)
-    s.shuffle = bool(_get(cfg, "train_dataset.data_loader.shuffle", True))
-    s.drop_remainder = bool(_get(cfg, "train_dataset.drop_remainder", True))
-    s.epochs = n("runner_config.epochs", 1, int)
-    s.batch_size = n("runner_config.batch_size", _get(cfg, "train_dataset.batch_size", 1), int)
-    s.grad_accum = max(1, n("runner_config.gradient_accumulation_steps", 1, int))
-    s.max_steps = n("runner_config.max_steps", -1, int)
-    s.clip_grad = bool(_get(cfg, "runner_wrapper.use_clip_grad", True))
-    s.max_grad_norm = n("runner_wrapper.max_grad_norm", 1.0)
-    kind = str(_get(cfg, "lr_schedule.type", "polynomial")).lower()
-    if kind not in SCHEDULES:
-        raise RunConfigError(f"{source}: lr_schedule.type: expected one of linear, cosine, polynomial, constant; got {kind!r}")
-    s.schedule = SCHEDULES[kind]
-    s.learning_rate = n("lr_schedule.learning_rate", _get(cfg, "optimizer.learning_rate", 5e-5))
-    s.lr_end = n("lr_schedule.lr_end", 0.0)
-    s.warmup_steps = n("lr_schedule.warmup_steps", 0, int)
-    s.warmup_ratio = n("lr_schedule.warmup_ratio", 0.0)
-    s.total_steps = n("lr_schedule.total_steps", -1, int)
-    s.power = n("lr_schedule.power", 1.0)
-    opt = str(_get(cfg, "optimizer.type", "AdamW")).lower()
-    if opt not in OPTIMIZERS:
-        raise RunConfigError(f"{source}: optimizer.type: only AdamW-family optimizers are supported, got {opt!r}")
-    s.beta1, s.beta2 = n("optimizer.beta1", 0.9), n("optimizer.beta2", 0.95)
-    s.eps, s.weight_decay = n("optimizer.eps", 1e-8), n("optimizer.weight_decay", 0.1)
-    for cb in cfg.get("callbacks") or []:
-        ctype = str((cb or {}).get("type", "")).lower()
-        if ctype == "mflossmonitor":
-            s.print_every = int(cb.get("per_print_times", 1))
-        elif ctype in ("checkpointmonitor", "checkpointmointor"):
-            s.ckpt_prefix = str(cb.get("prefix", s.ckpt_prefix))
-            s.save_steps = int(cb.get("save_checkpoint_steps", 0))
-            s.keep_max = int(cb.get("keep_checkpoint_max", 1))
-    s.seed = n("seed", 0, int)
-    s.output_dir = str(cfg.get("output_dir") or "./output")
-    s.resume = bool(cfg.get("resume_training", False))
-    s.compute_dtype = opts.compute_dtype
-    s.gradient_checkpointing = bool(_get(cfg, "recompute_config.recompute", False))
-    return s
-
-
-# ---------------------------------------------------------------------------------------- schedule
-def lr_at(step: int, s: TrainSettings, total: int) -> float:
-    """Learning rate of optimizer update ``step`` (0-based) of ``total``: linear warmup, then the schedule."""
-    warmup = s.warmup_steps or int(round(s.warmup_ratio * total))
-    if warmup and step < warmup:
-        return s.learning_rate * step / warmup
-    if s.schedule == "constant":
-        return s.learning_rate
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if s.schedule == "linear":
-        return s.lr_end + (s.learning_rate - s.lr_end) * (1.0 - progress)
-    if s.schedule == "cosine":
-        return s.lr_end + 0.5 * (s.learning_rate - s.lr_end) * (1.0 + math.cos(math.pi * progress))
-    return s.lr_end + (s.learning_rate - s.lr_end) * (1.0 - progress) ** s.power
+def make_optimizer(model, s: TrainSettings) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` for ``optimizer.type: AdamW`` (bias-corrected), else :class:`AdamWeightDecay`."""
+    groups = _param_groups(model, s.weight_decay)
+    if s.bias_correction:
+        return torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), eps=s.eps)
+    return AdamWeightDecay(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), eps=s.eps)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -262,7 +132,7 @@ def _param_groups(model, weight_decay: float):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or "layernorm" in n.lower() or n.endswith("bias") else decay).append(p)
+        (decay if decays(n, p.dim()) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -292,32 +162,6 @@ def save_result(model, s: TrainSettings, out_dir: str) -> str:
     path = os.path.join(out_dir, "model")
     base.save_pretrained(path)
     return path
-
-
-def plot_losses(log_path: str, png_path: str) -> Optional[str]:
-    """Draw the train (and eval) loss curve of ``loss_log.jsonl`` into a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(log_path, encoding="utf-8") if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -420,8 +264,11 @@ def _dist():
     return rank, world
 
 
-def train(s: TrainSettings, device: Optional[str] = None) -> dict:
-    """Run the training loop of ``s``; return a summary (steps, first/last loss, tokens/s, paths)."""
+def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
+    """Run the training loop of ``s``; return a summary (steps, first/last loss, tokens/s, paths).
+
+    ``model``: an already built model (:func:`build_model`), e.g. one whose LoRA matrices were set.
+    """
     from glm_common.data import build_train_features, load_samples
     from glm_common.tokenizer import ChatGLM2Tokenizer
     from torch_glm.data import make_dataloader
@@ -438,7 +285,7 @@ def train(s: TrainSettings, device: Optional[str] = None) -> dict:
     tokenizer = ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
     feats = build_train_features(load_samples(s.train_file), tokenizer, max_source_length=s.max_source_length,
                                  max_target_length=s.max_target_length, progress=s.progress and rank == 0)
-    loader = make_dataloader(feats, s.batch_size, shuffle=s.shuffle, seed=s.seed, rank=rank, world_size=world,
+    loader = make_dataloader(feats, s.batch_size, shuffle=s.shuffle, seed=s.data_seed, rank=rank, world_size=world,
                              drop_remainder=s.drop_remainder, num_workers=s.num_workers)
     # DataLoader draws a base seed from the global RNG at every iter(); a private generator keeps the
     # global RNG (dropout) on the same sequence whether a run is resumed or not
@@ -450,18 +297,17 @@ def train(s: TrainSettings, device: Optional[str] = None) -> dict:
     total = per_epoch * s.epochs
     if s.max_steps > 0:
         total = min(total, s.max_steps)
-    schedule_total = s.total_steps if s.total_steps > 0 else total
+    lrs = learning_rates(s, schedule_total(s, per_epoch))
 
-    model = build_model(s, device)
+    model = build_model(s, device) if model is None else model
     model.train()
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.startswith("cuda") else None)
-    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.learning_rate,
-                                  betas=(s.beta1, s.beta2), eps=s.eps)
+    optimizer = make_optimizer(model, s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: lr_at(k, s, schedule_total) / s.learning_rate if s.learning_rate else 0.0)
+        optimizer, lambda k: float(lrs[min(k, len(lrs) - 1)]) / s.learning_rate if s.learning_rate else 0.0)
     step, start_epoch, skip = 0, 0, 0
     os.makedirs(s.output_dir, exist_ok=True)
     log_path = os.path.join(s.output_dir, "loss_log.jsonl")
@@ -472,12 +318,8 @@ def train(s: TrainSettings, device: Optional[str] = None) -> dict:
             step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
             if rank == 0:
                 print(f"resumed from {found[-1][1]} at step {step}", file=sys.stderr)
-    if rank == 0:  # keep the log consistent with the step we (re)start from
-        rows = [line for line in open(log_path, encoding="utf-8")] if os.path.isfile(log_path) and step else []
-        rows = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
-        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(rows)
-        os.replace(log_path + ".tmp", log_path)
+    log = LossLog(log_path, enabled=rank == 0)
+    log.truncate(step)  # keep the log consistent with the step we (re)start from
 
     use_amp = device.startswith("cuda") and s.compute_dtype in ("float16", "bfloat16")
     amp_dtype = getattr(torch, s.compute_dtype) if use_amp else None
@@ -535,8 +377,7 @@ def train(s: TrainSettings, device: Optional[str] = None) -> dict:
                 row = {"step": step, "epoch": epoch, "loss": round(step_loss, 6), "lr": lr,
                        "grad_norm": round(float(grad_norm), 6), "tokens": tokens_done * world,
                        "time": round(time.perf_counter() - t0, 3)}
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                log.write(row)
                 bar.update(1)
                 if step % max(1, s.print_every) == 0:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -555,8 +396,8 @@ def train(s: TrainSettings, device: Optional[str] = None) -> dict:
             summary["eval"] = _log_eval(model, s, tokenizer, device, step, log_path)
         summary["result"] = save_result(model, s, s.output_dir)
         summary["plot"] = plot_losses(log_path, os.path.join(s.output_dir, "loss_curve.png"))
-        print(f"trained {step} steps: loss {first_loss} -> {last_loss}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s; wrote {summary['result']}", file=sys.stderr)
+        print(summary_line(step, first_loss, last_loss, summary["tokens_per_s"], elapsed,
+                           result=summary["result"]), file=sys.stderr)
     if world > 1:
         torch.distributed.barrier()
     summary["model"] = model

@@ -1,0 +1,461 @@
+"""The mindformers-shaped run YAML both backends read, flattened into :class:`TrainSettings`.
+
+Keys honoured (anything else is listed once in a :class:`RunConfigWarning`, never silently dropped;
+a bad value raises :class:`RunConfigError` naming the file and the key's path):
+
+* ``seed``, ``run_mode``, ``output_dir``, ``load_checkpoint``, ``resume_training``, ``do_eval``,
+  ``eval_step_interval``;
+* ``context``: ``mode`` (0 GRAPH, 1 PYNATIVE), ``device_target``, ``device_id``, ``max_device_memory``;
+* ``model.model_config`` (:meth:`ChatGLM2Config.from_model_config`; its mindformers-only keys join the
+  warning) with ``pet_config`` (``pet_type: lora`` with ``lora_rank``, ``lora_alpha``,
+  ``lora_dropout``, ``target_modules``; ``ptuning2`` with ``pre_seq_len``, ``prefix_projection``,
+  ``dropout_prob``); ``model.arch.type``;
+* ``train_dataset`` / ``eval_dataset``: ``data_loader.{type, dataset_dir, shuffle, phase, version,
+  origin_columns, format, mode}``, ``tokenizer.{type, vocab_file}``, ``input_columns``,
+  ``max_source_length``, ``max_target_length``, ``ignore_pad_token_for_loss``, ``batch_size``,
+  ``drop_remainder``, ``seed``, ``padding``, ``num_samples`` (eval);
+* ``runner_config``: ``epochs``, ``batch_size``, ``sink_mode``, ``sink_size``,
+  ``gradient_accumulation_steps``, ``max_steps``;
+* ``runner_wrapper``: ``type``, ``scale_sense`` (``DynamicLossScaleUpdateCell`` with
+  ``loss_scale_value``, ``scale_factor``, ``scale_window``; ``FixedLossScaleUpdateCell`` with
+  ``loss_scale_value``; or a number), ``use_clip_grad``, ``max_grad_norm``;
+* ``lr_schedule``: ``type`` (see :mod:`glm_common.schedules`), ``learning_rate``, ``lr_end``,
+  ``warmup_steps``, ``warmup_ratio``, ``total_steps`` (-1: epochs x steps per epoch), ``power``;
+* ``optimizer``: ``type`` (AdamWeightDecay family or AdamW), ``beta1``, ``beta2``, ``eps``,
+  ``weight_decay``, ``learning_rate``;
+* ``callbacks``: ``MFLossMonitor`` (``per_print_times``), ``CheckpointMonitor`` (``prefix``,
+  ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``save_full_weights``);
+* ``use_parallel``, ``parallel.{parallel_mode, gradients_mean}``, ``parallel_config.{data_parallel,
+  model_parallel, pipeline_stage, micro_batch_num, vocab_emb_dp}``;
+* ``processor.tokenizer.{type, vocab_file}``, ``metric.type`` (``ADGENMetric``);
+* ``recompute_config.recompute``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from glm_common.config import ChatGLM2Config, ConfigError, RunOptions
+from glm_common.schedules import BIAS_CORRECTED, OPTIMIZERS, SCHEDULES
+
+__all__ = ["RunConfigError", "RunConfigWarning", "TrainSettings", "load_run_config", "settings_from_config",
+           "pet_settings", "parse_bool", "RUN_MODES", "PET_TYPES"]
+
+RUN_MODES = ("train", "finetune", "eval", "predict")
+PET_TYPES = ("lora", "ptuning2", "qlora")
+_CKPT_MONITORS = ("checkpointmonitor", "checkpointmointor")
+
+
+class RunConfigError(ValueError):
+    """A run YAML that cannot be used; one line naming the file and the key's path."""
+
+
+class RunConfigWarning(UserWarning):
+    """Keys of a run YAML that mean nothing to this stack (listed once)."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run needs, flattened from the YAML (see the module docstring for the keys)."""
+
+    config: ChatGLM2Config
+    options: RunOptions = field(default_factory=RunOptions)
+    pet: dict = field(default_factory=lambda: {"pet_type": "full"})
+    source: str = "config"
+    run_mode: str = "finetune"
+    load_checkpoint: str = ""
+    vocab_file: str = ""
+    train_file: str = ""
+    eval_file: str = ""
+    data_format: Optional[str] = None
+    feature_mode: str = "official"
+    padding: str = "max_length"
+    max_source_length: int = 64
+    max_target_length: int = 128
+    eval_max_source_length: int = 64
+    eval_max_target_length: int = 128
+    eval_num_samples: int = 0
+    eval_batch_size: int = 8
+    do_eval: bool = False
+    eval_step_interval: int = -1
+    shuffle: bool = True
+    data_seed: int = 0
+    drop_remainder: bool = True
+    epochs: int = 1
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_steps: int = -1
+    sink_mode: bool = False
+    sink_size: int = 1
+    clip_grad: bool = True
+    max_grad_norm: float = 1.0
+    loss_scale_dynamic: bool = False
+    loss_scale_value: float = 1.0
+    loss_scale_factor: float = 2.0
+    loss_scale_window: int = 1000
+    optimizer_type: str = "adamweightdecay"
+    bias_correction: bool = False
+    learning_rate: float = 5e-5
+    lr_end: float = 0.0
+    schedule: str = "polynomial"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    total_steps: int = -1
+    power: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    print_every: int = 1
+    ckpt_prefix: str = "glm2"
+    save_steps: int = 0
+    keep_max: int = 1
+    save_full_weights: bool = False
+    seed: int = 0
+    output_dir: str = "./output"
+    resume: bool = False
+    compute_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    context_mode: int = 0
+    device_target: str = "CPU"
+    device_id: int = 0
+    max_device_memory: str = ""
+    use_parallel: bool = False
+    parallel_mode: int = 0
+    gradients_mean: bool = True
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    micro_batch_num: int = 1
+    vocab_emb_dp: bool = True
+    num_workers: int = 0
+    progress: bool = True
+    #: dotted paths of the keys that mean nothing here (warned once by settings_from_config)
+    ignored: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- YAML
+def load_run_config(path: str) -> dict:
+    """Parse a run YAML into a mapping; errors name the file and line."""
+    import yaml
+    if not os.path.isfile(path):
+        raise RunConfigError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise RunConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse_bool(value, what: str = "value") -> bool:
+    """``True``/``False`` (YAML or command-line strings ``True``, ``false``, ``1``, ``0``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise RunConfigError(f"{what}: expected true or false, got {value!r}")
+
+
+_MISSING = object()
+
+
+class _Reader:
+    """Typed access to dotted paths of a mapping; remembers what was read to list the rest."""
+
+    def __init__(self, cfg: Mapping, source: str):
+        self.cfg, self.source = cfg, source
+        self.join = ": "        # between source and key path (".": the source is itself a key path)
+        self.seen: set = set()
+
+    def fail(self, path: str, msg: str):
+        raise RunConfigError(f"{self.source}{self.join}{path}: {msg}")
+
+    def raw(self, path: str, default=None, root: Any = _MISSING, prefix: str = ""):
+        cur: Any = self.cfg if root is _MISSING else root
+        self.seen.add(path)
+        for part in path.split("."):
+            if not isinstance(cur, Mapping) or part not in cur:
+                return default
+            cur = cur[part]
+        return default if cur is None or cur == "None" else cur
+
+    def int(self, path, default, lo: Optional[int] = None, **kw) -> int:
+        v = self.raw(path, default, **kw)
+        full = kw.get("prefix", "") + path
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, str):
+            try:
+                v = int(float(v)) if float(v).is_integer() else v
+            except ValueError:
+                pass
+        if not isinstance(v, int) or isinstance(v, bool):
+            self.fail(full, f"expected an integer, got {v!r}")
+        if lo is not None and v < lo:
+            self.fail(full, f"must be >= {lo}, got {v}")
+        return v
+
+    def float(self, path, default, lo: Optional[float] = None, hi: Optional[float] = None, open_lo=False,
+              open_hi=False, **kw) -> float:
+        v = self.raw(path, default, **kw)
+        full = kw.get("prefix", "") + path
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            v = float(v)
+        except (TypeError, ValueError):
+            self.fail(full, f"expected a number, got {v!r}")
+        if v != v or v in (float("inf"), float("-inf")):
+            self.fail(full, f"expected a finite number, got {v!r}")
+        if lo is not None and (v < lo or (open_lo and v == lo)):
+            self.fail(full, f"must be {'>' if open_lo else '>='} {lo}, got {v}")
+        if hi is not None and (v > hi or (open_hi and v == hi)):
+            self.fail(full, f"must be {'<' if open_hi else '<='} {hi}, got {v}")
+        return v
+
+    def bool(self, path, default, **kw) -> bool:
+        v = self.raw(path, default, **kw)
+        try:
+            return parse_bool(v, f"{self.source}{self.join}{kw.get('prefix', '')}{path}")
+        except RunConfigError as e:
+            raise RunConfigError(str(e)) from None
+
+    def str(self, path, default, choices=None, **kw) -> str:
+        v = self.raw(path, default, **kw)
+        full = kw.get("prefix", "") + path
+        if not isinstance(v, str):
+            self.fail(full, f"expected a string, got {v!r}")
+        if choices is not None and v.lower() not in choices:
+            self.fail(full, f"expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def unread(self, node: Any = _MISSING, prefix: str = "") -> list:
+        """Dotted paths present in the mapping that were never read (subtrees reported once)."""
+        node = self.cfg if node is _MISSING else node
+        out = []
+        if not isinstance(node, Mapping):
+            return out
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if path in self.seen and not isinstance(value, Mapping):
+                continue
+            inner = any(s.startswith(path + ".") for s in self.seen)
+            if isinstance(value, Mapping) and inner:
+                out.extend(self.unread(value, path + "."))
+            elif path not in self.seen:
+                out.append(path)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- pet_config
+def pet_settings(pet_config: Optional[Mapping[str, Any]], source: str = "pet_config") -> dict:
+    """Normalise a mindformers ``pet_config`` into ``{"pet_type": ..., options}``; None: full fine-tuning.
+
+    LoRA: ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; P-tuning v2: ``pre_seq_len``,
+    ``prefix_projection``, ``dropout_prob``. ``ignored`` lists the keys that mean nothing here.
+    """
+    if not pet_config:
+        return {"pet_type": "full", "ignored": []}
+    if not isinstance(pet_config, Mapping):
+        raise RunConfigError(f"{source}: expected a mapping, got {type(pet_config).__name__}")
+    r = _Reader(pet_config, source)
+    pet_type = str(pet_config.get("pet_type", "")).lower()
+    r.seen.add("pet_type")
+    if pet_type not in PET_TYPES:
+        raise RunConfigError(f"{source}.pet_type: expected one of {', '.join(PET_TYPES)}, "
+                             f"got {pet_config.get('pet_type')!r}")
+    r.join = "."
+    if pet_type in ("lora", "qlora"):
+        rank = r.int("lora_rank", pet_config.get("r", 8), lo=1)
+        r.seen.add("r")
+        targets = r.raw("target_modules", "query_key_value")
+        if not isinstance(targets, (str, list)) or (isinstance(targets, list)
+                                                     and not all(isinstance(t, str) for t in targets)):
+            r.fail("target_modules", f"expected a regular expression or a list of names, got {targets!r}")
+        out = {"pet_type": pet_type, "r": rank, "lora_alpha": r.float("lora_alpha", 32, lo=0, open_lo=True),
+               "lora_dropout": r.float("lora_dropout", 0.1, lo=0, hi=1, open_hi=True), "target_modules": targets}
+    else:
+        if "pre_seq_len" not in pet_config or pet_config["pre_seq_len"] in (None, "None"):
+            raise RunConfigError(f"{source}.pre_seq_len: missing (required for ptuning2)")
+        out = {"pet_type": "ptuning2", "pre_seq_len": r.int("pre_seq_len", None, lo=1),
+               "prefix_projection": r.bool("prefix_projection", False),
+               "dropout_prob": r.float("dropout_prob", 0.1, lo=0, hi=1, open_hi=True)}
+    out["ignored"] = [f"{source}.{k}" for k in r.unread()]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- settings
+def _callbacks(r: _Reader, s: TrainSettings, ignored: list) -> None:
+    cbs = r.cfg.get("callbacks")
+    r.seen.add("callbacks")
+    if cbs is None:
+        return
+    if not isinstance(cbs, list):
+        r.fail("callbacks", f"expected a list of callbacks, got {type(cbs).__name__}")
+    for i, cb in enumerate(cbs):
+        where = f"callbacks[{i}]"
+        if not isinstance(cb, Mapping):
+            r.fail(where, f"expected a mapping with a type, got {cb!r}")
+        sub = _Reader(cb, r.source)
+        ctype = sub.str("type", "", prefix=f"{where}.").lower()
+        if ctype == "mflossmonitor":
+            s.print_every = sub.int("per_print_times", 1, lo=1, prefix=f"{where}.")
+        elif ctype in _CKPT_MONITORS:
+            s.ckpt_prefix = sub.str("prefix", s.ckpt_prefix, prefix=f"{where}.")
+            s.save_steps = sub.int("save_checkpoint_steps", 0, lo=0, prefix=f"{where}.")
+            s.keep_max = sub.int("keep_checkpoint_max", 1, lo=1, prefix=f"{where}.")
+            s.save_full_weights = sub.bool("save_full_weights", False, prefix=f"{where}.")
+        else:
+            ignored.append(f"{where} (type {cb.get('type')!r})")
+            continue
+        ignored.extend(f"{where}.{k}" for k in sub.unread())
+
+
+def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True) -> TrainSettings:
+    """Flatten a mindformers-shaped run mapping into :class:`TrainSettings`; check every value.
+
+    Raises :class:`RunConfigError` (``source: key.path: what is wrong``). Keys that mean nothing here
+    land in ``settings.ignored`` and, with ``warn``, in one :class:`RunConfigWarning`.
+    """
+    r = _Reader(cfg, source)
+    ignored: list = []
+    mc = r.raw("model.model_config")
+    if mc is None:
+        raise RunConfigError(f"{source}: model.model_config: missing")
+    for key in (mc or {}):
+        r.seen.add(f"model.model_config.{key}")
+    try:
+        config, opts = ChatGLM2Config.from_model_config(mc, source=f"{source}: model.model_config")
+    except ConfigError as e:
+        raise RunConfigError(str(e)) from None
+    ignored.extend(f"model.model_config.{k}" for k in opts.ignored)
+    pet_src = "model.model_config.pet_config" if opts.pet_config else "pet_config"
+    pet = pet_settings(opts.pet_config or r.raw("pet_config"), source=f"{source}: {pet_src}")
+    ignored.extend(k.split(": ", 1)[-1] for k in pet.pop("ignored"))
+    if pet["pet_type"] == "ptuning2":
+        config = config.replace(pre_seq_len=pet["pre_seq_len"], prefix_projection=pet["prefix_projection"])
+    r.raw("model.arch.type")
+    s = TrainSettings(config=config, options=opts, pet=pet, source=source)
+    s.compute_dtype = opts.compute_dtype
+    s.run_mode = r.str("run_mode", "finetune", choices=RUN_MODES).lower()
+    s.seed = r.int("seed", 0)
+    s.output_dir = r.str("output_dir", "./output")
+    s.load_checkpoint = r.str("load_checkpoint", "")
+    s.resume = r.bool("resume_training", False)
+    # context
+    mode = r.raw("context.mode", 0)
+    names = {"graph_mode": 0, "pynative_mode": 1, "0": 0, "1": 1}
+    if str(mode).lower() not in names:
+        r.fail("context.mode", f"expected 0 (GRAPH_MODE) or 1 (PYNATIVE_MODE), got {mode!r}")
+    s.context_mode = names[str(mode).lower()]
+    s.device_target = r.str("context.device_target", "CPU", choices=("cpu", "ascend", "gpu"))
+    s.device_target = {"cpu": "CPU", "ascend": "Ascend", "gpu": "GPU"}[s.device_target.lower()]
+    s.device_id = r.int("context.device_id", 0, lo=0)
+    mem = r.raw("context.max_device_memory", "")
+    if mem and not (isinstance(mem, str) and mem.upper().endswith("GB")
+                    and mem[:-2].replace(".", "", 1).isdigit()):
+        r.fail("context.max_device_memory", f"expected a size like '30GB', got {mem!r}")
+    s.max_device_memory = str(mem or "")
+    # data
+    vocab = [r.raw(f"{k}.vocab_file") for k in ("train_dataset.tokenizer", "processor.tokenizer")]
+    s.vocab_file = str(vocab[0] or vocab[1] or "")
+    r.raw("train_dataset.tokenizer.type"), r.raw("processor.tokenizer.type"), r.raw("eval_dataset.tokenizer.type")
+    r.raw("eval_dataset.tokenizer.vocab_file")
+    s.train_file = r.str("train_dataset.data_loader.dataset_dir", "")
+    s.eval_file = r.str("eval_dataset.data_loader.dataset_dir", "")
+    for part in ("train_dataset", "eval_dataset"):
+        for key in ("type", "phase", "version", "input_columns", "ignore_pad_token_for_loss"):
+            r.raw(f"{part}.data_loader.{key}" if key in ("type", "phase", "version") else f"{part}.{key}")
+        cols = r.raw(f"{part}.data_loader.origin_columns")
+        if cols is not None and list(cols) != ["content", "summary"]:
+            r.fail(f"{part}.data_loader.origin_columns", "only ['content', 'summary'] (ADGEN) is read; other "
+                   f"formats are detected from the file, got {cols!r}")
+    s.data_format = r.raw("train_dataset.data_loader.format")
+    s.feature_mode = r.str("train_dataset.data_loader.mode", "official", choices=("official", "rounds"))
+    s.padding = r.str("train_dataset.padding", "max_length", choices=("max_length", "longest", "bucket"))
+    s.shuffle = r.bool("train_dataset.data_loader.shuffle", True)
+    r.raw("eval_dataset.data_loader.shuffle")
+    s.data_seed = r.int("train_dataset.seed", s.seed)
+    r.raw("eval_dataset.seed")
+    s.drop_remainder = r.bool("train_dataset.drop_remainder", True)
+    r.raw("eval_dataset.drop_remainder")
+    s.max_source_length = r.int("train_dataset.max_source_length", 64, lo=1)
+    s.max_target_length = r.int("train_dataset.max_target_length", 128, lo=1)
+    s.eval_max_source_length = r.int("eval_dataset.max_source_length", s.max_source_length, lo=1)
+    s.eval_max_target_length = r.int("eval_dataset.max_target_length", s.max_target_length, lo=1)
+    s.eval_num_samples = r.int("eval_dataset.num_samples", 0, lo=0)
+    s.eval_batch_size = r.int("eval_dataset.batch_size", 8, lo=1)
+    s.do_eval = r.bool("do_eval", False) and bool(s.eval_file)
+    s.eval_step_interval = r.int("eval_step_interval", -1)
+    # runner
+    s.epochs = r.int("runner_config.epochs", 1, lo=1)
+    s.batch_size = r.int("runner_config.batch_size", r.int("train_dataset.batch_size", 1, lo=1), lo=1)
+    s.grad_accum = r.int("runner_config.gradient_accumulation_steps", 1, lo=1)
+    s.max_steps = r.int("runner_config.max_steps", -1)
+    s.sink_mode = r.bool("runner_config.sink_mode", False)
+    s.sink_size = r.int("runner_config.sink_size", 1, lo=1)
+    r.raw("runner_wrapper.type")
+    s.clip_grad = r.bool("runner_wrapper.use_clip_grad", True)
+    s.max_grad_norm = r.float("runner_wrapper.max_grad_norm", 1.0, lo=0, open_lo=True)
+    sense = r.raw("runner_wrapper.scale_sense")
+    if isinstance(sense, Mapping):
+        kind = r.str("runner_wrapper.scale_sense.type", "DynamicLossScaleUpdateCell",
+                     choices=("dynamiclossscaleupdatecell", "fixedlossscaleupdatecell")).lower()
+        s.loss_scale_dynamic = kind == "dynamiclossscaleupdatecell"
+        s.loss_scale_value = r.float("runner_wrapper.scale_sense.loss_scale_value", 1.0, lo=1.0)
+        if s.loss_scale_dynamic:
+            s.loss_scale_factor = r.float("runner_wrapper.scale_sense.scale_factor", 2.0, lo=1.0, open_lo=True)
+            s.loss_scale_window = r.int("runner_wrapper.scale_sense.scale_window", 1000, lo=1)
+    elif sense is not None:
+        s.loss_scale_value = r.float("runner_wrapper.scale_sense", 1.0, lo=1.0)
+    # schedule and optimizer
+    kind = r.str("lr_schedule.type", "polynomial").lower()
+    if kind not in SCHEDULES:
+        r.fail("lr_schedule.type", f"expected one of linear, cosine, polynomial, constant; got {kind!r}")
+    s.schedule = SCHEDULES[kind]
+    s.learning_rate = r.float("lr_schedule.learning_rate", r.float("optimizer.learning_rate", 5e-5, lo=0), lo=0)
+    s.lr_end = r.float("lr_schedule.lr_end", 0.0, lo=0)
+    s.warmup_steps = r.int("lr_schedule.warmup_steps", 0, lo=0)
+    s.warmup_ratio = r.float("lr_schedule.warmup_ratio", 0.0, lo=0, hi=1)
+    s.total_steps = r.int("lr_schedule.total_steps", -1)
+    if s.total_steps == 0 or s.total_steps < -1:
+        r.fail("lr_schedule.total_steps", f"expected -1 (all steps) or a positive integer, got {s.total_steps}")
+    s.power = r.float("lr_schedule.power", 1.0, lo=0, open_lo=True)
+    opt = r.str("optimizer.type", "AdamWeightDecay").lower()
+    if opt not in OPTIMIZERS:
+        r.fail("optimizer.type", f"only the AdamWeightDecay family and AdamW are supported, got {opt!r}")
+    s.optimizer_type, s.bias_correction = opt, opt in BIAS_CORRECTED
+    s.beta1 = r.float("optimizer.beta1", 0.9, lo=0, hi=1, open_hi=True)
+    s.beta2 = r.float("optimizer.beta2", 0.95, lo=0, hi=1, open_hi=True)
+    s.eps = r.float("optimizer.eps", 1e-8, lo=0, open_lo=True)
+    s.weight_decay = r.float("optimizer.weight_decay", 0.1, lo=0)
+    _callbacks(r, s, ignored)
+    # parallel
+    s.use_parallel = r.bool("use_parallel", False)
+    s.parallel_mode = r.int("parallel.parallel_mode", 0, lo=0)
+    if s.parallel_mode not in (0, 1):
+        r.fail("parallel.parallel_mode", f"expected 0 (data parallel) or 1 (semi-auto), got {s.parallel_mode}")
+    s.gradients_mean = r.bool("parallel.gradients_mean", True)
+    s.data_parallel = r.int("parallel_config.data_parallel", 1, lo=1)
+    s.model_parallel = r.int("parallel_config.model_parallel", 1, lo=1)
+    s.pipeline_stage = r.int("parallel_config.pipeline_stage", 1, lo=1)
+    s.micro_batch_num = r.int("parallel_config.micro_batch_num", 1, lo=1)
+    s.vocab_emb_dp = r.bool("parallel_config.vocab_emb_dp", True)
+    metric = r.raw("metric.type", "ADGENMetric")
+    if str(metric).lower() != "adgenmetric":
+        r.fail("metric.type", f"only ADGENMetric (rouge-1/2/l, bleu-4) is available, got {metric!r}")
+    s.gradient_checkpointing = r.bool("recompute_config.recompute", False)
+    s.ignored = r.unread() + ignored
+    if warn and s.ignored:
+        warnings.warn(f"{source}: keys that mean nothing here, ignored: {', '.join(s.ignored)}",
+                      RunConfigWarning, stacklevel=2)
+    return s

@@ -1,0 +1,218 @@
+"""Runner: ``python -m mindspore_glm.run --config RUN.yaml --run_mode {train,finetune,eval,predict}``.
+
+The flags are mindformers' ``run_mindformer.py`` ones where they exist; each overrides its YAML key:
+``--load_checkpoint`` (an HF directory or a ``.ckpt``; a ``.ckpt`` with only LoRA/prefix weights is put
+over the YAML's ``load_checkpoint``), ``--use_parallel``, ``--device_id``, ``--output_dir``,
+``--train_dataset_dir``, ``--eval_dataset_dir``, ``--resume_training``, ``--seed``; ``--train_steps``
+stops training after N steps; ``--predict_data`` takes texts or one data file.
+
+* ``train`` / ``finetune``: :func:`mindspore_glm.train.train` (loss log, curve, checkpoints).
+* ``eval``: greedy generation over ``eval_dataset`` (``num_samples`` bounds it), rouge-1/2/l and bleu-4
+  by the official formula (:mod:`glm_common.metrics`); prints the table and writes
+  ``<output_dir>/eval_results.json`` and ``eval_predictions.jsonl``.
+* ``predict``: responses (the model_config's generation settings) printed and written to
+  ``<output_dir>/predict_results.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from glm_common.config import ConfigError
+from glm_common.run_config import (RUN_MODES, RunConfigError, TrainSettings, load_run_config, parse_bool,
+                                   settings_from_config)
+
+__all__ = ["evaluate", "predict", "format_table", "main"]
+
+
+def _tokenizer(s: TrainSettings):
+    from glm_common.tokenizer import ChatGLM2Tokenizer
+    if not s.vocab_file:
+        raise RunConfigError(f"{s.source}: processor.tokenizer.vocab_file: missing (path to tokenizer.model)")
+    if not os.path.isfile(s.vocab_file):
+        raise RunConfigError(f"{s.source}: processor.tokenizer.vocab_file: {s.vocab_file}: no such file")
+    return ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
+
+
+def _clean(tokenizer, row) -> list:
+    out = []
+    for t in row:
+        if t == tokenizer.eos_token_id:
+            break
+        if t != tokenizer.pad_token_id:
+            out.append(int(t))
+    return out
+
+
+def evaluate(model, s: TrainSettings, tokenizer) -> tuple:
+    """Greedy answers for the eval set: ``(metrics, predictions, references)``; ``metrics`` has
+    ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (x100, the official formula)."""
+    from tqdm.auto import tqdm
+    from glm_common.data import build_eval_features, load_samples
+    from glm_common.metrics import compute_metrics
+    if not s.eval_file:
+        raise RunConfigError(f"{s.source}: eval_dataset.data_loader.dataset_dir: missing (path to the eval data)")
+    samples = load_samples(s.eval_file, s.data_format)
+    if s.eval_num_samples:
+        samples = samples[:s.eval_num_samples]
+    ev = build_eval_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length)
+    new = min(s.eval_max_target_length, s.config.seq_length - ev["input_ids"].shape[1] - 1)
+    if new <= 0:
+        raise RunConfigError(f"{s.source}: model.model_config.seq_length: {s.config.seq_length} leaves no room to "
+                             f"generate after {ev['input_ids'].shape[1]} prompt tokens")
+    preds = []
+    bs = s.eval_batch_size
+    for lo in tqdm(range(0, len(samples), bs), desc="eval", disable=not s.progress):
+        sl = slice(lo, lo + bs)
+        prompt = ev["input_ids"][sl]
+        out = model.generate(prompt, attention_mask=ev["attention_mask"][sl], position_ids=ev["position_ids"][sl],
+                             max_new_tokens=new, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        preds.extend(tokenizer.decode(_clean(tokenizer, row)) for row in out[:, prompt.shape[1]:].tolist())
+    return compute_metrics(preds, ev["answers"]), preds, list(ev["answers"])
+
+
+def format_table(metrics: dict) -> str:
+    """The metrics as a two-line Markdown table."""
+    keys = list(metrics)
+    return "| " + " | ".join(keys) + " |\n| " + " | ".join("---" for _ in keys) + " |\n| " + \
+        " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |"
+
+
+def _predict_inputs(items) -> list:
+    """Texts, or the queries of one data file (any format of glm_common.data, or plain text lines)."""
+    if len(items) == 1 and os.path.isfile(items[0]):
+        path = items[0]
+        if path.endswith((".json", ".jsonl")):
+            from glm_common.data import load_samples
+            return [smp.query() for smp in load_samples(path)]
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    return list(items)
+
+
+def predict(model, s: TrainSettings, tokenizer, queries) -> list:
+    """``[{"query", "response"}, ...]`` with the model_config's generation settings."""
+    o = s.options
+    out = []
+    for q in queries:
+        response, _ = model.chat(tokenizer, q, max_new_tokens=o.max_decode_length, do_sample=o.do_sample,
+                                 top_k=o.top_k, top_p=o.top_p, temperature=1.0,
+                                 repetition_penalty=o.repetition_penalty, seed=s.seed)
+        out.append({"query": q, "response": response})
+    return out
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _write_jsonl(path: str, rows) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mindspore_glm.run", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="run YAML (mindformers-shaped)")
+    ap.add_argument("--run_mode", choices=RUN_MODES, help="default: the YAML's run_mode")
+    ap.add_argument("--load_checkpoint", help="HF directory or .ckpt (a LoRA/prefix-only .ckpt goes over the "
+                                              "YAML's load_checkpoint)")
+    ap.add_argument("--use_parallel", help="True|False")
+    ap.add_argument("--device_id", type=int)
+    ap.add_argument("--predict_data", nargs="+", help="texts, or one data file")
+    ap.add_argument("--output_dir")
+    ap.add_argument("--train_steps", type=int, help="stop training after this many steps")
+    ap.add_argument("--train_dataset_dir")
+    ap.add_argument("--eval_dataset_dir")
+    ap.add_argument("--resume_training", help="True|False")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--no_progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            s = settings_from_config(load_run_config(args.config), source=args.config)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        return _run(s, args)
+    except (RunConfigError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # errors of the model, data and training layers are one line already
+        from mindspore_glm.train import TrainingError
+        from glm_common.data import DataError
+        if isinstance(e, (TrainingError, DataError, ValueError, FileNotFoundError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _run(s: TrainSettings, args) -> int:
+    from mindspore_glm.train import build_model, is_adapter_checkpoint, set_context, train
+    if args.use_parallel is not None:
+        s.use_parallel = parse_bool(args.use_parallel, "--use_parallel")
+    if args.resume_training is not None:
+        s.resume = parse_bool(args.resume_training, "--resume_training")
+    for key, attr in (("output_dir", "output_dir"), ("train_dataset_dir", "train_file"),
+                      ("eval_dataset_dir", "eval_file"), ("seed", "seed")):
+        if getattr(args, key) is not None:
+            setattr(s, attr, getattr(args, key))
+    if args.seed is not None:
+        s.data_seed = args.seed
+    if args.device_id is not None:
+        s.device_id = args.device_id
+    if args.train_steps is not None:
+        if args.train_steps <= 0:
+            raise RunConfigError(f"--train_steps: expected a positive integer, got {args.train_steps}")
+        s.max_steps = args.train_steps
+    s.progress = not args.no_progress
+    mode = args.run_mode or s.run_mode
+    adapter = ""
+    if args.load_checkpoint:
+        if is_adapter_checkpoint(args.load_checkpoint):
+            adapter = args.load_checkpoint
+        else:
+            s.load_checkpoint = args.load_checkpoint
+    set_context(s)
+    os.makedirs(s.output_dir, exist_ok=True)
+    if mode in ("train", "finetune"):
+        model, params = build_model(s, adapter)
+        out = train(s, model, params)
+        print(json.dumps({k: v for k, v in out.items() if k not in ("model", "losses")}, default=str))
+        return 0
+    model, _ = build_model(s, adapter)
+    model.set_train(False)
+    tokenizer = _tokenizer(s)
+    if mode == "eval":
+        t0 = time.perf_counter()
+        metrics, preds, refs = evaluate(model, s, tokenizer)
+        _write_jsonl(os.path.join(s.output_dir, "eval_predictions.jsonl"),
+                     ({"prediction": p, "reference": r} for p, r in zip(preds, refs)))
+        _write_json(os.path.join(s.output_dir, "eval_results.json"), {**metrics, "num_samples": len(preds)})
+        print(format_table(metrics))
+        print(f"evaluated {len(preds)} samples in {time.perf_counter() - t0:.1f} s; wrote "
+              f"{os.path.join(s.output_dir, 'eval_results.json')}", file=sys.stderr)
+        return 0
+    if not args.predict_data:
+        raise RunConfigError("--predict_data: needed for run_mode predict (texts or a data file)")
+    rows = predict(model, s, tokenizer, _predict_inputs(args.predict_data))
+    for r in rows:
+        print(f"{r['query']}\n-> {r['response']}\n")
+    path = os.path.join(s.output_dir, "predict_results.jsonl")
+    _write_jsonl(path, rows)
+    print(f"wrote {len(rows)} responses to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

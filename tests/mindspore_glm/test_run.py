@@ -1,0 +1,93 @@
+"""mindspore_glm.run and scripts/run_standalone.sh with configs/tiny: LoRA fine-tune, then eval (metric
+table) and predict (responses) with the LoRA checkpoint it wrote; bad flags and keys stop with one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from glm_common.metrics import compute_metrics
+from mindspore_glm.run import main
+from tests.conftest import ADGEN_DIR, ROOT
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """3 LoRA steps through scripts/run_standalone.sh (a fresh process, as a user runs it)."""
+    tmp = tmp_path_factory.mktemp("run")
+    proc = subprocess.run(["bash", "scripts/run_standalone.sh", "configs/tiny/run_tiny_lora.yaml", "0", "finetune",
+                           "--train_steps", "3", "--output_dir", str(tmp / "out"), "--no_progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp / "log")})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return tmp, proc.stdout
+
+
+def test_finetune_through_run_standalone(lora_run):
+    tmp, stdout = lora_run
+    summary = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["steps"] == 3 and summary["result"].endswith("checkpoint/rank_0/tiny-glm2-lora-1_3.ckpt")
+    assert "keys that mean nothing here, ignored: parallel.full_batch" in stdout   # warned once
+    assert stdout.count("keys that mean nothing here") == 1
+    assert "trained 3 steps in" in stdout
+    logs = os.listdir(tmp / "log")
+    assert len(logs) == 1 and logs[0].startswith("finetune_device0_")
+    rows = [json.loads(r) for r in open(tmp / "out" / "loss_log.jsonl", encoding="utf-8")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def eval_config(tmp):
+    cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "run_tiny_lora_eval.yaml", encoding="utf-8"))
+    for part in ("train_dataset", "eval_dataset"):
+        cfg[part]["tokenizer"]["vocab_file"] = str(ROOT / cfg[part]["tokenizer"]["vocab_file"])
+        cfg[part]["data_loader"]["dataset_dir"] = str(ROOT / cfg[part]["data_loader"]["dataset_dir"])
+    cfg["processor"]["tokenizer"]["vocab_file"] = cfg["train_dataset"]["tokenizer"]["vocab_file"]
+    cfg["load_checkpoint"] = str(ROOT / cfg["load_checkpoint"])
+    cfg["eval_dataset"].update(num_samples=4, batch_size=4, max_target_length=12)
+    cfg["model"]["model_config"]["max_decode_length"] = 12
+    path = tmp / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
+def test_eval_and_predict_with_the_lora_checkpoint(lora_run, capsys):
+    tmp, _ = lora_run
+    ckpt = str(tmp / "out" / "checkpoint" / "rank_0" / "tiny-glm2-lora-1_3.ckpt")
+    config = eval_config(tmp)
+    out = str(tmp / "eval")
+    assert main(["--config", config, "--run_mode", "eval", "--load_checkpoint", ckpt, "--output_dir", out,
+                 "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| rouge-1 | rouge-2 | rouge-l | bleu-4 |" in printed
+    results = json.load(open(os.path.join(out, "eval_results.json"), encoding="utf-8"))
+    preds = [json.loads(r) for r in open(os.path.join(out, "eval_predictions.jsonl"), encoding="utf-8")]
+    refs = [json.loads(line)["summary"] for line in open(ADGEN_DIR / "dev.json", encoding="utf-8")][:4]
+    assert [p["reference"] for p in preds] == refs and results["num_samples"] == 4
+    assert {k: results[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")} == \
+        compute_metrics([p["prediction"] for p in preds], refs)
+    assert all(p["prediction"] for p in preds)
+    # predict: texts given on the command line
+    queries = ["类型#裙*颜色#红色", "类型#上衣*材质#棉"]
+    assert main(["--config", config, "--run_mode", "predict", "--load_checkpoint", ckpt, "--output_dir", out,
+                 "--predict_data", *queries]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(r) for r in open(os.path.join(out, "predict_results.jsonl"), encoding="utf-8")]
+    assert [r["query"] for r in rows] == queries and all(r["response"] for r in rows)
+    assert all(f"{r['query']}\n-> {r['response']}" in printed for r in rows)
+
+
+def test_bad_input_stops_with_one_line(tmp_path, capsys):
+    cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "run_tiny_lora.yaml", encoding="utf-8"))
+    cfg["optimizer"]["beta1"] = "high"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    assert main(["--config", str(path), "--run_mode", "finetune"]) == 2
+    assert f"error: {path}: optimizer.beta1: expected a number, got 'high'" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: no such file" in capsys.readouterr().err
+    good = str(ROOT / "configs" / "tiny" / "run_tiny_lora.yaml")
+    assert main(["--config", good, "--run_mode", "predict", "--load_checkpoint", str(tmp_path / "x.ckpt"),
+                 "--output_dir", str(tmp_path / "o")]) == 2
+    assert "load_checkpoint" in capsys.readouterr().err
