@@ -1,0 +1,422 @@
+"""scripts/run_distribute.sh and its supervisor (mindspore_glm/launch.py).
+
+Supervision is tested with a stand-in worker (tests/scripts/fake_worker.py, via GLM_LAUNCH_WORKER), so
+those tests need no MindSpore; the slow test runs a real 2-rank data-parallel LoRA fine-tune on CPU
+and checks it against a single-process run over the same global batches.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from hccl.rank_table import new_device, new_server, new_table
+from mindspore_glm.launch import LaunchError, build_plan, resolve_paths
+from tests.conftest import ADGEN_DIR, ROOT, TINY_MODEL, TOKENIZER_MODEL
+
+SCRIPT = os.path.join(ROOT, "scripts", "run_distribute.sh")
+TINY_LORA = os.path.join(ROOT, "configs", "tiny", "run_tiny_lora.yaml")
+GLM2_LORA = os.path.join(ROOT, "configs", "glm2", "run_glm2_6b_lora.yaml")
+FAKE = f"{sys.executable} -m tests.scripts.fake_worker"
+
+
+def _launch(args, cwd, env=None, timeout=60):
+    e = dict(os.environ)
+    e.pop("GLM_DRY_RUN", None)
+    e.update({"PYTHON": sys.executable, **(env or {})})
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    r.wall = time.monotonic() - t0
+    return r
+
+
+def _fake_env(out, **extra):
+    out.mkdir(exist_ok=True)
+    return {"GLM_LAUNCH_WORKER": FAKE, "GLM_LAUNCH_SCHEDULER": FAKE + " --scheduler", "FAKE_OUT": str(out),
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def _table(path, n=8, servers=1):
+    """A version 1.0 rank table: ``servers`` x ``n`` devices, ranks in order."""
+    srv = [new_server(f"10.0.0.{s + 1}", [new_device(d, f"192.{d + 1}.{27 + s}.6", s * n + d) for d in range(n)])
+           for s in range(servers)]
+    path.write_text(json.dumps(new_table(srv), indent=2))
+    return str(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its parent counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _errors(args, cwd, **env):
+    with pytest.raises(LaunchError) as e:
+        build_plan(args, environ={"PATH": os.environ.get("PATH", ""), **env}, cwd=str(cwd))
+    return e.value.errors
+
+
+# ------------------------------------------------------------------------------------------- arguments
+def test_help_lists_arguments_and_options(tmp_path):
+    r = _launch(["--help"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    for word in ("RANK_TABLE_FILE", "CONFIG_PATH", "DEVICE_RANGE", "RUN_STATUS", "RANK_SIZE", "PREDICT_DATA",
+                 "--dry-run", "GLM_DRY_RUN", "--launcher", "log/rank_N/worker.log", "work/rank_N"):
+        assert word in r.stdout, word
+    assert not (tmp_path / "output").exists()
+
+
+def test_too_few_arguments(tmp_path):
+    r = _launch([TINY_LORA, "[0,2)"], tmp_path)
+    assert r.returncode == 2
+    assert "expected RANK_TABLE_FILE CONFIG_PATH DEVICE_RANGE RUN_STATUS, got 2" in r.stderr
+    assert "Usage:" in r.stderr
+
+
+def test_bad_arguments_are_all_reported_before_anything_starts(tmp_path):
+    r = _launch(["-", TINY_LORA, "[2,2)", "finetun", "0"], tmp_path, env=_fake_env(tmp_path / "fake"))
+    assert r.returncode == 2
+    err = r.stderr
+    assert "RANK_SIZE: expected a positive integer, got 0" in err
+    assert "RUN_STATUS: 'finetun' is not one of train, finetune, eval, predict" in err
+    assert "DEVICE_RANGE: '[2,2)' is empty" in err
+    assert not (tmp_path / "output").exists() and not list((tmp_path / "fake").iterdir())
+
+
+def test_validation_errors(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  model_config: [1, 2\n")
+    bad_key = tmp_path / "bad_key.yaml"
+    cfg = yaml.safe_load(open(TINY_LORA))
+    cfg["runner_config"]["epochs"] = "many"
+    bad_key.write_text(yaml.safe_dump(cfg))
+    semi = tmp_path / "semi.yaml"
+    cfg = yaml.safe_load(open(TINY_LORA))
+    cfg["parallel"]["parallel_mode"] = 1
+    semi.write_text(yaml.safe_dump(cfg))
+    t8 = _table(tmp_path / "t8.json", 8)
+    t16 = _table(tmp_path / "t16.json", 8, servers=2)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"version": "1.0", "server_count": "1", "server_list": [], "status": "completed"}))
+
+    cases = [
+        (["-", "nope.yaml", "[0,2)", "finetune"], "CONFIG_PATH: nope.yaml: no such file"),
+        (["-", str(bad_yaml), "[0,2)", "finetune"], f"CONFIG_PATH: {bad_yaml}:3: not valid YAML"),
+        (["-", str(bad_key), "[0,2)", "finetune"], "runner_config.epochs"),
+        (["-", str(semi), "[0,2)", "finetune"], "parallel.parallel_mode: 1 (semi-auto parallel) needs Ascend or GPU"),
+        (["-", TINY_LORA, "[0,2)", "finetune", "4"], "RANK_SIZE: 4, but a CPU launch runs one node with the 2 ranks"),
+        (["-", TINY_LORA, "0-2", "finetune"], "DEVICE_RANGE: '0-2' is not a range like"),
+        (["-", TINY_LORA, "[0,2)", "predict"], "PREDICT_DATA: predict needs texts or a data file"),
+        (["-", TINY_LORA, "[0,2)", "finetune", "hello"], "unexpected argument after RUN_STATUS finetune: hello"),
+        (["-", GLM2_LORA, "[0,8)", "finetune"], "RANK_TABLE_FILE: required on Ascend"),
+        (["missing.json", GLM2_LORA, "[0,8)", "finetune"], "RANK_TABLE_FILE: missing.json: no such file"),
+        ([t8, GLM2_LORA, "[0,4)", "finetune"], "device range [0,4) starts 4 ranks, but the table lists 8 devices"),
+        ([t16, GLM2_LORA, "[0,8)", "finetune"], "pass RANK_SIZE (16) for a multi-node table"),
+        ([t16, GLM2_LORA, "[8,16)", "finetune", "8"], "RANK_SIZE 8 does not match the table's 16 devices"),
+        ([t16, GLM2_LORA, "[4,12)", "finetune", "16"], "one node's ranks must be on one server"),
+        ([str(broken), GLM2_LORA, "[0,8)", "finetune"], "server_list: empty"),
+        (["-", TINY_LORA, "[0,2)", "finetune", "--grace", "-1"], "--grace: expected seconds >= 0"),
+    ]
+    for args, expected in cases:
+        errors = _errors(args, tmp_path)
+        assert any(expected in e for e in errors), (args, errors)
+    assert not (tmp_path / "output").exists()
+
+
+# ------------------------------------------------------------------------------------------- dry run
+def test_dry_run_cpu_cluster(tmp_path):
+    r = _launch(["-", TINY_LORA, "[0,2]", "finetune", "--", "--train_steps", "4"], tmp_path,
+                env={"GLM_DRY_RUN": "1"})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "dry run, nothing started: finetune on 2 ranks of 2, MindSpore dynamic cluster on 127.0.0.1:" in out
+    blocks = re.split(r"\n  (?=\S)", out)
+    sched = next(b for b in blocks if b.startswith("scheduler"))
+    assert "MS_ROLE=MS_SCHED" in sched and "MS_SCHED_HOST=127.0.0.1" in sched and "MS_WORKER_NUM=2" in sched
+    port = sched.split("MS_SCHED_PORT=")[1].split()[0]
+    for rank in (0, 1):
+        b = next(b for b in blocks if b.startswith(f"rank {rank} (device {rank})"))
+        for var in (f"RANK_ID={rank}", f"DEVICE_ID={rank}", "RANK_SIZE=2", "MS_ROLE=MS_WORKER", f"MS_NODE_ID={rank}",
+                    f"MS_SCHED_PORT={port}", "MS_SCHED_HOST=127.0.0.1", "MS_WORKER_NUM=2"):
+            assert var in b, (var, b)
+        assert "RANK_TABLE_FILE" not in b
+        assert f"cwd: {tmp_path}/output/work/rank_{rank}" in b
+        assert f"log: {tmp_path}/output/log/rank_{rank}/worker.log" in b
+        assert (f"-m mindspore_glm.run --config {tmp_path}/output/work/run_config.yaml --use_parallel True "
+                f"--run_mode finetune --device_id {rank} --train_steps 4") in b
+    assert not (tmp_path / "output").exists()
+
+
+def test_dry_run_ascend_single_and_multi_node(tmp_path):
+    t8 = _table(tmp_path / "hccl_8p.json", 8)
+    r = _launch(["--dry-run", t8, GLM2_LORA, "[0,8]", "finetune"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "finetune on 8 ranks of 8, rank table (Ascend)" in r.stdout
+    assert "MS_ROLE" not in r.stdout and "scheduler" not in r.stdout
+    for i in range(8):
+        assert f"rank {i} (device {i})\n    env: RANK_SIZE=8 RANK_TABLE_FILE={t8} RANK_ID={i} DEVICE_ID={i}\n" in r.stdout
+
+    t16 = _table(tmp_path / "cluster_16p.json", 8, servers=2)
+    r = _launch(["--dry-run", t16, GLM2_LORA, "[8,16]", "finetune", "16"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "finetune on 8 ranks of 16" in r.stdout
+    for rank in range(8, 16):
+        assert f"rank {rank} (device {rank - 8})\n    env: RANK_SIZE=16 RANK_TABLE_FILE={t16} RANK_ID={rank} " \
+               f"DEVICE_ID={rank - 8}\n" in r.stdout
+        assert f"--device_id {rank - 8}" in r.stdout
+
+
+def test_dry_run_predict_and_msrun(tmp_path):
+    r = _launch(["--dry-run", "--launcher", "msrun", "-", TINY_LORA, "[0,2)", "predict", "类型#裙", "你好"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "msrun, scheduler port" in r.stdout
+    cmd = r.stdout.split("cmd: ")[1]
+    assert "-m mindspore.parallel.cluster.run --worker_num 2 --local_worker_num 2 --master_addr 127.0.0.1" in cmd
+    assert "--node_rank 0" in cmd and "--join True" in cmd and f"--log_dir {tmp_path}/output/log/msrun" in cmd
+    assert "python -m mindspore_glm.run --config" in cmd
+    assert "--run_mode predict --predict_data '类型#裙' '你好'" in cmd
+
+
+def test_resolve_paths_makes_relative_paths_absolute():
+    cfg = {"output_dir": "./output", "load_checkpoint": "ckpt/x", "seed": 0, "context": {"device_target": "CPU"},
+           "train_dataset": {"data_loader": {"dataset_dir": "/abs/train.json", "type": "ADGenDataLoader"},
+                             "tokenizer": {"vocab_file": "tok.model"}},
+           "callbacks": [{"type": "X", "prefix": "p"}], "parallel": {"strategy_ckpt_save_file": "./s.ckpt"},
+           "remote_path": "s3://bucket/x", "pet": {"some_dir": ""}}
+    out = resolve_paths(cfg, "/launch")
+    assert out["output_dir"] == "/launch/output" and out["load_checkpoint"] == "/launch/ckpt/x"
+    assert out["train_dataset"]["data_loader"] == {"dataset_dir": "/abs/train.json", "type": "ADGenDataLoader"}
+    assert out["train_dataset"]["tokenizer"]["vocab_file"] == "/launch/tok.model"
+    assert out["parallel"]["strategy_ckpt_save_file"] == "/launch/s.ckpt"
+    assert out["remote_path"] == "s3://bucket/x" and out["pet"] == {"some_dir": ""} and out["callbacks"] == cfg["callbacks"]
+
+
+# ------------------------------------------------------------------------------------------- supervision
+def test_all_ranks_succeed_with_their_variables(tmp_path):
+    fake = tmp_path / "fake"
+    r = _launch(["-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=_fake_env(fake))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all 2 ranks succeeded" in r.stdout
+    sched = json.loads((fake / "scheduler.json").read_text())
+    assert sched["env"]["MS_ROLE"] == "MS_SCHED"
+    for rank in (0, 1):
+        info = json.loads((fake / f"rank_{rank}.json").read_text())
+        env = info["env"]
+        assert env["RANK_ID"] == str(rank) and env["DEVICE_ID"] == str(rank) and env["RANK_SIZE"] == "2"
+        assert env["MS_ROLE"] == "MS_WORKER" and env["MS_NODE_ID"] == str(rank) and env["MS_WORKER_NUM"] == "2"
+        assert env["MS_SCHED_HOST"] == "127.0.0.1" and env["MS_SCHED_PORT"] == sched["env"]["MS_SCHED_PORT"]
+        assert info["cwd"] == str(tmp_path / "output" / "work" / f"rank_{rank}")
+        assert info["pgid"] == info["pid"]  # a process group of its own
+        assert info["argv"][:6] == ["--config", str(tmp_path / "output" / "work" / "run_config.yaml"),
+                                    "--use_parallel", "True", "--run_mode", "finetune"]
+        log = (tmp_path / "output" / "log" / f"rank_{rank}" / "worker.log").read_text()
+        assert f"rank_{rank} up" in log and f"rank_{rank} done" in log
+    # the YAML the ranks read: the given one, relative paths resolved against the launch directory
+    run_cfg = yaml.safe_load((tmp_path / "output" / "work" / "run_config.yaml").read_text())
+    assert run_cfg["train_dataset"]["data_loader"]["dataset_dir"] == str(tmp_path / "tests/fixtures/data/adgen/train.json")
+    assert run_cfg["output_dir"] == str(tmp_path / "output")
+    assert run_cfg["model"] == yaml.safe_load(open(TINY_LORA))["model"]
+
+
+def test_ascend_launch_exports_the_rank_table(tmp_path):
+    fake = tmp_path / "fake"
+    t4 = _table(tmp_path / "hccl_4p.json", 4)
+    r = _launch([t4, GLM2_LORA, "[4,8)", "finetune"], tmp_path, env=_fake_env(fake))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (fake / "scheduler.json").exists()
+    for rank in range(4):
+        env = json.loads((fake / f"rank_{rank}.json").read_text())["env"]
+        assert env["RANK_TABLE_FILE"] == t4 and env["RANK_SIZE"] == "4"
+        assert env["RANK_ID"] == str(rank) and env["DEVICE_ID"] == str(rank + 4)
+        assert "MS_ROLE" not in env
+
+
+def test_a_crashing_rank_stops_the_others(tmp_path):
+    fake = tmp_path / "fake"
+    env = _fake_env(fake, FAKE_SECONDS=60, FAKE_CRASH_RANK=1, FAKE_CRASH_AFTER=1.5, FAKE_CHILD=1,
+                    FAKE_SCHED_SECONDS=60)
+    r = _launch(["--grace", "5", "-", TINY_LORA, "[0,3)", "finetune"], tmp_path, env=env)
+    assert r.returncode == 1
+    assert r.wall < 12, r.wall  # rank 0 and 2 would run 60 s
+    err = r.stderr
+    assert "rank 1 failed (exit code 3)" in err and "stopping" in err
+    assert f"{tmp_path}/output/log/rank_1/worker.log; its last 30 lines:" in err
+    assert "  | boom: injected failure" in err and "  | step 21 fine" in err and "  | step 20 fine" not in err
+    for role in ("rank_0", "rank_2", "scheduler"):
+        info = json.loads((fake / f"{role}.json").read_text())
+        assert not _alive(info["pid"]), role
+        if "child" in info:
+            assert not _alive(info["child"]), role + " child"
+    assert "rank_0 done" not in (tmp_path / "output" / "log" / "rank_0" / "worker.log").read_text()
+
+
+def test_a_rank_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
+    fake = tmp_path / "fake"
+    env = _fake_env(fake, FAKE_SECONDS=60, FAKE_CRASH_RANK=0, FAKE_CRASH_AFTER=1, FAKE_IGNORE_TERM=1)
+    r = _launch(["--grace", "1", "-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=env)
+    assert r.returncode == 1 and r.wall < 10, (r.returncode, r.wall)
+    assert "rank 0 failed (exit code 3)" in r.stderr
+    assert "rank 1 did not stop within 1 s of SIGTERM; SIGKILL" in r.stderr
+    assert not _alive(json.loads((fake / "rank_1.json").read_text())["pid"])
+
+
+def test_a_failing_scheduler_stops_the_ranks(tmp_path):
+    fake = tmp_path / "fake"
+    env = _fake_env(fake, FAKE_SECONDS=60, FAKE_SCHED_SECONDS=1, FAKE_SCHED_CODE=1)
+    r = _launch(["-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=env)
+    assert r.returncode == 1 and r.wall < 10
+    assert "scheduler failed (exit code 1)" in r.stderr
+
+
+def test_msrun_launch_names_the_failed_rank_and_stops_the_rest(tmp_path):
+    fake = tmp_path / "fake"
+    env = _fake_env(fake, FAKE_SECONDS=60, FAKE_CRASH_RANK=1, FAKE_CRASH_AFTER=1.5, FAKE_SCHED_SECONDS=60)
+    env["GLM_LAUNCH_WORKER"] = "python -m tests.scripts.fake_worker"
+    r = _launch(["--launcher", "msrun", "-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.wall < 20, r.wall  # msrun alone would wait for its scheduler (60 s here)
+    assert "rank 1 failed (exit code 3)" in r.stderr and "stopping msrun" in r.stderr
+    assert f"{tmp_path}/output/log/msrun/worker_1.log; its last 30 lines:" in r.stderr
+    assert "  | boom: injected failure" in r.stderr
+    for role in ("rank_0", "rank_1", "scheduler"):
+        info = json.loads((fake / f"{role}.json").read_text())
+        assert not _alive(info["pid"]), role
+    assert json.loads((fake / "rank_1.json").read_text())["env"]["MS_NODE_ID"] == "1"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_all_ranks(tmp_path, sig):
+    fake = tmp_path / "fake"
+    env = dict(os.environ, PYTHON=sys.executable, **_fake_env(fake, FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60))
+    env.pop("GLM_DRY_RUN", None)
+    p = subprocess.Popen(["bash", SCRIPT, "-", TINY_LORA, "[0,2)", "finetune"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not all((fake / f"{r}.json").exists() for r in ("rank_0", "rank_1", "scheduler")):
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert p.returncode == 128 + sig, err
+    assert f"{signal.Signals(sig).name} received; stopping scheduler, rank 0, rank 1" in err
+    for role in ("rank_0", "rank_1", "scheduler"):
+        assert not _alive(json.loads((fake / f"{role}.json").read_text())["pid"]), role
+
+
+# ------------------------------------------------------------------------------------------- real run
+def _tiny_dp_config(path, batch_size, output_dir):
+    """configs/tiny/run_tiny_lora.yaml with absolute paths, LoRA dropout 0, 32+32 tokens (every ADGEN
+    sample then has the same number of label tokens, so the mean of per-rank mean losses is the loss
+    over the global batch) and the gradient mean over ranks."""
+    cfg = yaml.safe_load(open(TINY_LORA))
+    cfg["load_checkpoint"] = str(TINY_MODEL)
+    cfg["output_dir"] = str(output_dir)
+    cfg["model"]["model_config"]["pet_config"]["lora_dropout"] = 0.0
+    cfg["processor"]["tokenizer"]["vocab_file"] = str(TOKENIZER_MODEL)
+    for key, name in (("train_dataset", "train.json"), ("eval_dataset", "dev.json")):
+        cfg[key]["data_loader"]["dataset_dir"] = os.path.join(str(ADGEN_DIR), name)
+        cfg[key]["tokenizer"]["vocab_file"] = str(TOKENIZER_MODEL)
+        cfg[key]["max_source_length"] = cfg[key]["max_target_length"] = 32
+    cfg["train_dataset"]["batch_size"] = cfg["runner_config"]["batch_size"] = batch_size
+    cfg["parallel"]["gradients_mean"] = True
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return str(path)
+
+
+def _rows(path, steps):
+    rows = {}
+    for line in open(path):
+        r = json.loads(line)
+        rows.setdefault((r["epoch"], r["k"]), r["rows"])
+    return [rows[(0, k)] for k in range(steps)]
+
+
+@pytest.mark.slow
+def test_two_rank_data_parallel_finetune_on_cpu_matches_one_process(tmp_path):
+    from convert.ms_ckpt import MSCheckpoint
+    steps = 3
+    rec = tmp_path / "rows"
+    rec.mkdir()
+    env = {"GLM_LAUNCH_WORKER": f"{sys.executable} -m tests.scripts.record_worker", "RECORD_DIR": str(rec),
+           "GLOG_v": "3"}
+    dp_cfg = _tiny_dp_config(tmp_path / "dp.yaml", 4, "dp_out")  # relative: resolved by the launcher
+    r = _launch(["-", dp_cfg, "[0,2)", "finetune", "--", "--train_steps", str(steps), "--no_progress"], tmp_path,
+                env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr + "".join(
+        (tmp_path / "output" / "log" / f"rank_{i}" / "worker.log").read_text()[-3000:] for i in (0, 1))
+
+    one_cfg = _tiny_dp_config(tmp_path / "one.yaml", 8, tmp_path / "one_out")
+    e = dict(os.environ, PYTHONPATH=ROOT, RECORD_DIR=str(rec), GLOG_v="3")
+    for k in ("RANK_ID", "RANK_SIZE", "MS_ROLE"):
+        e.pop(k, None)
+    one = subprocess.run([sys.executable, "-m", "tests.scripts.record_worker", "--config", one_cfg, "--run_mode",
+                          "finetune", "--train_steps", str(steps), "--no_progress"], cwd=tmp_path, env=e,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    # each rank saw its own half of every global batch
+    single = _rows(rec / "rows_single.jsonl", steps)
+    r0, r1 = _rows(rec / "rows_0.jsonl", steps), _rows(rec / "rows_1.jsonl", steps)
+    for k in range(steps):
+        assert len(single[k]) == 8 and r0[k] == single[k][:4] and r1[k] == single[k][4:], k
+    assert not set(sum(r0, [])) & set(sum(r1, []))
+
+    # both ranks end with the same weights, equal to the one-process run
+    name = f"tiny-glm2-lora-1_{steps}.ckpt"
+    ck0 = MSCheckpoint(str(tmp_path / "dp_out" / "checkpoint" / "rank_0" / name))
+    ck1 = MSCheckpoint(str(tmp_path / "dp_out" / "checkpoint" / "rank_1" / name))
+    ref = MSCheckpoint(str(tmp_path / "one_out" / "checkpoint" / "rank_0" / name))
+    lora = [n for n in ref.names if "mindpet_delta_lora" in n]  # weights and their Adam moments
+    assert len([n for n in lora if not n.startswith("adam_")]) == 4 and sorted(ck0.names) == sorted(ref.names)
+    trained = {}
+    for n in ref.names:
+        if n not in lora:  # step counters and loss scale
+            np.testing.assert_array_equal(ck0.read(n), ref.read(n), err_msg=n)
+            np.testing.assert_array_equal(ck1.read(n), ref.read(n), err_msg=n)
+            continue
+        a, b, c = ck0.read(n), ck1.read(n), ref.read(n)
+        np.testing.assert_array_equal(a, b, err_msg=n)
+        np.testing.assert_allclose(a, c, rtol=0, atol=1e-5, err_msg=n)
+        trained[n] = c
+    # training moved the weights: lora_b starts at zero
+    assert all(np.abs(trained[n]).max() > 1e-4 for n in lora if n.endswith("lora_b") and not n.startswith("adam_"))
+    # rank 0's loss log: the mean loss over the global batch, as the one-process run's
+    dp_loss = [json.loads(x)["loss"] for x in open(tmp_path / "dp_out" / "loss_log.jsonl")]
+    one_loss = [json.loads(x)["loss"] for x in open(tmp_path / "one_out" / "loss_log.jsonl")]
+    np.testing.assert_allclose(dp_loss, one_loss, rtol=0, atol=1e-5)
+    assert not (tmp_path / "dp_out" / "checkpoint" / "rank_2").exists()
+
+
+@pytest.mark.slow
+def test_a_real_rank_crashing_mid_training_stops_the_other(tmp_path):
+    rec = tmp_path / "rows"
+    rec.mkdir()
+    cfg = yaml.safe_load(open(_tiny_dp_config(tmp_path / "dp.yaml", 4, "dp_out")))
+    cfg["runner_config"]["epochs"] = 20  # 600 steps: minutes, unless stopped
+    (tmp_path / "dp.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    env = {"GLM_LAUNCH_WORKER": f"{sys.executable} -m tests.scripts.record_worker", "RECORD_DIR": str(rec),
+           "RECORD_CRASH_RANK": "1", "RECORD_CRASH_EPOCH": "1", "RECORD_CRASH_BATCH": "0", "GLOG_v": "3"}
+    r = _launch(["--grace", "5", "-", str(tmp_path / "dp.yaml"), "[0,2)", "finetune", "--", "--train_steps", "600",
+                 "--no_progress"], tmp_path, env=env, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "rank 1 failed (exit code 1)" in r.stderr and "stopping scheduler, rank 0" in r.stderr
+    assert "  | injected crash at epoch 1 batch 0" in r.stderr
+    failed_at = float(r.stderr.split("rank 1 failed (exit code 1) after ")[1].split(" s")[0])
+    assert r.wall - failed_at < 10, (r.wall, failed_at)  # the rest were stopped within seconds
+    steps = len(open(tmp_path / "dp_out" / "loss_log.jsonl").readlines())
+    assert 50 <= steps < 600, steps  # the crash came after the first epoch (62 steps), mid-training
+    assert "trained" not in (tmp_path / "output" / "log" / "rank_0" / "worker.log").read_text()
