@@ -1,0 +1,563 @@
+"""ChatGLM2 in MindSpore: the whole model in one file.
+
+Shapes use ``B`` batch, ``S`` query length, ``K`` key length (prefix + past + current), ``H`` hidden,
+``np`` query heads, ``g`` key/value groups, ``hn`` head dim, ``V`` vocabulary, ``L`` KV-cache length.
+
+Parameter names are mindformers' (``transformer.embedding.embedding_weight``, the rest as HF), so a
+checkpoint of this model loads into mindformers' ``ChatGLM2ForConditionalGeneration`` and back.
+The forward pass follows chatglm2.md: RMSNorm with a float32 variance, rotary embedding over the first
+half of each head (adjacent pairs, cos/sin rounded to ``rotary_dtype``), multi-query attention with a
+float32 softmax, SwiGLU MLP, shifted cross-entropy ignoring -100.
+
+Every ``construct`` uses static shapes only, so the same code runs in PYNATIVE and GRAPH mode
+(``mindspore.jit``).
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from glm_common.config import DTYPES, ChatGLM2Config, ConfigError, RunOptions
+from glm_common.names import hf_to_ms, is_derived_buffer
+
+from mindspore_glm.generate import GenerationMixin
+
+__all__ = ["RMSNorm", "Linear", "Embedding", "build_rope_cache", "pair_swap_matrix", "apply_rope",
+           "SelfAttention", "MLP", "GLMBlock", "GLMTransformer", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration",
+           "build_attention_mask", "causal_lm_loss", "WeightError", "ms_dtype", "DTYPE_NAMES"]
+
+DTYPE_NAMES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+class WeightError(ValueError):
+    """A checkpoint that does not fit the model; the message is one line naming file and parameter."""
+
+
+def ms_dtype(name):
+    """``"float16"`` (or a MindSpore dtype) -> MindSpore dtype."""
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPE_NAMES[name]
+
+
+def _zeros(shape, dtype):
+    return Tensor(np.zeros(shape, np.float32), dtype) if dtype != ms.float32 else Tensor(np.zeros(shape, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Cell):
+    """``y = cast(weight * x * rsqrt(mean(x^2) + eps), dtype(x))`` computed in ``compute_type``.
+
+    Input ``[..., H]``; output the same shape and dtype as the input.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, param_init_type=ms.float32,
+                 compute_type=ms.float32):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ones(hidden_size, np.float32), param_init_type), name="weight")
+        self.eps = eps
+        self.compute_type = compute_type
+
+    def construct(self, x):
+        dtype = x.dtype
+        xf = ops.cast(x, self.compute_type)
+        variance = ops.mean(ops.square(xf), -1, keep_dims=True)
+        y = xf * ops.rsqrt(variance + self.eps)
+        return ops.cast(ops.cast(self.weight, self.compute_type) * y, dtype)
+
+
+class Linear(nn.Cell):
+    """``y = x @ weight.T (+ bias)`` in ``compute_dtype``; ``weight [out, in]`` as in HF and mindformers.
+
+    With LoRA enabled (see :mod:`mindspore_glm.lora`) it also holds ``mindpet_delta_lora_a [r, in]`` and
+    ``mindpet_delta_lora_b [out, r]`` and adds ``scaling * B @ A @ dropout(x)`` unless merged.
+    Input ``[..., in]``; output ``[..., out]`` in ``compute_dtype``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = False,
+                 param_init_type=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(_zeros((out_features, in_features), param_init_type), name="weight")
+        self.has_bias = has_bias
+        if has_bias:
+            self.bias = Parameter(_zeros((out_features,), param_init_type), name="bias")
+        self.compute_dtype = compute_dtype
+        self.matmul = ops.MatMul(transpose_b=True)
+        # LoRA state, set by mindspore_glm.lora.apply_lora
+        self.lora_rank = 0
+        self.lora_scaling = 1.0
+        self.lora_merged = False
+        self.lora_dropout = None
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))
+        y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))
+        if self.has_bias:
+            y = y + ops.cast(self.bias, self.compute_dtype)
+        if self.lora_rank > 0 and not self.lora_merged:
+            xd = self.lora_dropout(x2)
+            a = ops.cast(self.mindpet_delta_lora_a, self.compute_dtype)
+            b = ops.cast(self.mindpet_delta_lora_b, self.compute_dtype)
+            y = y + self.matmul(self.matmul(xd, a), b) * self.lora_scaling
+        return ops.reshape(y, shape[:-1] + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    """Token embedding ``embedding_weight [V, H]``: ``[B, S]`` ids -> ``[B, S, H]`` in ``compute_dtype``."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, param_init_type=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.embedding_weight = Parameter(_zeros((vocab_size, hidden_size), param_init_type),
+                                          name="embedding_weight")
+        self.compute_dtype = compute_dtype
+        self.gather = ops.Gather()
+
+    def construct(self, input_ids):
+        return ops.cast(self.gather(self.embedding_weight, input_ids, 0), self.compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+def build_rope_cache(seq_len: int, kv_channels: int, dtype=ms.float32, base: float = 10000.0):
+    """Rotary tables ``cos, sin`` each ``[seq_len, hn]`` for :func:`apply_rope`.
+
+    The first half of each head (``rot = hn/2`` dims) is rotated in adjacent pairs ``(2i, 2i+1)`` by
+    ``pos * base^(-2i/rot)``; the tables repeat each pair's cos on both dims and carry ``-sin`` on the
+    even and ``+sin`` on the odd dim; the second half has cos 1 and sin 0 (it passes through). Computed
+    in float32 and rounded to ``dtype`` (half-precision parity depends on this rounding).
+    """
+    rot = kv_channels // 2
+    theta = (1.0 / (np.float32(base) ** (np.arange(0, rot, 2, dtype=np.float32) / np.float32(rot)))).astype(np.float32)
+    idx = np.outer(np.arange(seq_len, dtype=np.float32), theta).astype(np.float32)     # [seq, rot/2]
+    cos, sin = np.cos(idx).astype(np.float32), np.sin(idx).astype(np.float32)
+    cos_t = np.ones((seq_len, kv_channels), np.float32)
+    sin_t = np.zeros((seq_len, kv_channels), np.float32)
+    cos_t[:, 0:rot:2], cos_t[:, 1:rot:2] = cos, cos
+    sin_t[:, 0:rot:2], sin_t[:, 1:rot:2] = -sin, sin
+    return (Tensor(cos_t, dtype), Tensor(sin_t, dtype)) if dtype != ms.float32 else (Tensor(cos_t), Tensor(sin_t))
+
+
+def pair_swap_matrix(kv_channels: int, dtype=ms.float32):
+    """``[hn, hn]`` permutation with ``(x @ P)[2i] = x[2i+1]`` and ``(x @ P)[2i+1] = x[2i]``."""
+    m = np.zeros((kv_channels, kv_channels), np.float32)
+    m[np.arange(1, kv_channels, 2), np.arange(0, kv_channels, 2)] = 1
+    m[np.arange(0, kv_channels, 2), np.arange(1, kv_channels, 2)] = 1
+    return Tensor(m, dtype) if dtype != ms.float32 else Tensor(m)
+
+
+def apply_rope(x, cos, sin, swap):
+    """Rotary embedding of ``x [B, S, n, hn]`` with ``cos``/``sin`` ``[B, S, 1, hn]`` from
+    :func:`build_rope_cache` and ``swap`` from :func:`pair_swap_matrix`.
+
+    ``x * cos + (x @ swap) * sin`` gives ``(x0*cos - x1*sin, x1*cos + x0*sin)`` on each rotated pair and
+    ``x`` on the second half, with the same roundings as the pairwise formula. Computed in the dtype of
+    ``cos`` and returned in the dtype of ``x``.
+    """
+    dtype = x.dtype
+    xr = ops.cast(x, cos.dtype)
+    swapped = ops.reshape(ops.matmul(ops.reshape(xr, (-1, x.shape[-1])), ops.cast(swap, cos.dtype)), x.shape)
+    return ops.cast(xr * cos + swapped * sin, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+class SelfAttention(nn.Cell):
+    """Multi-query self-attention with rotary embedding and an optional prefix or KV cache.
+
+    ``construct(x [B,S,H], cos/sin [B,S,1,hn], mask_bias [B,1,S,K] (0 where a query may read a key, a
+    large negative number elsewhere), prefix_kv=None, kv_cache=None, slot=None)`` -> ``(out [B,S,H], (key [B,g,K,hn], value [B,g,K,hn]))``.
+
+    - ``prefix_kv``: ``(key, value)`` each ``[B, g, P, hn]``, put before the current keys.
+    - ``kv_cache``: ``(key, value)`` each ``[B, g, L, hn]`` for one decode step (``S == 1``); the new key
+      and value are written at the cache slot marked by ``slot [1, 1, L, 1]`` (one-hot), and the updated
+      caches are returned.
+    """
+
+    def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype, softmax_compute_type):
+        super().__init__()
+        c = config
+        self.np, self.hn, self.g = c.num_attention_heads, c.kv_channels, c.kv_groups
+        self.mqa = c.multi_query_attention
+        self.projection_size = c.projection_size
+        self.query_key_value = Linear(c.hidden_size, c.qkv_size, c.add_qkv_bias, param_init_type, compute_dtype)
+        self.dense = Linear(c.projection_size, c.hidden_size, c.add_bias_linear, param_init_type, compute_dtype)
+        self.compute_dtype = compute_dtype
+        self.softmax_compute_type = softmax_compute_type
+        self.scale = 1.0 / math.sqrt(self.hn)
+        self.rope_swap = pair_swap_matrix(self.hn)
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.bmm = ops.BatchMatMul()
+
+    def construct(self, x, cos, sin, mask_bias, prefix_kv=None, kv_cache=None, slot=None):
+        b, s, _ = x.shape
+        np_, hn, g = self.np, self.hn, self.g
+        qkv = self.query_key_value(x)
+        if self.mqa:
+            q = ops.reshape(qkv[..., :np_ * hn], (b, s, np_, hn))
+            k = ops.reshape(qkv[..., np_ * hn:(np_ + g) * hn], (b, s, g, hn))
+            v = ops.reshape(qkv[..., (np_ + g) * hn:], (b, s, g, hn))
+        else:
+            qkv = ops.reshape(qkv, (b, s, np_, 3 * hn))
+            q, k, v = qkv[..., :hn], qkv[..., hn:2 * hn], qkv[..., 2 * hn:]
+        q = apply_rope(q, cos, sin, self.rope_swap)
+        k = apply_rope(k, cos, sin, self.rope_swap)
+        q = ops.transpose(q * self.scale, (0, 2, 1, 3))      # [B, np, S, hn]
+        k = ops.transpose(k, (0, 2, 1, 3))                   # [B, g, S, hn]
+        v = ops.transpose(v, (0, 2, 1, 3))
+        if prefix_kv is not None:
+            k = ops.concat((ops.cast(prefix_kv[0], k.dtype), k), 2)
+            v = ops.concat((ops.cast(prefix_kv[1], v.dtype), v), 2)
+        if kv_cache is not None:
+            keep = 1 - slot
+            k = kv_cache[0] * keep + k * slot
+            v = kv_cache[1] * keep + v * slot
+        kl = k.shape[2]
+        # query heads h read group h // (np/g): group them so keys/values are never repeated
+        qg = ops.reshape(q, (b, g, (np_ // g) * s, hn))
+        scores = self.bmm_t(qg, k)                           # [B, g, (np/g)*S, K]
+        scores = ops.reshape(ops.cast(scores, self.softmax_compute_type), (b, np_, s, kl))
+        scores = scores + ops.cast(mask_bias, self.softmax_compute_type)
+        probs = ops.softmax(scores, -1)
+        probs = ops.reshape(ops.cast(probs, self.compute_dtype), (b, g, (np_ // g) * s, kl))
+        ctx = ops.reshape(self.bmm(probs, v), (b, np_, s, hn))
+        ctx = ops.reshape(ops.transpose(ctx, (0, 2, 1, 3)), (b, s, np_ * hn))
+        return self.dense(ctx), (k, v)
+
+
+class MLP(nn.Cell):
+    """SwiGLU: ``dense_4h_to_h(silu(a) * b)`` with ``a, b`` the halves of ``dense_h_to_4h(x)``.
+    ``[B, S, H]`` -> ``[B, S, H]``."""
+
+    def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype):
+        super().__init__()
+        c = config
+        self.ffn = c.ffn_hidden_size
+        self.dense_h_to_4h = Linear(c.hidden_size, 2 * c.ffn_hidden_size, c.add_bias_linear, param_init_type,
+                                    compute_dtype)
+        self.dense_4h_to_h = Linear(c.ffn_hidden_size, c.hidden_size, c.add_bias_linear, param_init_type,
+                                    compute_dtype)
+
+    def construct(self, x):
+        h = self.dense_h_to_4h(x)
+        a = h[..., :self.ffn]
+        b = h[..., self.ffn:]
+        return self.dense_4h_to_h(ops.silu(a) * b)
+
+
+class GLMBlock(nn.Cell):
+    """Pre-norm block: ``x + Attn(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``. ``[B,S,H]`` -> ``[B,S,H]``
+    plus the attention's ``(key, value)``."""
+
+    def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype, layernorm_compute_type,
+                 softmax_compute_type):
+        super().__init__()
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.layernorm_epsilon, param_init_type, layernorm_compute_type)
+        self.self_attention = SelfAttention(c, param_init_type, compute_dtype, softmax_compute_type)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.layernorm_epsilon, param_init_type,
+                                                layernorm_compute_type)
+        self.mlp = MLP(c, param_init_type, compute_dtype)
+
+    def construct(self, x, cos, sin, mask_bias, prefix_kv=None, kv_cache=None, slot=None):
+        attn, present = self.self_attention(self.input_layernorm(x), cos, sin, mask_bias, prefix_kv, kv_cache, slot)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present
+
+
+class GLMTransformer(nn.Cell):
+    """``layers`` then ``final_layernorm``. Returns hidden ``[B, S, H]`` and a tuple of per-layer
+    ``(key, value)``."""
+
+    def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype, layernorm_compute_type,
+                 softmax_compute_type):
+        super().__init__()
+        self.num_layers = config.num_layers
+        self.layers = nn.CellList([GLMBlock(config, param_init_type, compute_dtype, layernorm_compute_type,
+                                            softmax_compute_type) for _ in range(config.num_layers)])
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, param_init_type,
+                                       layernorm_compute_type)
+
+    def construct(self, x, cos, sin, mask_bias, prefix_kvs=None, kv_caches=None, slot=None):
+        presents = ()
+        for i in range(self.num_layers):
+            pkv = None if prefix_kvs is None else prefix_kvs[i]
+            cache = None if kv_caches is None else kv_caches[i]
+            x, present = self.layers[i](x, cos, sin, mask_bias, pkv, cache, slot)
+            presents = presents + (present,)
+        return self.final_layernorm(x), presents
+
+
+class ChatGLM2Model(nn.Cell):
+    """``embedding`` -> ``encoder`` -> ``output_layer``: ids ``[B, S]`` -> logits ``[B, S, V]``."""
+
+    def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype, layernorm_compute_type,
+                 softmax_compute_type, rotary_dtype):
+        super().__init__()
+        c = config
+        self.embedding = Embedding(c.padded_vocab_size, c.hidden_size, param_init_type, compute_dtype)
+        self.encoder = GLMTransformer(c, param_init_type, compute_dtype, layernorm_compute_type,
+                                      softmax_compute_type)
+        self.output_layer = Linear(c.hidden_size, c.padded_vocab_size, False, param_init_type, compute_dtype)
+        self.rotary_cos, self.rotary_sin = build_rope_cache(c.seq_length, c.kv_channels, rotary_dtype)
+        # large enough to zero a probability, small enough not to overflow when added in the softmax dtype
+        self.mask_min = -1e9 if softmax_compute_type == ms.float32 else -3e4
+
+    def rotary(self, position_ids):
+        """``position_ids [B, S]`` -> cos, sin ``[B, S, 1, hn]``."""
+        cos = ops.expand_dims(ops.gather(self.rotary_cos, position_ids, 0), 2)
+        sin = ops.expand_dims(ops.gather(self.rotary_sin, position_ids, 0), 2)
+        return cos, sin
+
+    def construct(self, input_ids, allowed, position_ids, prefix_kvs=None, kv_caches=None, slot=None,
+                  last_only=False):
+        # the mask as an additive bias [B, 1, S, K], made once: 0 where allowed, the dtype's minimum elsewhere
+        bias = ops.expand_dims((1.0 - ops.cast(allowed, ms.float32)) * self.mask_min, 1)
+        x = self.embedding(input_ids)
+        cos, sin = self.rotary(position_ids)
+        h, presents = self.encoder(x, cos, sin, bias, prefix_kvs, kv_caches, slot)
+        if last_only:
+            h = h[:, -1:, :]
+        return self.output_layer(h), presents
+
+
+def build_attention_mask(input_ids, attention_mask, prefix_len: int):
+    """Which keys each query may read: ``[B, S, P+S]`` bool, True = may attend (chatglm2.md's rules).
+
+    ``input_ids [B, S]`` (for the shape), ``attention_mask [B, S]`` (1 token / 0 left pad) or None,
+    ``prefix_len`` P prefix columns visible to every query. Query ``i`` sees key ``j`` when it is causal
+    and not padding; without a prefix, padding queries see every key (their outputs are never used).
+    """
+    b, s = input_ids.shape
+    row = ops.reshape(ops.arange(s), (s, 1))
+    col = ops.reshape(ops.arange(s), (1, s))
+    allowed = ops.expand_dims(col <= row, 0)                                    # [1, S, S]
+    if prefix_len > 0:
+        allowed = ops.concat((ops.ones((1, s, prefix_len), ms.bool_), allowed), 2)
+    if attention_mask is None:
+        return ops.broadcast_to(allowed, (b, s, s + prefix_len))
+    keys = attention_mask > 0
+    if prefix_len > 0:
+        keys = ops.concat((ops.ones((b, prefix_len), ms.bool_), keys), 1)
+    allowed = ops.logical_and(allowed, ops.expand_dims(keys, 1))
+    if prefix_len == 0:
+        # padding queries attend everywhere (garbage rows, never used) so no row is empty
+        allowed = ops.logical_or(allowed, ops.expand_dims(attention_mask <= 0, 2))
+    return allowed
+
+
+def causal_lm_loss(logits, labels):
+    """``logits [B, S, V]``, ``labels [B, S]`` -> mean float32 cross-entropy of ``logits[:, :-1]`` vs
+    ``labels[:, 1:]``, ignoring -100."""
+    lg = ops.cast(logits[:, :-1, :], ms.float32)
+    tgt = labels[:, 1:]
+    valid = tgt != -100
+    safe = ops.cast(ops.select(valid, tgt, ops.zeros_like(tgt)), ms.int32)
+    logp = ops.log_softmax(lg, -1)
+    picked = ops.squeeze(ops.gather_elements(logp, -1, ops.expand_dims(safe, -1)), -1)
+    w = ops.cast(valid, ms.float32)
+    return -(picked * w).sum() / ops.maximum(w.sum(), 1.0)
+
+
+def _default_position_ids(input_ids):
+    b, s = input_ids.shape
+    return ops.broadcast_to(ops.expand_dims(ops.arange(s, dtype=ms.int32), 0), (b, s))
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
+    """ChatGLM2 with the language-model head (and a P-tuning v2 ``prefix_encoder`` when the config has
+    ``pre_seq_len``).
+
+    ``model(input_ids [B,S], attention_mask=None [B,S], position_ids=None [B,S], labels=None [B,S])``
+    returns logits ``[B, S, V]`` (``compute_dtype``) or, with labels, ``(loss, logits)`` where ``loss``
+    is the float32 mean cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]`` over labels != -100.
+
+    Dtypes (mindformers' names): ``param_init_type``, ``compute_dtype``, ``layernorm_compute_type``,
+    ``softmax_compute_type``, ``rotary_dtype`` (default: ``compute_dtype``); taken from ``options``
+    (:class:`glm_common.config.RunOptions`) and overridden by keyword; without either all are float32.
+    """
+
+    def __init__(self, config: ChatGLM2Config, options: Optional[RunOptions] = None, **dtypes):
+        super().__init__()
+        names = ("param_init_type", "compute_dtype", "layernorm_compute_type", "softmax_compute_type",
+                 "rotary_dtype")
+        for k in dtypes:
+            if k not in names:
+                raise TypeError(f"ChatGLM2ForConditionalGeneration: unknown argument {k!r}; dtypes are {names}")
+        chosen = {n: (getattr(options, n) if options is not None else "float32") for n in names}
+        chosen.update({k: v for k, v in dtypes.items() if v is not None})
+        if chosen["rotary_dtype"] is None:
+            chosen["rotary_dtype"] = chosen["compute_dtype"]
+        self.dtypes = {k: (v if isinstance(v, str) else str(v)) for k, v in chosen.items()}
+        d = {k: ms_dtype(v) for k, v in chosen.items()}
+        self.config = config
+        self.compute_dtype = d["compute_dtype"]
+        self.param_init_type = d["param_init_type"]
+        self.transformer = ChatGLM2Model(config, d["param_init_type"], d["compute_dtype"],
+                                         d["layernorm_compute_type"], d["softmax_compute_type"], d["rotary_dtype"])
+        self.pre_seq_len = config.pre_seq_len or 0
+        if self.pre_seq_len:
+            from mindspore_glm.prefix import PrefixEncoder
+            self.prefix_encoder = PrefixEncoder(config, d["param_init_type"])
+        self.num_layers = config.num_layers
+
+    # ------------------------------------------------------------------ forward
+    def get_prefix(self, batch_size: int):
+        """Per-layer prefix ``(key, value)`` each ``[B, g, P, hn]`` (in ``compute_dtype``), or None."""
+        if not self.pre_seq_len:
+            return None
+        kv = ops.cast(self.prefix_encoder(batch_size), self.compute_dtype)   # [2*layers, B, g, P, hn]
+        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers))
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None, labels=None):
+        if position_ids is None:
+            position_ids = _default_position_ids(input_ids)
+        allowed = build_attention_mask(input_ids, attention_mask, self.pre_seq_len)
+        prefix = self.get_prefix(input_ids.shape[0])
+        logits, _ = self.transformer(input_ids, allowed, position_ids, prefix)
+        if labels is None:
+            return logits
+        return self.loss(logits, labels), logits
+
+    @staticmethod
+    def loss(logits, labels):
+        """:func:`causal_lm_loss`."""
+        return causal_lm_loss(logits, labels)
+
+    # ------------------------------------------------------------------ generation graphs
+    def prefill(self, input_ids, attention_mask, position_ids):
+        """Prompt pass: ids/mask/positions ``[B, S]`` -> last-token logits ``[B, V]`` (float32) and the
+        per-layer ``(key, value)`` ``[B, g, P+S, hn]``."""
+        allowed = build_attention_mask(input_ids, attention_mask, self.pre_seq_len)
+        prefix = self.get_prefix(input_ids.shape[0])
+        logits, presents = self.transformer(input_ids, allowed, position_ids, prefix, None, None, True)
+        return ops.cast(logits[:, -1, :], ms.float32), presents
+
+    def decode(self, input_ids, position_ids, cache_mask, slot, kv_caches):
+        """One cached step: ids/positions ``[B, 1]``, ``cache_mask [B, L]`` (1 for filled slots, the new
+        one included), ``slot [1, 1, L, 1]`` one-hot write position, ``kv_caches`` per layer
+        ``(key, value) [B, g, L, hn]`` -> logits ``[B, V]`` (float32) and the updated caches."""
+        allowed = ops.expand_dims(cache_mask > 0, 1)                          # [B, 1, L]
+        logits, presents = self.transformer(input_ids, allowed, position_ids, None, kv_caches,
+                                            ops.cast(slot, self.compute_dtype), False)
+        return ops.cast(logits[:, -1, :], ms.float32), presents
+
+    # ------------------------------------------------------------------ weights
+    def param_dict(self) -> dict:
+        return {p.name: p for p in self.get_parameters()}
+
+    def load_weights(self, tensors, source: str = "checkpoint", strict: bool = True):
+        """Load ``(name, numpy array)`` pairs named in HF or mindformers style; check names and shapes.
+
+        Raises :class:`WeightError` (one line: source and parameter) for an unknown name, a shape that
+        does not match, or (``strict``) a parameter the checkpoint lacks. Returns the loaded names.
+        """
+        params = self.param_dict()
+        loaded = set()
+        self.__dict__.pop("_gen_fns", None)     # graphs compiled before would keep the old values
+        for name, array in tensors:
+            if is_derived_buffer(name):
+                continue
+            ms_name = hf_to_ms(name) if name not in params else name
+            if ms_name not in params:
+                raise WeightError(f"{source}: {name}: unknown parameter (not part of a ChatGLM2 model with "
+                                  f"this config)")
+            p = params[ms_name]
+            if tuple(array.shape) != tuple(p.shape):
+                raise WeightError(f"{source}: {name}: shape {tuple(array.shape)} does not match the model's "
+                                  f"{tuple(p.shape)}")
+            p.set_data(Tensor(np.asarray(array, dtype=np.float32), p.dtype) if p.dtype != ms.float32
+                       else Tensor(np.ascontiguousarray(np.asarray(array, dtype=np.float32))))
+            loaded.add(ms_name)
+        if strict:
+            missing = [n for n in params if n not in loaded and "mindpet_delta_lora" not in n]
+            if missing:
+                raise WeightError(f"{source}: {missing[0]}: missing from the checkpoint"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return loaded
+
+    @classmethod
+    def from_pretrained(cls, path, config: Optional[ChatGLM2Config] = None, options: Optional[RunOptions] = None,
+                        strict: bool = True, **dtypes) -> "ChatGLM2ForConditionalGeneration":
+        """Build and load from an HF ChatGLM2 directory (``*.safetensors`` or ``*.bin`` shards, read one
+        tensor at a time) or a MindSpore ``.ckpt`` (its config is ``config`` or the ``config.json`` beside
+        it)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            config = config or ChatGLM2Config.from_hf(path)
+            model = cls(config, options, **dtypes)
+            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            ckpts = sorted(glob.glob(os.path.join(path, "*.ckpt")))
+            if files:
+                model.load_weights(_iter_safetensors(files), source=path, strict=strict)
+            elif glob.glob(os.path.join(path, "*.bin")):
+                model.load_weights(_iter_bin(sorted(glob.glob(os.path.join(path, "*.bin")))), source=path,
+                                   strict=strict)
+            elif len(ckpts) == 1:
+                model.load_weights(_iter_ckpt(ckpts[0]), source=ckpts[0], strict=strict)
+            else:
+                raise WeightError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or one *.ckpt)")
+            return model
+        if path.endswith(".ckpt"):
+            if not os.path.isfile(path):
+                raise WeightError(f"{path}: no such file")
+            if config is None:
+                cfg_path = os.path.join(os.path.dirname(path) or ".", "config.json")
+                if not os.path.isfile(cfg_path):
+                    raise ConfigError(f"{path}: no config given and no config.json beside the checkpoint")
+                config = ChatGLM2Config.from_hf(cfg_path)
+            model = cls(config, options, **dtypes)
+            model.load_weights(_iter_ckpt(path), source=path, strict=strict)
+            return model
+        raise WeightError(f"{path}: expected an HF model directory or a MindSpore .ckpt file")
+
+    def save_pretrained(self, directory, name: str = "model.ckpt") -> str:
+        """Write ``<directory>/<name>`` (MindSpore checkpoint, mindformers names) and ``config.json``
+        atomically; return the checkpoint path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, name)
+        tmp = path + ".tmp.ckpt"
+        ms.save_checkpoint([{"name": p.name, "data": p} for p in self.get_parameters()], tmp)
+        os.replace(tmp, path)
+        self.config.save_hf(directory)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def _iter_safetensors(files):
+    from safetensors import safe_open
+    from tqdm import tqdm
+    for f in files:
+        with safe_open(f, framework="np") as st:
+            for name in tqdm(list(st.keys()), desc=os.path.basename(f), leave=False, disable=len(files) == 1):
+                try:
+                    yield name, st.get_tensor(name)
+                except TypeError:   # bfloat16 in safetensors' numpy reader
+                    import torch
+                    with safe_open(f, framework="pt") as stp:
+                        yield name, stp.get_tensor(name).float().numpy()
+
+
+def _iter_bin(files):
+    import torch
+    from tqdm import tqdm
+    for f in tqdm(files, desc="shards", disable=len(files) == 1):
+        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        for name in list(sd):
+            yield name, sd.pop(name).float().numpy()
+        del sd
+
+
+def _iter_ckpt(path):
+    for name, p in ms.load_checkpoint(path).items():
+        yield name, p.asnumpy().astype(np.float32) if p.dtype != ms.bfloat16 else \
+            ops.cast(p, ms.float32).asnumpy()
