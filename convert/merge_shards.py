@@ -234,17 +234,46 @@ def _assemble(plan: _Plan, ckpts: dict[int, MSCheckpoint], base_rank: int) -> np
 
 
 # ---------------------------------------------------------------------- merge
-def merge_shards(src: str, strategy: str, output: str, params: str = "all", keep_optimizer: bool = False,
+class _DataParallel:
+    """Pure data parallel, which writes no strategy file: every rank holds every parameter whole."""
+
+    num_stages = 1
+
+    def __init__(self, device_num: int):
+        self.device_num = device_num
+
+    def layout(self, name: str) -> None:
+        return None
+
+    def names(self) -> list[str]:
+        return []
+
+
+def _count_ranks(src: str) -> int:
+    if not os.path.isdir(src):
+        raise MergeError(f"{src}: no such checkpoint folder")
+    ranks = [int(m.group(1)) for d in os.listdir(src) if (m := re.fullmatch(r"rank_(\d+)", d))]
+    if not ranks:
+        raise MergeError(f"{src}: no rank_N folders (expected the checkpoint folder of a run)")
+    return max(ranks) + 1
+
+
+def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "all", keep_optimizer: bool = False,
                  step: Optional[int] = None, progress: bool = True) -> dict:
     """Merge ``src/rank_N/*.ckpt`` laid out by ``strategy`` into the single checkpoint ``output``.
+
+    ``strategy=None`` is a pure data-parallel run: every rank holds full replicas, checked bit for bit.
 
     Returns a summary ``{"params", "bytes", "ranks", "stages", "dropped", "seconds"}``.
     """
     t0 = time.time()
-    try:
-        strat = load_strategy(strategy)
-    except StrategyError as e:
-        raise MergeError(str(e)) from None
+    if strategy is None:
+        strat = _DataParallel(_count_ranks(src))
+    else:
+        try:
+            strat = load_strategy(strategy)
+        except StrategyError as e:
+            raise MergeError(str(e)) from None
     files = find_rank_files(src, strat.device_num, step)
     ckpts = {r: MSCheckpoint(f) for r, f in files.items()}
     # every name once, stage by stage, in the order the ranks hold them
@@ -380,7 +409,7 @@ def _to_hf(merged: str, out_dir: str, config: str, progress: bool) -> str:
 def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="merge_shards.py",
-        usage="%(prog)s --src DIR --strategy FILE_or_DIR --output FILE.ckpt [--params all|trainable|lora]\n"
+        usage="%(prog)s --src DIR [--strategy FILE_or_DIR] --output FILE.ckpt [--params all|trainable|lora]\n"
               "                       [--keep-optimizer] [--step N] [--to-hf DIR --config CONFIG] [--quiet]\n"
               "       %(prog)s split --src FULL.ckpt --strategy FILE_or_DIR --output DIR [--prefix P]",
         description="Merge the per-rank checkpoint shards of a distributed MindSpore run into one checkpoint. "
@@ -389,9 +418,11 @@ def _merge_parser() -> argparse.ArgumentParser:
                "--output glm2_lora.ckpt --params lora")
     p.add_argument("--src", required=True,
                    help="checkpoint folder of the run, holding rank_0/, rank_1/, ... with <prefix>-<epoch>_<step>.ckpt")
-    p.add_argument("--strategy", required=True,
+    p.add_argument("--strategy", default=None,
                    help="strategy file (strategy_ckpt_save_file), or a folder of them: pipeline-parallel runs "
-                        "write one per stage; files of the same stage are deduplicated")
+                        "write one per stage; files of the same stage are deduplicated. Omit it for a pure "
+                        "data-parallel run (no strategy file): every rank then holds full replicas, which are "
+                        "checked to be bit-identical")
     p.add_argument("--output", required=True, help="merged checkpoint to write (.ckpt); written atomically")
     p.add_argument("--params", default="all", choices=("all", "trainable", "lora"),
                    help="all: every weight (default); trainable: LoRA and P-tuning prefix weights if the run "

@@ -361,3 +361,26 @@ def test_general_layouts_agree_with_transform_checkpoints(tmp_path):
     import mindspore as ms
     ms.transform_checkpoints(str(tmp_path / "ckpt"), str(tmp_path / "ms_out"), "merged_", strat, None)
     assert_bits_equal(load_ms(tmp_path / "ms_out" / "rank_0" / "merged_0.ckpt"), full)
+
+
+def test_pure_data_parallel_without_strategy(tmp_path):
+    """Data parallel writes no strategy file: replicas are checked bit for bit and written once."""
+    from convert.merge_shards import MergeError, merge_shards
+    from convert.ms_ckpt import MSCheckpoint, save_ms_checkpoint
+
+    rng = np.random.default_rng(3)
+    weights = [("transformer.encoder.layers.0.self_attention.query_key_value.mindpet_delta_lora_a",
+                rng.standard_normal((8, 64)).astype(np.float32)),
+               ("adam_m.transformer.encoder.layers.0.self_attention.query_key_value.mindpet_delta_lora_a",
+                rng.standard_normal((8, 64)).astype(np.float32))]
+    for r in range(2):
+        save_ms_checkpoint(weights, tmp_path / "ckpt" / f"rank_{r}" / "tiny-glm2-lora-1_4.ckpt")
+    out = tmp_path / "merged.ckpt"
+    summary = merge_shards(str(tmp_path / "ckpt"), None, str(out), progress=False)
+    assert summary["ranks"] == 2 and summary["params"] == 1          # optimizer state dropped
+    merged = MSCheckpoint(out)
+    np.testing.assert_array_equal(merged.read(weights[0][0]), weights[0][1])
+    save_ms_checkpoint([(weights[0][0], weights[0][1] + 1)], tmp_path / "ckpt" / "rank_1" / "tiny-glm2-lora-1_4.ckpt")
+    with pytest.raises(MergeError, match="replica differs from rank 0"):
+        merge_shards(str(tmp_path / "ckpt"), None, str(tmp_path / "bad.ckpt"), progress=False)
+    assert not (tmp_path / "bad.ckpt").exists()
