@@ -42,8 +42,8 @@ import numpy as np
 
 from convert._cli import DTYPE_CHOICES, KNOWN_ERRORS, ConversionError, Progress, cast, report_error
 from convert.hf_layout import (HFCheckpoint, CheckpointError, parse_size, save_safetensors, write_hf_checkpoint,
-                               _torch_to_numpy)
-from convert.ms_ckpt import CheckpointWriter, save_ms_checkpoint
+                               torch_to_numpy)
+from convert.ms_ckpt import save_ms_checkpoint
 from convert.ms_to_hf import is_optimizer_state, open_ms_checkpoint
 from glm_common import names as N
 
@@ -177,7 +177,7 @@ def _read_tensor_file(path: str) -> dict[str, np.ndarray]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: truncated or corrupt .bin file ({str(e).strip().splitlines()[0]})") from None
-    return {k: _torch_to_numpy(v) for k, v in sd.items()}
+    return {k: torch_to_numpy(v) for k, v in sd.items()}
 
 
 def read_peft_adapter(adapter_dir: str) -> LoraAdapter:

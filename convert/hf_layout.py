@@ -29,7 +29,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 __all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
-           "read_safetensors_header", "save_safetensors", "parse_size", "NP_DTYPES"]
+           "read_safetensors_header", "save_safetensors", "parse_size", "NP_DTYPES", "torch_to_numpy",
+           "numpy_to_torch"]
 
 LAYOUTS = ("single", "sharded-safetensors", "sharded-bin", "single-bin")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -252,7 +253,7 @@ class HFCheckpoint:
                 raise CheckpointError(f"{file}: truncated safetensors file while reading {name}")
             array = np.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
             return array.copy() if copy else array
-        return _torch_to_numpy(self._bin_tensor(file, name), copy=copy)
+        return torch_to_numpy(self._bin_tensor(file, name), copy=copy)
 
     def release(self, name: str) -> None:
         """Drop the memory-mapped pages of a ``.bin`` tensor already read (no-op for safetensors).
@@ -366,7 +367,7 @@ def _advise(address: int, nbytes: int, advice: int, inner: bool) -> None:
     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
-def _torch_to_numpy(t, copy: bool = True) -> np.ndarray:
+def torch_to_numpy(t, copy: bool = True) -> np.ndarray:
     import torch
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
@@ -379,7 +380,7 @@ def _torch_to_numpy(t, copy: bool = True) -> np.ndarray:
     return array
 
 
-def _numpy_to_torch(a: np.ndarray):
+def numpy_to_torch(a: np.ndarray):
     import torch
     if a.dtype == _bf16():
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
@@ -412,7 +413,8 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
     ``fmt``: ``safetensors`` or ``bin``. Without ``max_shard_size`` one file (``model.safetensors`` /
     ``pytorch_model.bin``); with it, ``*-0000N-of-0000M.*`` shards plus the index json. Tensors are
     consumed one at a time; a shard is written when it is full. Nothing appears in ``out_dir`` until
-    every file is complete.
+    every file is complete; then weight files of another layout (``model.safetensors``,
+    ``pytorch_model.bin`` and the index files) that would shadow the new ones are removed.
     """
     if fmt not in ("safetensors", "bin"):
         raise CheckpointError(f"format: expected safetensors or bin, got {fmt!r}")
@@ -435,7 +437,7 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
                 save_safetensors(current, tmp_name, metadata={"format": "pt"})
             else:
                 import torch
-                torch.save({n: _numpy_to_torch(a) for n, a in current}, tmp_name)
+                torch.save({n: numpy_to_torch(a) for n, a in current}, tmp_name)
             shards.append([n for n, _ in current])
             for n, _ in current:
                 weight_map[n] = idx
@@ -471,6 +473,11 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
         for fname in final:
             os.replace(os.path.join(stage, fname), os.path.join(out_dir, fname))
             written.append(os.path.join(out_dir, fname))
+        # weights of another layout left in the folder would shadow the new ones when it is loaded
+        for stale in ("model.safetensors", SAFE_INDEX, "pytorch_model.bin", BIN_INDEX):
+            path = os.path.join(out_dir, stale)
+            if stale not in final and os.path.isfile(path):
+                os.remove(path)
         return written
     finally:
         shutil.rmtree(stage, ignore_errors=True)

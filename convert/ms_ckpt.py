@@ -16,7 +16,6 @@ tests hold these to.
 from __future__ import annotations
 
 import os
-import struct
 from typing import Iterable, Iterator, Optional
 
 import numpy as np

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-__all__ = ["build_prompt", "round_text", "process_response", "ROUND_FORMAT", "QUERY_FORMAT"]
+__all__ = ["build_prompt", "round_text", "process_response", "ROUND_FORMAT", "QUERY_FORMAT",
+           "INVALID_SCORE_TOKEN", "INVALID_SCORE_VALUE"]
 
 #: one finished round of history; ``i`` counts from 1.
 ROUND_FORMAT = "[Round {i}]\n\n问：{query}\n\n答：{response}\n\n"
 #: the open round the model answers.
 QUERY_FORMAT = "[Round {i}]\n\n问：{query}\n\n答："
+#: ChatGLM2's invalid-score guard: when a score is NaN/Inf, all scores become 0 and this token gets this value.
+INVALID_SCORE_TOKEN = 5
+INVALID_SCORE_VALUE = 5e4
 
 
 def round_text(i: int, query: str, response: Optional[str] = None) -> str:

@@ -14,16 +14,16 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from glm_common.prompt import build_prompt, process_response
+from glm_common.prompt import INVALID_SCORE_TOKEN, INVALID_SCORE_VALUE, build_prompt, process_response
 
-__all__ = ["GenerationMixin", "process_logits", "invalid_score_guard", "sample_next", "position_ids_from_mask"]
+__all__ = ["GenerationMixin", "process_logits", "invalid_score_processor", "sample_next", "position_ids_from_mask"]
 
 
-def invalid_score_guard(scores: np.ndarray) -> np.ndarray:
+def invalid_score_processor(scores: np.ndarray) -> np.ndarray:
     """ChatGLM2's ``InvalidScoreLogitsProcessor``: NaN/Inf anywhere -> all 0 and token 5 -> 5e4."""
     if not np.isfinite(scores).all():
         scores = np.zeros_like(scores)
-        scores[..., 5] = 5e4
+        scores[..., INVALID_SCORE_TOKEN] = INVALID_SCORE_VALUE
     return scores
 
 
@@ -31,7 +31,7 @@ def process_logits(scores: np.ndarray, ids: np.ndarray, repetition_penalty: floa
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    do_sample: bool = False) -> np.ndarray:
     """``scores [B, V]`` float32, ``ids [B, T]`` tokens so far -> processed scores (``-inf`` = removed)."""
-    scores = invalid_score_guard(np.array(scores, dtype=np.float32, copy=True))
+    scores = invalid_score_processor(np.array(scores, dtype=np.float32, copy=True))
     if repetition_penalty != 1.0:
         rows = np.arange(scores.shape[0])[:, None]
         picked = scores[rows, ids]

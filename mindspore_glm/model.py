@@ -23,6 +23,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from convert.hf_layout import CheckpointError, HFCheckpoint
+from convert.ms_ckpt import MSCheckpoint, MSCheckpointError
 from glm_common.config import DTYPES, ChatGLM2Config, ConfigError, RunOptions
 from glm_common.names import hf_to_ms, is_derived_buffer
 
@@ -35,7 +37,11 @@ __all__ = ["RMSNorm", "Linear", "Embedding", "build_rope_cache", "pair_swap_matr
 DTYPE_NAMES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
-class WeightError(ValueError):
+#: MindSpore names of the P-tuning v2 prefix encoder's parameters start with this
+PREFIX_PARAM_ROOT = "prefix_encoder."
+
+
+class WeightError(CheckpointError):
     """A checkpoint that does not fit the model; the message is one line naming file and parameter."""
 
 
@@ -475,11 +481,12 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
             if tuple(array.shape) != tuple(p.shape):
                 raise WeightError(f"{source}: {name}: shape {tuple(array.shape)} does not match the model's "
                                   f"{tuple(p.shape)}")
-            p.set_data(Tensor(np.asarray(array, dtype=np.float32), p.dtype) if p.dtype != ms.float32
-                       else Tensor(np.ascontiguousarray(np.asarray(array, dtype=np.float32))))
+            p.set_data(Tensor(np.ascontiguousarray(np.asarray(array, dtype=np.float32)), p.dtype))
             loaded.add(ms_name)
         if strict:
-            missing = [n for n in params if n not in loaded and "mindpet_delta_lora" not in n]
+            # LoRA and prefix weights are not part of a base checkpoint: they keep their initialisation
+            missing = [n for n in params if n not in loaded and "mindpet_delta_lora" not in n
+                       and not n.startswith(PREFIX_PARAM_ROOT)]
             if missing:
                 raise WeightError(f"{source}: {missing[0]}: missing from the checkpoint"
                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -492,32 +499,32 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
         tensor at a time) or a MindSpore ``.ckpt`` (its config is ``config`` or the ``config.json`` beside
         it)."""
         path = os.fspath(path)
-        if os.path.isdir(path):
-            config = config or ChatGLM2Config.from_hf(path)
-            model = cls(config, options, **dtypes)
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-            ckpts = sorted(glob.glob(os.path.join(path, "*.ckpt")))
-            if files:
-                model.load_weights(_iter_safetensors(files), source=path, strict=strict)
-            elif glob.glob(os.path.join(path, "*.bin")):
-                model.load_weights(_iter_bin(sorted(glob.glob(os.path.join(path, "*.bin")))), source=path,
-                                   strict=strict)
-            elif len(ckpts) == 1:
-                model.load_weights(_iter_ckpt(ckpts[0]), source=ckpts[0], strict=strict)
-            else:
-                raise WeightError(f"{path}: no weights (*.safetensors, pytorch_model*.bin or one *.ckpt)")
-            return model
-        if path.endswith(".ckpt"):
-            if not os.path.isfile(path):
-                raise WeightError(f"{path}: no such file")
-            if config is None:
-                cfg_path = os.path.join(os.path.dirname(path) or ".", "config.json")
-                if not os.path.isfile(cfg_path):
-                    raise ConfigError(f"{path}: no config given and no config.json beside the checkpoint")
-                config = ChatGLM2Config.from_hf(cfg_path)
-            model = cls(config, options, **dtypes)
-            model.load_weights(_iter_ckpt(path), source=path, strict=strict)
-            return model
+        try:
+            if os.path.isdir(path):
+                config = config or ChatGLM2Config.from_hf(path)
+                model = cls(config, options, **dtypes)
+                ckpts = glob.glob(os.path.join(path, "*.ckpt"))
+                if len(ckpts) == 1 and not any(glob.glob(os.path.join(path, p))
+                                               for p in ("*.safetensors", "*.bin")):
+                    model.load_weights(MSCheckpoint(ckpts[0]).items(), source=ckpts[0], strict=strict)
+                else:
+                    model.load_weights(HFCheckpoint(path).items(), source=path, strict=strict)
+                return model
+            if path.endswith(".ckpt"):
+                if not os.path.isfile(path):
+                    raise WeightError(f"{path}: no such file")
+                if config is None:
+                    cfg_path = os.path.join(os.path.dirname(path) or ".", "config.json")
+                    if not os.path.isfile(cfg_path):
+                        raise ConfigError(f"{path}: no config given and no config.json beside the checkpoint")
+                    config = ChatGLM2Config.from_hf(cfg_path)
+                model = cls(config, options, **dtypes)
+                model.load_weights(MSCheckpoint(path).items(), source=path, strict=strict)
+                return model
+        except (CheckpointError, MSCheckpointError) as e:
+            if isinstance(e, WeightError):
+                raise
+            raise WeightError(str(e)) from None
         raise WeightError(f"{path}: expected an HF model directory or a MindSpore .ckpt file")
 
     def save_pretrained(self, directory, name: str = "model.ckpt") -> str:
@@ -530,34 +537,3 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
         os.replace(tmp, path)
         self.config.save_hf(directory)
         return path
-
-
-# ---------------------------------------------------------------------------------------------- readers
-def _iter_safetensors(files):
-    from safetensors import safe_open
-    from tqdm import tqdm
-    for f in files:
-        with safe_open(f, framework="np") as st:
-            for name in tqdm(list(st.keys()), desc=os.path.basename(f), leave=False, disable=len(files) == 1):
-                try:
-                    yield name, st.get_tensor(name)
-                except TypeError:   # bfloat16 in safetensors' numpy reader
-                    import torch
-                    with safe_open(f, framework="pt") as stp:
-                        yield name, stp.get_tensor(name).float().numpy()
-
-
-def _iter_bin(files):
-    import torch
-    from tqdm import tqdm
-    for f in tqdm(files, desc="shards", disable=len(files) == 1):
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        for name in list(sd):
-            yield name, sd.pop(name).float().numpy()
-        del sd
-
-
-def _iter_ckpt(path):
-    for name, p in ms.load_checkpoint(path).items():
-        yield name, p.asnumpy().astype(np.float32) if p.dtype != ms.bfloat16 else \
-            ops.cast(p, ms.float32).asnumpy()

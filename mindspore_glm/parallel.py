@@ -10,6 +10,9 @@ semi-auto-parallel propagation gives it.
 :func:`check_parallel` validates the sizes before anything is built or compiled; each failure is one
 line naming the field. :func:`apply_sharding` writes the strategies onto the operators of a model;
 :func:`sharding_plan` lists them (name -> strategy) for logs and tests.
+
+No torch twin: operator-level sharding strategies are MindSpore's semi-auto parallel; the torch backend
+runs data parallel through torchrun/DDP (``torch_glm/train.py``).
 """
 from __future__ import annotations
 

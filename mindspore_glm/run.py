@@ -12,6 +12,9 @@ stops training after N steps; ``--predict_data`` takes texts or one data file.
   ``<output_dir>/eval_results.json`` and ``eval_predictions.jsonl``.
 * ``predict``: responses (the model_config's generation settings) printed and written to
   ``<output_dir>/predict_results.jsonl``.
+
+No torch twin file: the torch backend's entry point is ``python -m torch_glm.train`` (training and
+eval), as this one is mindformers' ``run_mindformer.py`` shape for Ascend users.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
 
 from glm_common.config import ConfigError
 from glm_common.run_config import (RUN_MODES, RunConfigError, TrainSettings, load_run_config, parse_bool,

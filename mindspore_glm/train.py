@@ -33,7 +33,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from glm_common.config import ConfigError
 from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays, learning_rates, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
@@ -133,16 +132,13 @@ def build_model(s: TrainSettings, adapter: str = ""):
     if path and not os.path.exists(path):
         raise RunConfigError(f"{s.source}: load_checkpoint: {path}: no such file or directory")
     if path and os.path.isdir(path):
-        model = ChatGLM2ForConditionalGeneration.from_pretrained(
-            path, config=s.config, options=s.options, strict=s.pet["pet_type"] != "ptuning2")
+        model = ChatGLM2ForConditionalGeneration.from_pretrained(path, config=s.config, options=s.options)
         params = apply_pet(model, s.pet, s.seed)
     else:
         model = ChatGLM2ForConditionalGeneration(s.config, s.options)
         params = apply_pet(model, s.pet, s.seed)
         if path:
-            from convert.ms_ckpt import MSCheckpoint
-            has_prefix = any(n.startswith("prefix_encoder.") for n in MSCheckpoint(path).names)
-            _load_ckpt(model, path, strict=s.pet["pet_type"] != "ptuning2" or has_prefix)
+            _load_ckpt(model, path, strict=True)
         else:
             init_weights(model, s.seed)
     if adapter:
@@ -356,9 +352,6 @@ def train(s: TrainSettings, model=None, params=None) -> dict:
 
     ``model``/``params``: an already built model and its trainable parameters (:func:`build_model`).
     """
-    from tqdm.auto import tqdm
-    from glm_common.tokenizer import ChatGLM2Tokenizer
-    from mindspore_glm.data import make_dataset
     if s.grad_accum != 1:
         raise RunConfigError(f"{s.source}: runner_config.gradient_accumulation_steps: only 1 in the MindSpore "
                              f"runner, got {s.grad_accum}")

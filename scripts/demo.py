@@ -213,6 +213,7 @@ def main(argv=None):
                 traceback.print_exc()
             print(f"[{i}/{len(STEPS)}] {name}: FAILED: {e}", file=sys.stderr)
             return 1
+        what = what.replace(ROOT + os.sep, "")  # paths relative to the repo root
         print(f"[{i}/{len(STEPS)}] {name} ({time.time() - t0:.1f}s): {what}", flush=True)
     print(f"demo finished in {time.time() - t_all:.0f}s; outputs under {args.out}, command log {ctx['log']}")
     return 0

@@ -408,7 +408,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except Exception as e:  # loader / converter errors are one line naming file and parameter
         from convert._cli import KNOWN_ERRORS
-        if isinstance(e, KNOWN_ERRORS) or type(e).__name__ in ("LoadError", "WeightError", "ConfigError",
+        if isinstance(e, KNOWN_ERRORS) or type(e).__name__ in ("WeightError", "ConfigError",
                                                               "TokenizerError"):
             print(f"parity.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from glm_common.prompt import build_prompt, process_response, round_text
+from glm_common.prompt import INVALID_SCORE_TOKEN, INVALID_SCORE_VALUE, build_prompt, process_response, round_text
 
 __all__ = ["GenerationMixin", "invalid_score_processor", "apply_repetition_penalty", "apply_temperature",
            "apply_top_k", "apply_top_p", "sample_next", "position_ids_from_mask"]
@@ -24,7 +24,7 @@ def invalid_score_processor(input_ids: torch.Tensor, scores: torch.Tensor) -> to
     """ChatGLM2's guard: when any score is NaN/Inf, all scores become 0 and token 5 gets 5e4. ``scores [B, V]``."""
     if torch.isnan(scores).any() or torch.isinf(scores).any():
         scores = torch.zeros_like(scores)
-        scores[..., 5] = 5e4
+        scores[..., INVALID_SCORE_TOKEN] = INVALID_SCORE_VALUE
     return scores
 
 

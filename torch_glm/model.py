@@ -13,9 +13,7 @@ Numerics follow chatglm2.md. Key/value caches are per layer ``(key, value)`` pai
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from typing import Optional, Sequence
 
 import torch
@@ -24,14 +22,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from convert.hf_layout import CheckpointError, HFCheckpoint, numpy_to_torch, torch_to_numpy, write_hf_checkpoint
 from glm_common.config import ChatGLM2Config
 from glm_common.names import hf_param_shapes, is_derived_buffer
 from torch_glm.generate import GenerationMixin
 from torch_glm.prefix import PrefixEncoder
 
 __all__ = ["RMSNorm", "build_rope_cache", "apply_rope", "build_attention_mask", "SelfAttention", "MLP",
-           "GLMBlock", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "ModelConfig", "LoadError",
-           "causal_lm_loss", "checkpoint_files", "iter_checkpoint", "save_state_dict", "DTYPES"]
+           "GLMBlock", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "ModelConfig", "WeightError",
+           "causal_lm_loss", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,8 +59,8 @@ class ModelConfig(ChatGLM2Config):
         return out
 
 
-class LoadError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one line naming the file and parameter."""
+class WeightError(CheckpointError):
+    """A checkpoint that cannot be loaded into the model; one line naming the file and parameter."""
 
 
 # ---------------------------------------------------------------------------------------- modules
@@ -393,7 +392,7 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Module):
         """
         hf_dir = os.fspath(hf_dir)
         if not os.path.isdir(hf_dir):
-            raise LoadError(f"{hf_dir}: not a directory (an HF ChatGLM2 directory holds config.json and weights)")
+            raise WeightError(f"{hf_dir}: not a directory (an HF ChatGLM2 directory holds config.json and weights)")
         config = config or ChatGLM2Config.from_hf(hf_dir)
         dtype = _resolve_dtype(torch_dtype, config)
         previous = torch.get_default_dtype()
@@ -407,26 +406,32 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Module):
         params = dict(model.named_parameters())
         expected = hf_param_shapes(config)
         loaded = set()
-        files = checkpoint_files(hf_dir)
         from tqdm.auto import tqdm
-        for name, tensor, source in tqdm(iter_checkpoint(hf_dir, files), desc="loading", unit="tensor",
-                                         disable=len(files) < 2, total=None):
-            if is_derived_buffer(name):
-                continue
-            if name not in expected or name not in params:
-                if strict:
-                    raise LoadError(f"{source}: {name}: unknown parameter for this config")
-                continue
-            if tuple(tensor.shape) != expected[name]:
-                raise LoadError(f"{source}: {name}: shape {list(tensor.shape)}, expected {list(expected[name])}")
-            with torch.no_grad():
-                params[name].copy_(tensor)  # one tensor at a time: memory stays at the model's size
-            loaded.add(name)
+        try:
+            ckpt = HFCheckpoint(hf_dir)
+            for name, array in tqdm(ckpt.items(), desc="loading", unit="tensor", total=len(ckpt.names),
+                                    disable=len(ckpt.shards) < 2):
+                if is_derived_buffer(name):
+                    continue
+                source = ckpt.file_of(name)
+                if name not in expected or name not in params:
+                    if strict:
+                        raise WeightError(f"{source}: {name}: unknown parameter for this config")
+                    continue
+                if tuple(array.shape) != expected[name]:
+                    raise WeightError(f"{source}: {name}: shape {list(array.shape)}, expected {list(expected[name])}")
+                with torch.no_grad():
+                    params[name].copy_(numpy_to_torch(array))  # one tensor at a time
+                loaded.add(name)
+        except CheckpointError as e:
+            if isinstance(e, WeightError):
+                raise
+            raise WeightError(str(e)) from None
         missing = [n for n in expected if n not in loaded]
         prefix_missing = [n for n in missing if n.startswith("transformer.prefix_encoder.")]
         missing = [n for n in missing if n not in prefix_missing]
         if missing:
-            raise LoadError(f"{hf_dir}: {missing[0]}: missing from the checkpoint"
+            raise WeightError(f"{hf_dir}: {missing[0]}: missing from the checkpoint"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         if prefix_missing:
             with torch.no_grad():
@@ -445,9 +450,11 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Module):
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items() if not is_derived_buffer(k)}
         cfg = self.config.replace(torch_dtype=_dtype_name(self.dtype))
-        files = save_state_dict(state, save_directory, max_shard_size, safe_serialization)
+        files = write_hf_checkpoint(((k, torch_to_numpy(v)) for k, v in state.items() if not is_derived_buffer(k)),
+                                    save_directory, fmt="safetensors" if safe_serialization else "bin",
+                                    max_shard_size=max_shard_size)
+        files = [f for f in files if not f.endswith(".json")]
         cfg.save_hf(save_directory)
         return files
 
@@ -463,12 +470,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- checkpoint I/O
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
-
-
 def _resolve_dtype(torch_dtype, config: ChatGLM2Config) -> torch.dtype:
     if torch_dtype is None:
         return torch.float32
@@ -492,122 +493,3 @@ def _init_module(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Embedding, nn.Linear)):
             m.reset_parameters()
-
-
-def _read_index(path: str) -> dict[str, str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise LoadError(f"{path}: weight_map: missing or empty (expected a mapping name -> shard file)")
-    return weight_map
-
-
-def checkpoint_files(hf_dir: str) -> list[str]:
-    """The weight files of an HF directory, in shard order; raises :class:`LoadError` when none or a shard is missing."""
-    for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
-        index_path = os.path.join(hf_dir, index)
-        if os.path.isfile(index_path):
-            weight_map = _read_index(index_path)
-            shards = sorted(set(weight_map.values()))
-            for s in shards:
-                if not os.path.isfile(os.path.join(hf_dir, s)):
-                    raise LoadError(f"{index_path}: shard {s} is listed in weight_map but missing from {hf_dir}")
-            return [os.path.join(hf_dir, s) for s in shards]
-        if os.path.isfile(os.path.join(hf_dir, single)):
-            return [os.path.join(hf_dir, single)]
-    raise LoadError(f"{hf_dir}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
-
-
-def iter_checkpoint(hf_dir: str, files: Optional[list[str]] = None):
-    """Yield ``(name, tensor, file)`` for every tensor of an HF directory, one shard open at a time."""
-    for path in files if files is not None else checkpoint_files(hf_dir):
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            try:
-                with safe_open(path, framework="pt") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name), path
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                if isinstance(e, LoadError):
-                    raise
-                raise LoadError(f"{path}: cannot read safetensors file: {e}") from None
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:
-                raise LoadError(f"{path}: cannot read PyTorch checkpoint: {str(e).splitlines()[0]}") from None
-            if not isinstance(state, dict):
-                raise LoadError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
-            for name, tensor in state.items():
-                yield name, tensor, path
-            del state
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(size) -> int:
-    """``10**9``, ``"2GB"``, ``"500MB"``, ``"1GiB"`` -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = _SIZE.match(str(size))
-    if not m:
-        raise ValueError(f"max_shard_size: expected bytes or a size like '2GB', got {size!r}")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
-
-
-def save_state_dict(state: dict[str, torch.Tensor], save_directory: str, max_shard_size=None,
-                    safe_serialization: bool = True) -> list[str]:
-    """Write ``state`` in the HF layout (single file, or shards plus an index json); atomic per file."""
-    limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if limit is not None and shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    n = len(shards)
-    if safe_serialization:
-        single, index_name, pattern = SAFE_SINGLE, SAFE_INDEX, "model-{:05d}-of-{:05d}.safetensors"
-    else:
-        single, index_name, pattern = BIN_SINGLE, BIN_INDEX, "pytorch_model-{:05d}-of-{:05d}.bin"
-    names = [single] if n == 1 else [pattern.format(i + 1, n) for i in range(n)]
-    # stale weights of another layout would shadow the new ones on load
-    for stale in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX):
-        p = os.path.join(save_directory, stale)
-        if os.path.isfile(p) and stale not in names and stale != index_name:
-            os.remove(p)
-    written = []
-    for fname, shard in zip(names, shards):
-        path = os.path.join(save_directory, fname)
-        tmp = path + ".tmp"
-        if safe_serialization:
-            from safetensors.torch import save_file
-            save_file(shard, tmp, metadata={"format": "pt"})
-        else:
-            torch.save(shard, tmp)
-        os.replace(tmp, path)
-        written.append(path)
-    index_path = os.path.join(save_directory, index_name)
-    if n > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
-        tmp = index_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, index_path)
-    elif os.path.isfile(index_path):
-        os.remove(index_path)
-    return written

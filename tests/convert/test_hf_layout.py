@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from convert.hf_layout import (LAYOUTS, CheckpointError, HFCheckpoint, _numpy_to_torch, parse_size,
+from convert.hf_layout import (LAYOUTS, CheckpointError, HFCheckpoint, numpy_to_torch, parse_size,
                                write_hf_checkpoint, write_tiny_hf_dir)
 from glm_common.config import ChatGLM2Config
 from glm_common.tokenizer import ChatGLM2Tokenizer
@@ -52,7 +52,7 @@ def test_tiny_dir_in_every_layout(tmp_path, layout, dtype):
     for name, array in ckpt.items():
         ref = REFERENCE[name].to(want)
         assert torch.equal(_independent_read(ckpt, name), ref), name      # what the libraries read
-        assert torch.equal(_numpy_to_torch(array), ref), name              # what we read
+        assert torch.equal(numpy_to_torch(array), ref), name              # what we read
         assert ckpt.info(name)[0] == tuple(ref.shape)
     cfg = ChatGLM2Config.from_hf(out)
     assert cfg.torch_dtype == (dtype or "float32")

@@ -5,7 +5,7 @@ import mindspore as ms
 
 from glm_common.prompt import build_prompt
 from mindspore_glm import ChatGLM2ForConditionalGeneration
-from mindspore_glm.generate import invalid_score_guard, process_logits, sample_next
+from mindspore_glm.generate import invalid_score_processor, process_logits, sample_next
 from tests.conftest import TINY_MODEL, TINY_PTUNING_MODEL
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
@@ -82,12 +82,12 @@ def test_sampling(loaded):
 
 
 # ------------------------------------------------------------------ logits processing (numpy references)
-def test_invalid_score_guard():
+def test_invalid_score_processor():
     s = np.array([[1.0, np.nan, 2.0, 0, 0, 0, 0]], np.float32)
-    out = invalid_score_guard(s)
+    out = invalid_score_processor(s)
     assert out[0, 5] == 5e4 and out.sum() == 5e4
     ok = np.array([[1.0, 2.0, 3, 4, 5, 6]], np.float32)
-    np.testing.assert_array_equal(invalid_score_guard(ok), ok)
+    np.testing.assert_array_equal(invalid_score_processor(ok), ok)
 
 
 def test_top_p_top_k_temperature_penalty():

@@ -151,17 +151,12 @@ def test_ckpt_roundtrip(tmp_path):
     _check_logits(again(*_batch(g)[:3]), g)
 
 
-def test_bin_shards(tmp_path):
-    """An HF directory with sharded pytorch_model-*.bin files (read with torch.load(mmap=True))."""
-    torch = pytest.importorskip("torch")
-    from safetensors.numpy import load_file
-    tensors = load_file(str(TINY_MODEL / "model.safetensors"))
-    names = sorted(tensors)
-    half = len(names) // 2
-    for i, part in enumerate((names[:half], names[half:])):
-        torch.save({n: torch.from_numpy(tensors[n]) for n in part}, tmp_path / f"pytorch_model-0000{i + 1}-of-00002.bin")
-    ChatGLM2Config.from_hf(TINY_MODEL).save_hf(tmp_path)
-    model = ChatGLM2ForConditionalGeneration.from_pretrained(tmp_path)
+@pytest.mark.parametrize("layout", ["sharded-bin", "sharded-safetensors", "single-bin"])
+def test_hf_layouts(tmp_path, layout):
+    """HF directories in the release layouts (pytorch_model-*.bin shards with their index, read with
+    torch.load(mmap=True); safetensors shards with theirs; one pytorch_model.bin)."""
+    from convert.hf_layout import write_tiny_hf_dir
+    model = ChatGLM2ForConditionalGeneration.from_pretrained(write_tiny_hf_dir(str(tmp_path), layout))
     g = _golden(TINY_MODEL)
     _check_logits(model(*_batch(g)[:3]), g)
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_MODEL, TINY_PTUNING_MODEL
 from torch_glm import ChatGLM2ForConditionalGeneration
-from torch_glm.model import LoadError
+from torch_glm.model import WeightError
 from torch_glm.prefix import freeze_base
 
 MODELS = {"tiny_glm2": TINY_MODEL, "tiny_glm2_ptuning": TINY_PTUNING_MODEL}
@@ -209,7 +209,7 @@ def test_save_pretrained_round_trip(tmp_path, safe, shard):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(LoadError, match="no weights found"):
+    with pytest.raises(WeightError, match="no weights found"):
         _copy_config(tmp_path / "empty")
         ChatGLM2ForConditionalGeneration.from_pretrained(tmp_path / "empty")
     state = load_file(TINY_MODEL / "model.safetensors")
@@ -220,7 +220,7 @@ def test_load_errors(tmp_path):
     files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     save_file(shards[0], bad / files[0])
     _write_index(bad / "model.safetensors.index.json", shards, files)
-    with pytest.raises(LoadError, match="model-00002-of-00002.safetensors.*missing"):
+    with pytest.raises(WeightError, match="model-00002-of-00002.safetensors.*missing"):
         ChatGLM2ForConditionalGeneration.from_pretrained(bad)
 
     for case, edit, pattern in [
@@ -234,7 +234,7 @@ def test_load_errors(tmp_path):
         s = dict(state)
         edit(s)
         save_file(s, d / "model.safetensors")
-        with pytest.raises(LoadError, match=pattern) as e:
+        with pytest.raises(WeightError, match=pattern) as e:
             ChatGLM2ForConditionalGeneration.from_pretrained(d)
         assert "\n" not in str(e.value) and str(d) in str(e.value)
 
