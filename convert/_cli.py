@@ -12,8 +12,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from convert.hf_layout import CheckpointError, NP_DTYPES, dtype_name, to_dtype, _st_tag
+from convert.ms_ckpt import AtomicWriter
 
-__all__ = ["ConversionError", "DTYPE_CHOICES", "cast", "Progress", "report_error", "KNOWN_ERRORS",
+__all__ = ["ConversionError", "DTYPE_CHOICES", "cast", "Progress", "report_error", "run_main", "KNOWN_ERRORS",
            "SafetensorsWriter", "fmt_bytes"]
 
 #: ``--dtype`` values: ``keep`` leaves every tensor in the dtype it was stored in.
@@ -32,6 +33,20 @@ def _known_errors() -> tuple[type, ...]:
 
 
 KNOWN_ERRORS = _known_errors()
+
+
+def run_main(convert) -> int:
+    """Run ``convert()`` for a CLI: print its summary line and return 0, or one error line and 1 (130 on
+    Ctrl-C); nothing is left half-written either way (the writers are atomic)."""
+    try:
+        summary = convert()
+    except KNOWN_ERRORS as e:
+        return report_error(e)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(summary["line"] if isinstance(summary, dict) else summary)
+    return 0
 
 
 def report_error(exc: BaseException) -> int:
@@ -102,7 +117,7 @@ class Progress:
         return line + (f" ({extra})" if extra else "")
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(AtomicWriter):
     """Write a safetensors file one tensor at a time from a plan known up front (the header comes first).
 
     ``plan``: ``(name, shape, dtype)`` in the order tensors will be written. ``metadata`` goes to
@@ -167,18 +182,3 @@ class SafetensorsWriter:
         os.replace(self.tmp, self.path)
         return self.path
 
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False

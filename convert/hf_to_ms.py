@@ -31,8 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from convert._cli import (DTYPE_CHOICES, KNOWN_ERRORS, ConversionError, Progress, SafetensorsWriter, cast,
-                          report_error)
+from convert._cli import DTYPE_CHOICES, ConversionError, Progress, SafetensorsWriter, cast, run_main
 from convert.hf_layout import HFCheckpoint, NP_DTYPES
 from convert.ms_ckpt import CheckpointWriter
 from glm_common import names as N
@@ -230,16 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = convert_hf_to_ms(args.hf_dir, args.output, args.dtype, args.naming, args.qkv, args.mlp,
-                                   args.format, args.config, args.allow_extra, progress=not args.no_progress)
-    except KNOWN_ERRORS as e:
-        return report_error(e)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(summary["line"])
-    return 0
+    return run_main(lambda: convert_hf_to_ms(args.hf_dir, args.output, args.dtype, args.naming, args.qkv, args.mlp,
+                                               args.format, args.config, args.allow_extra, progress=not args.no_progress))
 
 
 if __name__ == "__main__":

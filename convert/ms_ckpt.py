@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-__all__ = ["MSCheckpointError", "MSCheckpoint", "CheckpointWriter", "save_ms_checkpoint", "MS_DTYPES"]
+__all__ = ["MSCheckpointError", "MSCheckpoint", "AtomicWriter", "CheckpointWriter", "save_ms_checkpoint", "MS_DTYPES"]
 
 
 class MSCheckpointError(ValueError):
@@ -101,7 +101,34 @@ def _value_header(name: str, shape: tuple[int, ...], ms_type: str, nbytes: int) 
 
 
 # ---------------------------------------------------------------------- writing
-class CheckpointWriter:
+class AtomicWriter:
+    """Base of the writers that fill ``<path>.partial`` (``self.tmp``, open as ``self._f``) and rename it
+    in :meth:`close`: used as a context manager, an exception aborts and removes the partial file."""
+
+    path: str
+    tmp: str
+
+    def close(self) -> str:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class CheckpointWriter(AtomicWriter):
     """Append tensors to a new ``.ckpt``; the file appears at ``path`` only when :meth:`close` succeeds.
 
     >>> with CheckpointWriter("model.ckpt") as w:
@@ -152,21 +179,6 @@ class CheckpointWriter:
         self._f.close()
         os.replace(self.tmp, self.path)
         return self.path
-
-    def abort(self) -> None:
-        self._f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
 
 def copy_bytes(src: str, offset: int, nbytes: int, out) -> None:

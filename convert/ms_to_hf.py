@@ -30,8 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from convert._cli import (DTYPE_CHOICES, KNOWN_ERRORS, ConversionError, Progress, cast, out_dtype_name,
-                          report_error)
+from convert._cli import DTYPE_CHOICES, ConversionError, Progress, cast, out_dtype_name, run_main
 from convert.hf_layout import (BIN_INDEX, SAFE_INDEX, CheckpointError, dtype_name, parse_size,
                                read_safetensors_header, write_hf_checkpoint, _np_dtype as _st_np_dtype)
 from convert.ms_ckpt import MSCheckpoint
@@ -294,16 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = convert_ms_to_hf(args.ckpt, args.config, args.output, args.dtype, args.max_shard_size,
-                                   args.format, args.tokenizer, args.allow_extra, progress=not args.no_progress)
-    except KNOWN_ERRORS as e:
-        return report_error(e)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(summary["line"])
-    return 0
+    return run_main(lambda: convert_ms_to_hf(args.ckpt, args.config, args.output, args.dtype, args.max_shard_size,
+                                               args.format, args.tokenizer, args.allow_extra, progress=not args.no_progress))
 
 
 if __name__ == "__main__":
