@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) scripts/demo.py
 
+# pytest exits 5 when it collected no tests: a failure here, said plainly (make itself then exits 2)
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc; }
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
