@@ -112,22 +112,12 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
 
 
 def save_safetensors(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: Optional[dict] = None):
-    """Write a safetensors file from ``(name, array)`` pairs (arrays are written one at a time)."""
+    """Write a safetensors file from ``(name, array)`` pairs (arrays are written one at a time, atomically)."""
+    from convert._cli import SafetensorsWriter   # (imports this module)
     items = list(tensors)
-    header, offset = {}, 0
-    for name, arr in items:
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": _st_tag(arr.dtype), "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
+    with SafetensorsWriter(path, [(n, a.shape, a.dtype) for n, a in items], metadata) as writer:
+        for name, array in items:
+            writer.write(name, array)
 
 
 # ---------------------------------------------------------------------- reading
@@ -210,14 +200,18 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
         return os.path.join(self.path, self.weight_map[name])
 
+    def _st_meta(self, file: str, name: str) -> tuple[dict, int]:
+        """``(header entry of name, data offset)`` of a safetensors shard."""
+        header, data_offset = self._header(file)
+        if name not in header:
+            raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
+        return header[name], data_offset
+
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
         """``(shape, dtype name)`` without reading the data (for .bin shards, mmap'ed)."""
         file = self.file_of(name)
         if file.endswith(".safetensors"):
-            header, _ = self._header(file)
-            if name not in header:
-                raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
-            meta = header[name]
+            meta, _ = self._st_meta(file, name)
             return tuple(meta["shape"]), dtype_name(_np_dtype(meta["dtype"], file))
         t = self._bin_tensor(file, name)
         return tuple(t.shape), str(t.dtype).replace("torch.", "")
@@ -236,10 +230,7 @@ class HFCheckpoint:
         """
         file = self.file_of(name)
         if file.endswith(".safetensors"):
-            header, data_offset = self._header(file)
-            if name not in header:
-                raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
-            meta = header[name]
+            meta, data_offset = self._st_meta(file, name)
             dtype = _np_dtype(meta["dtype"], file)
             begin, end = meta["data_offsets"]
             count = int(np.prod(meta["shape"], dtype=np.int64))
@@ -274,10 +265,8 @@ class HFCheckpoint:
         when that cannot be told (a non-contiguous view in a ``.bin``). Lets a caller copy them in the kernel."""
         file = self.file_of(name)
         if file.endswith(".safetensors"):
-            header, data_offset = self._header(file)
-            if name not in header:
-                raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
-            begin, end = header[name]["data_offsets"]
+            meta, data_offset = self._st_meta(file, name)
+            begin, end = meta["data_offsets"]
             return file, data_offset + begin, end - begin
         t = self._bin_tensor(file, name)
         base = self._bin_base(file)

@@ -216,10 +216,17 @@ class GenerationMixin:
         return np.concatenate([ids, np.stack(new, 1)], 1)
 
     # ------------------------------------------------------------------ chat
-    def _chat_inputs(self, tokenizer, query, history):
-        prompt = build_prompt(query, history)
-        ids = np.asarray([tokenizer.encode(prompt)], np.int64)
-        return ids
+    def _chat_inputs(self, tokenizer, query, history, max_length, max_new_tokens, caller):
+        """``(prompt ids [1, S], new-token budget)``: ``max_new_tokens`` or what ``max_length`` leaves,
+        bounded by the model's ``seq_length``."""
+        ids = np.asarray([tokenizer.encode(build_prompt(query, history))], np.int64)
+        if max_new_tokens is None:
+            max_new_tokens = max_length - ids.shape[1]
+        max_new_tokens = min(max_new_tokens, self.config.seq_length - ids.shape[1] - 1)
+        if max_new_tokens <= 0:
+            raise ValueError(f"{caller}: the prompt has {ids.shape[1]} tokens, no room left under "
+                             f"max_length {max_length} / seq_length {self.config.seq_length}")
+        return ids, max_new_tokens
 
     def stream_chat(self, tokenizer, query: str, history=None, max_length: int = 8192,
                     max_new_tokens: Optional[int] = None, do_sample: bool = True, top_p: float = 0.8,
@@ -228,13 +235,7 @@ class GenerationMixin:
         """Yield ``(response so far, history + [(query, response so far)])`` after each new token
         (skipping states that end in an incomplete character); history is ``[(query, response), ...]``."""
         history = list(history or [])
-        ids = self._chat_inputs(tokenizer, query, history)
-        if max_new_tokens is None:
-            max_new_tokens = max_length - ids.shape[1]
-        max_new_tokens = min(max_new_tokens, self.config.seq_length - ids.shape[1] - 1)
-        if max_new_tokens <= 0:
-            raise ValueError(f"stream_chat: the prompt has {ids.shape[1]} tokens, no room left under "
-                             f"max_length {max_length} / seq_length {self.config.seq_length}")
+        ids, max_new_tokens = self._chat_inputs(tokenizer, query, history, max_length, max_new_tokens, "stream_chat")
         out = []
         for tok in self.stream_generate(ids, None, None, max_new_tokens, do_sample, temperature, top_p, top_k,
                                         repetition_penalty, tokenizer.eos_token_id, seed):
@@ -253,13 +254,7 @@ class GenerationMixin:
         """One reply: ``(response, history + [(query, response)])`` (chatglm2.md's defaults: sampling with
         ``top_p=0.8``, ``temperature=0.8``)."""
         history = list(history or [])
-        ids = self._chat_inputs(tokenizer, query, history)
-        if max_new_tokens is None:
-            max_new_tokens = max_length - ids.shape[1]
-        max_new_tokens = min(max_new_tokens, self.config.seq_length - ids.shape[1] - 1)
-        if max_new_tokens <= 0:
-            raise ValueError(f"chat: the prompt has {ids.shape[1]} tokens, no room left under "
-                             f"max_length {max_length} / seq_length {self.config.seq_length}")
+        ids, max_new_tokens = self._chat_inputs(tokenizer, query, history, max_length, max_new_tokens, "chat")
         out = self.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                             eos_token_id=tokenizer.eos_token_id, seed=seed)[0, ids.shape[1]:].tolist()
