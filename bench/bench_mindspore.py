@@ -1,15 +1,16 @@
 """MindSpore ChatGLM2 on CPU beside torch_glm, same config, same weights, same inputs.
 
 Measures
-- training: forward + backward tokens/s (MindSpore: one ``mindspore.jit`` graph of value_and_grad;
-  torch: eager ``loss.backward()``), ratio MindSpore / torch (target >= 0.8);
+- training: forward + backward tokens/s. MindSpore: a GRAPH-mode cell returning the loss and the
+  gradients of every weight, built like the runner's train step (``mindspore_glm.train``); torch: eager
+  ``loss.backward()`` into ``.grad``. Target: MindSpore >= 0.8x torch;
 - cached decoding: greedy tokens/s after the prompt, at 16 and 512 tokens of context; the per-token
   time at 512 over that at 16 (target <= 1.5) and the ratio against torch.
 
-Each backend runs in its own process (their thread pools never share one), alone, one after the
-other, and the pair is repeated ``--passes`` times (A B A B) so that a load change on a shared
-machine shows as a difference between passes. Both wall time and the process's CPU time are
-reported; the CPU-time ratio is the steadier one where other work shares the cores.
+Each backend runs in its own process and both stay alive; every measurement alternates between them
+round by round (A B, B A, ...; see ``bench/_sides.py``), so load from other tenants of a shared machine
+hits both sides of a round alike. Ratios are medians of the per-round ratios, for wall time and for the
+CPU time of each side's process.
 
 Run: ``.venv/bin/python bench/bench_mindspore.py [--layers 4 --hidden 256 --batch 4 --seq 128]``.
 """
@@ -48,37 +49,35 @@ def write_weights(cfg, weights_dir):
     cfg.save_hf(weights_dir)
 
 
-def decode_time(make_iter) -> tuple:
-    """(wall, CPU) seconds per token of the decode steps of one run (prefill and first step excluded)."""
-    it = make_iter()
-    next(it)          # prefill
-    next(it)          # first decode step
-    n, t, c = 0, time.perf_counter(), time.process_time()
-    for _ in it:
-        n += 1
-    return (time.perf_counter() - t) / max(n, 1), (time.process_time() - c) / max(n, 1)
-
-
-def _ms_worker(weights_dir, ids, prompts, new_tokens):
+def _ms_tasks(weights_dir, ids, prompts, new_tokens):
     import mindspore as ms
-    from mindspore import Tensor
+    from mindspore import ParameterTuple, Tensor, nn, ops
     from mindspore_glm import ChatGLM2ForConditionalGeneration
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    from mindspore_glm.train import _LossCell
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     model = ChatGLM2ForConditionalGeneration.from_pretrained(weights_dir)
-    params = model.trainable_params()
 
-    def loss_fn(input_ids, labels):
-        return model(input_ids, None, None, labels)[0]
+    class FwdBwd(nn.Cell):
+        """The loss and the gradients of every weight, as the runner's TrainOneStepCell computes them."""
 
-    step = ms.jit(ms.value_and_grad(loss_fn, None, params))
-    args = (Tensor(ids), Tensor(ids))
-    tasks = {"train": lambda: float(step(*args)[0].asnumpy())}
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.network = _LossCell(model)
+            self.weights = ParameterTuple(model.trainable_params())
+            self.grad = ops.GradOperation(get_by_list=True)
+
+        def construct(self, input_ids, labels):
+            return self.network(input_ids, labels), self.grad(self.network, self.weights)(input_ids, labels)
+
+    step = FwdBwd()
+    x = Tensor(ids)
+    tasks = {"train": lambda: float(step(x, x)[0].asnumpy())}
     for ctx, prompt in prompts.items():
         tasks[f"decode {ctx}"] = (lambda p=prompt: model.stream_generate(p, max_new_tokens=new_tokens, eos_token_id=[]))
     return tasks
 
 
-def _torch_worker(weights_dir, ids, prompts, new_tokens):
+def _torch_tasks(weights_dir, ids, prompts, new_tokens):
     import torch
     from torch_glm import ChatGLM2ForConditionalGeneration
     model = ChatGLM2ForConditionalGeneration.from_pretrained(weights_dir)
@@ -88,8 +87,7 @@ def _torch_worker(weights_dir, ids, prompts, new_tokens):
 
     def train():
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=tids, labels=tids)
-        loss = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+        loss = model(input_ids=tids, labels=tids).loss
         loss.backward()
         return float(loss.detach())
 
@@ -103,57 +101,16 @@ def _torch_worker(weights_dir, ids, prompts, new_tokens):
     return tasks
 
 
-def _serve(side, conn, *args):
-    """Worker process: build the side's tasks, then answer task names with measured seconds."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        tasks = (_ms_worker if side == "mindspore" else _torch_worker)(*args)
-        conn.send("ready")
-    except Exception as e:  # report, do not hang the parent
-        conn.send(f"error: {type(e).__name__}: {e}")
-        return
-    while True:
-        name = conn.recv()
-        if name is None:
-            return
-        t, c = time.perf_counter(), time.process_time()
-        if name.startswith("decode"):
-            conn.send(decode_time(tasks[name]))
-        else:
-            tasks[name]()
-            conn.send((time.perf_counter() - t, time.process_time() - c))
-
-
-class Side:
-    """One backend in its own process (so neither runtime's threads slow the other)."""
-
-    def __init__(self, side, *args):
-        import multiprocessing as mp
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(side, child) + args, daemon=True)
-        self.proc.start()
-        self.status = self.conn.recv()
-
-    def __call__(self, name):
-        self.conn.send(name)
-        return self.conn.recv()
-
-    def close(self):
-        self.conn.send(None)
-        self.proc.join(timeout=30)
-
-
 def main(argv=None):
+    from _sides import Side, alternate, median, ratio
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--passes", type=int, default=2)
-    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--rounds", type=int, default=12, help="alternating rounds per measurement")
+    ap.add_argument("--no-torch", action="store_true", help="MindSpore alone (no ratios)")
     a = ap.parse_args(argv)
     cfg = small_config(a.layers, a.hidden)
     contexts = (16, 512)
@@ -165,54 +122,53 @@ def main(argv=None):
     ids = rng.integers(5, cfg.padded_vocab_size, (a.batch, a.seq)).astype(np.int32)
     prompts = {ctx: rng.integers(5, cfg.padded_vocab_size, (1, ctx)) for ctx in contexts}
     names = ["train"] + [f"decode {c}" for c in contexts]
-    order = ["mindspore"] + ([] if a.no_torch else ["torch"])
-    times = {}
-    compile_s = None
     with tempfile.TemporaryDirectory() as d:
         write_weights(cfg, d)
-        # each backend alone in its own process, one after the other, the pair repeated `passes` times
-        # (A B A B): a load change on the shared machine shows up as a difference between passes
-        for _ in range(a.passes):
-            for s in list(order):
-                side = Side(s, d, ids, prompts, a.new_tokens)
-                if side.status != "ready":
-                    if s == "mindspore":
-                        raise SystemExit(f"mindspore side failed: {side.status}")
-                    print(f"{s} side unavailable ({side.status}); no ratios")
-                    order.remove(s)
-                    continue
-                t0 = time.perf_counter()
-                side("train")
-                if s == "mindspore" and compile_s is None:
-                    compile_s = time.perf_counter() - t0
-                for n in names[1:]:           # warm-up (graph compiles)
-                    side(n)
-                for _ in range(a.repeat):
-                    for n in names:
-                        times.setdefault((s, n), []).append(side(n))
-                side.close()
-    sides = order
-    print("wall = elapsed seconds (what a user waits; inflated by other load on a shared machine); "
-          "cpu = CPU seconds of the backend's process (all its threads)")
-    for kind, i in (("wall", 0), ("cpu", 1)):
-        res = {k: float(np.median([x[i] for x in v])) for k, v in times.items()}
-        for s in sides:
-            v = res[(s, "train")]
-            extra = f", first call with graph compile {compile_s:.1f} s" if s == "mindspore" and i == 0 else ""
-            per_pass = np.array([x[i] for x in times[(s, "train")]]).reshape(a.passes, a.repeat)
-            spread = ", per pass " + " / ".join(f"{np.median(r) * 1e3:.0f}" for r in per_pass) + " ms"
-            print(f"[{kind}] {s:10s} train fwd+bwd: {tokens / v:9.0f} tokens/s  ({v * 1e3:.1f} ms/step{spread}{extra})")
-            for ctx in contexts:
-                v = res[(s, f"decode {ctx}")]
-                print(f"[{kind}] {s:10s} decode ctx {ctx:4d}: {1 / v:7.1f} tokens/s  ({v * 1e3:.2f} ms/token)")
-            print(f"[{kind}] {s:10s} decode per-token time, ctx 512 / ctx 16: "
-                  f"{res[(s, 'decode 512')] / res[(s, 'decode 16')]:.2f}x (target <= 1.5)")
-        if "torch" in sides:
-            print(f"[{kind}] ratio mindspore/torch train tokens/s: "
-                  f"{res[('torch', 'train')] / res[('mindspore', 'train')]:.2f}x (target >= 0.8)")
-            for ctx in contexts:
-                print(f"[{kind}] ratio mindspore/torch decode tokens/s at ctx {ctx}: "
-                      f"{res[('torch', f'decode {ctx}')] / res[('mindspore', f'decode {ctx}')]:.2f}x")
+        sides = [Side("mindspore", _ms_tasks, d, ids, prompts, a.new_tokens)]
+        if not sides[0].ready:
+            raise SystemExit(f"mindspore side failed: {sides[0].status}")
+        if not a.no_torch:
+            t = Side("torch", _torch_tasks, d, ids, prompts, a.new_tokens)
+            if t.ready:
+                sides.append(t)
+            else:
+                print(f"torch side unavailable ({t.status}); no ratios")
+        try:
+            t0 = time.perf_counter()
+            sides[0]("train")
+            compile_s = time.perf_counter() - t0
+            for s in sides:                     # warm-up: graph compiles, first calls
+                for n in names:
+                    s(n)
+            times = {n: alternate(sides, n, a.rounds) for n in names}
+            idle = {s.name: s.idle_cpu() for s in sides}
+        finally:
+            for s in sides:
+                s.close()
+    print(f"{a.rounds} rounds, the two sides called in turn (order reversed every other round); "
+          "ratio = median over rounds; wall = elapsed time, cpu = CPU time of the side's process")
+    both = len(sides) == 2
+    hdr = f"{'':30s}{'MindSpore':>12s}{'torch':>12s}{'ms/torch wall':>15s}{'cpu':>7s}" if both else ""
+    print(hdr or f"{'':30s}{'MindSpore':>12s}")
+    rows = [("train fwd+bwd tokens/s", "train", tokens)] + \
+        [(f"decode ctx {c} tokens/s", f"decode {c}", 1) for c in contexts]
+    for label, n, per in rows:
+        line = f"{label:30s}{per / median(times[n]['mindspore']):12.1f}"
+        if both:
+            line += (f"{per / median(times[n]['torch']):12.1f}{ratio(times[n], 'torch', 'mindspore'):15.2f}x"
+                     f"{ratio(times[n], 'torch', 'mindspore', 1):6.2f}x")
+        print(line)
+    print(f"MindSpore train graph: first call (GRAPH compile) {compile_s:.1f} s, then "
+          f"{median(times['train']['mindspore']) * 1e3:.1f} ms/step")
+    for s in sides:
+        slow = median(times["decode 512"][s.name]) / median(times["decode 16"][s.name])
+        print(f"{s.name:10s} decode per-token time, ctx 512 / ctx 16: {slow:.2f}x (target <= 1.5: "
+              f"{'met' if slow <= 1.5 else 'NOT met'})")
+    if both:
+        r = ratio(times["train"], "torch", "mindspore")
+        print(f"MindSpore / torch training tokens/s: {r:.2f}x (target >= 0.8: {'met' if r >= 0.8 else 'NOT met'})")
+    print("CPU used by a side while waiting for the other (a spinning thread pool would show here): " +
+          ", ".join(f"{k} {v:.2f} s" for k, v in idle.items()))
 
 
 if __name__ == "__main__":
