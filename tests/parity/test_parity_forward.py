@@ -158,3 +158,27 @@ def test_mindspore_bfloat16_where_supported():
         raise
     err = masked_max_diff(ms.ops.cast(logits, ms.float32).asnumpy(), g["batch_logits"], g["batch_attention_mask"])
     assert err < HALF["bfloat16"][0]
+
+
+def test_without_multi_query_attention():
+    """``multi_query_attention: false`` (per-head interleaved [q k v] projections): the golden weights with
+    that flag in both backends give the same logits, loss and gradients (torch's layout is checked against
+    the golden grouped one in tests/torch_glm/test_model.py)."""
+    from mindspore_glm import ChatGLM2ForConditionalGeneration as MSModel
+    from torch_glm.model import ChatGLM2ForConditionalGeneration as PTModel
+    from glm_common.config import ChatGLM2Config
+    cfg = ChatGLM2Config.from_hf(TINY_MODEL).replace(multi_query_attention=False)
+    torch.manual_seed(0)
+    pt = PTModel(cfg)
+    for p in pt.parameters():
+        p.requires_grad_(True)
+    msm = MSModel(cfg)
+    msm.load_weights(((n, t.detach().numpy()) for n, t in pt.state_dict().items()), source="torch")
+    g = golden(TINY_MODEL)
+    pt_logits, pt_loss, pt_grads = torch_step(pt, g)
+    ms_logits, ms_loss, ms_grads = ms_step(msm, g)
+    mask = g["batch_attention_mask"]
+    assert masked_max_diff(pt_logits, ms_logits, mask) < ATOL
+    assert abs(pt_loss - ms_loss) <= 1e-5 * pt_loss
+    for name, (diff, scale) in grad_diffs(pt_grads, ms_grads).items():
+        assert diff <= 1e-5 * scale, f"{name}: max |torch - MindSpore| {diff:.3g} (max |grad| {scale:.3g})"
