@@ -8,6 +8,7 @@ the same, ``b`` excluded); without ``RANK_SIZE`` one node starts ranks ``0..b-a-
 with ``RANK_SIZE`` (several nodes, one launch per node) this node starts the global ranks ``a..b-1`` on
 devices ``0..b-a-1`` (:func:`hccl.validate.rank_plan`). ``predict`` takes the texts (or one data file)
 after it. Arguments after ``--`` go to every rank's ``mindspore_glm.run`` (``-- --train_steps 10``).
+``eval`` and ``predict`` split the samples (texts) over the ranks; rank 0 writes the gathered results.
 
 Everything is checked before a process starts: the rank table (:func:`hccl.validate.check_file`: shape,
 rank ids, device IPs, the range and ``RANK_SIZE`` against it), the run YAML (parsed and checked by
@@ -163,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
                    the launch: Ascend = rank table, CPU/GPU = MindSpore dynamic cluster on 127.0.0.1
   DEVICE_RANGE     '[a,b)' ('[a,b]' reads the same, b excluded); one node: ranks 0..b-a-1 on devices
                    a..b-1; with RANK_SIZE: this node's global ranks a..b-1 on devices 0..b-a-1
-  RUN_STATUS       train | finetune | eval | predict
+  RUN_STATUS       train | finetune | eval | predict (eval/predict: each rank answers its share of
+                   the samples or texts; rank 0 gathers them and writes the results)
   RANK_SIZE        total ranks of a multi-node launch (the rank table's device count)
   PREDICT_DATA     with predict: texts, or one data file
   RUN_ARGS         after '--': more mindspore_glm.run flags for every rank, e.g. -- --train_steps 10

@@ -13,6 +13,11 @@ stops training after N steps; ``--predict_data`` takes texts or one data file.
 * ``predict``: responses (the model_config's generation settings) printed and written to
   ``<output_dir>/predict_results.jsonl``.
 
+With ``use_parallel`` (``scripts/run_distribute.sh ... eval|predict``) every rank holds the whole model
+and answers its own share of the samples or texts (rank ``r`` of ``W`` takes items ``r, r+W, ...``); the
+answers are gathered over the ranks (``AllGather``; no shared file system needed) and rank 0 computes the
+metrics and writes the files, in the order of the input.
+
 No torch twin file: the torch backend's entry point is ``python -m torch_glm.train`` (training and
 eval), as this one is mindformers' ``run_mindformer.py`` shape for Ascend users.
 """
@@ -25,12 +30,13 @@ import sys
 import time
 import warnings
 
+import numpy as np
 
 from glm_common.config import ConfigError
 from glm_common.run_config import (RUN_MODES, RunConfigError, TrainSettings, load_run_config, parse_bool,
                                    settings_from_config)
 
-__all__ = ["evaluate", "predict", "format_table", "main"]
+__all__ = ["evaluate", "predict", "gather_rows", "format_table", "main"]
 
 
 def _tokenizer(s: TrainSettings):
@@ -52,9 +58,34 @@ def _clean(tokenizer, row) -> list:
     return out
 
 
-def evaluate(model, s: TrainSettings, tokenizer) -> tuple:
+def gather_rows(rows: list, world: int) -> list:
+    """Every rank's ``rows`` (JSON-serialisable), on every rank, in rank order: ``[rows of rank 0, ...]``.
+
+    The rows travel as UTF-8 JSON bytes through ``AllGather`` (padded to the longest rank's), so the
+    ranks need no shared file system."""
+    if world == 1:
+        return [rows]
+    from mindspore import Tensor, ops
+    data = json.dumps(rows, ensure_ascii=False).encode("utf-8")
+    sizes = ops.AllGather()(Tensor(np.array([len(data)], np.int32))).asnumpy().reshape(-1)
+    width = -(-int(sizes.max()) // 4) * 4
+    buf = np.frombuffer(data.ljust(width, b"\0"), np.int32).reshape(1, -1)
+    got = ops.AllGather()(Tensor(buf)).asnumpy()
+    return [json.loads(got[r].tobytes()[:int(sizes[r])].decode("utf-8")) for r in range(world)]
+
+
+def _merge_shards(parts: list, n: int) -> list:
+    """Rank ``r``'s answers for items ``r, r+W, ...`` -> all ``n`` answers in item order."""
+    out = [None] * n
+    for r, part in enumerate(parts):
+        out[r::len(parts)] = part
+    return out
+
+
+def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1) -> tuple:
     """Greedy answers for the eval set: ``(metrics, predictions, references)``; ``metrics`` has
-    ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (x100, the official formula)."""
+    ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (x100, the official formula). With ``world > 1``
+    this rank answers samples ``rank, rank+world, ...`` and every rank returns the gathered whole."""
     from tqdm.auto import tqdm
     from glm_common.data import build_eval_features, load_samples
     from glm_common.metrics import compute_metrics
@@ -70,12 +101,14 @@ def evaluate(model, s: TrainSettings, tokenizer) -> tuple:
                              f"generate after {ev['input_ids'].shape[1]} prompt tokens")
     preds = []
     bs = s.eval_batch_size
-    for lo in tqdm(range(0, len(samples), bs), desc="eval", disable=not s.progress):
-        sl = slice(lo, lo + bs)
-        prompt = ev["input_ids"][sl]
-        out = model.generate(prompt, attention_mask=ev["attention_mask"][sl], position_ids=ev["position_ids"][sl],
+    mine = np.arange(rank, len(samples), world)
+    for lo in tqdm(range(0, len(mine), bs), desc="eval", disable=not s.progress or rank != 0):
+        rows = mine[lo:lo + bs]
+        prompt = ev["input_ids"][rows]
+        out = model.generate(prompt, attention_mask=ev["attention_mask"][rows], position_ids=ev["position_ids"][rows],
                              max_new_tokens=new, do_sample=False, eos_token_id=tokenizer.eos_token_id)
         preds.extend(tokenizer.decode(_clean(tokenizer, row)) for row in out[:, prompt.shape[1]:].tolist())
+    preds = _merge_shards(gather_rows(preds, world), len(samples))
     return compute_metrics(preds, ev["answers"]), preds, list(ev["answers"])
 
 
@@ -98,16 +131,17 @@ def _predict_inputs(items) -> list:
     return list(items)
 
 
-def predict(model, s: TrainSettings, tokenizer, queries) -> list:
-    """``[{"query", "response"}, ...]`` with the model_config's generation settings."""
+def predict(model, s: TrainSettings, tokenizer, queries, rank: int = 0, world: int = 1) -> list:
+    """``[{"query", "response"}, ...]`` with the model_config's generation settings. With ``world > 1``
+    this rank answers queries ``rank, rank+world, ...`` and every rank returns the gathered whole."""
     o = s.options
     out = []
-    for q in queries:
+    for q in list(queries)[rank::world]:
         response, _ = model.chat(tokenizer, q, max_new_tokens=o.max_decode_length, do_sample=o.do_sample,
                                  top_k=o.top_k, top_p=o.top_p, temperature=1.0,
                                  repetition_penalty=o.repetition_penalty, seed=s.seed)
         out.append({"query": q, "response": response})
-    return out
+    return _merge_shards(gather_rows(out, world), len(queries))
 
 
 def _write_json(path: str, obj) -> None:
@@ -160,7 +194,7 @@ def main(argv=None) -> int:
 
 
 def _run(s: TrainSettings, args) -> int:
-    from mindspore_glm.train import build_model, is_adapter_checkpoint, set_context, train
+    from mindspore_glm.train import build_model, init_ranks, is_adapter_checkpoint, set_context, train
     if args.use_parallel is not None:
         s.use_parallel = parse_bool(args.use_parallel, "--use_parallel")
     if args.resume_training is not None:
@@ -192,12 +226,17 @@ def _run(s: TrainSettings, args) -> int:
         out = train(s, model, params)
         print(json.dumps({k: v for k, v in out.items() if k not in ("model", "losses")}, default=str))
         return 0
+    rank, world = init_ranks(s)
     model, _ = build_model(s, adapter)
     model.set_train(False)
     tokenizer = _tokenizer(s)
     if mode == "eval":
         t0 = time.perf_counter()
-        metrics, preds, refs = evaluate(model, s, tokenizer)
+        metrics, preds, refs = evaluate(model, s, tokenizer, rank, world)
+        if rank != 0:
+            print(f"rank {rank}: answered {len(range(rank, len(preds), world))} of {len(preds)} samples; "
+                  "rank 0 writes the results", file=sys.stderr)
+            return 0
         _write_jsonl(os.path.join(s.output_dir, "eval_predictions.jsonl"),
                      ({"prediction": p, "reference": r} for p, r in zip(preds, refs)))
         _write_json(os.path.join(s.output_dir, "eval_results.json"), {**metrics, "num_samples": len(preds)})
@@ -207,7 +246,11 @@ def _run(s: TrainSettings, args) -> int:
         return 0
     if not args.predict_data:
         raise RunConfigError("--predict_data: needed for run_mode predict (texts or a data file)")
-    rows = predict(model, s, tokenizer, _predict_inputs(args.predict_data))
+    rows = predict(model, s, tokenizer, _predict_inputs(args.predict_data), rank, world)
+    if rank != 0:
+        print(f"rank {rank}: answered {len(range(rank, len(rows), world))} of {len(rows)} texts; "
+              "rank 0 writes the results", file=sys.stderr)
+        return 0
     for r in rows:
         print(f"{r['query']}\n-> {r['response']}\n")
     path = os.path.join(s.output_dir, "predict_results.jsonl")

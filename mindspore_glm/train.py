@@ -37,7 +37,7 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays, learning_rates, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
 
-__all__ = ["TrainingError", "set_context", "build_model", "is_adapter_checkpoint", "init_weights", "apply_pet",
+__all__ = ["TrainingError", "set_context", "init_ranks", "build_model", "is_adapter_checkpoint", "init_weights", "apply_pet",
            "make_optimizer",
            "sum_squares", "TrainOneStepCell", "save_checkpoint", "find_checkpoints", "load_checkpoint", "train"]
 
@@ -334,14 +334,22 @@ def load_checkpoint(path: str, step_cell: TrainOneStepCell) -> int:
 
 
 # ---------------------------------------------------------------------------------------- training
+def init_ranks(s: TrainSettings) -> tuple:
+    """``(rank, world size)``: ``(0, 1)`` without ``use_parallel``, else from ``mindspore.communication``
+    (initialised here: the launcher's dynamic cluster, msrun or the Ascend rank table)."""
+    if not s.use_parallel:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+    init()
+    return get_rank(), get_group_size()
+
+
 def _parallel_init(s: TrainSettings) -> tuple:
     """``(rank, world size)``; with ``use_parallel`` initialise mindspore.communication and data parallel."""
     if not s.use_parallel:
         return 0, 1
-    from mindspore.communication import get_group_size, get_rank, init
     from mindspore.context import ParallelMode
-    init()
-    rank, world = get_rank(), get_group_size()
+    rank, world = init_ranks(s)
     if s.parallel_mode != 0:
         raise RunConfigError(f"{s.source}: parallel.parallel_mode: only 0 (data parallel) is run by this runner")
     ms.reset_auto_parallel_context()
