@@ -9,7 +9,9 @@ gradient mean (``use_parallel``), unscaling, an overflow check, clipping by glob
 ``nn.AdamWeightDecay`` with the learning-rate array of :func:`glm_common.schedules.learning_rates`
 (indexed by the optimizer's ``global_step``: skipped updates do not advance it). With a dynamic loss
 scale an overflow skips the update and halves the scale (mindformers' ``DynamicLossScaleUpdateCell``);
-with a fixed scale a NaN/Inf loss stops the run with its step number.
+with a fixed scale a NaN/Inf loss stops the run with its step number. With
+``runner_config.gradient_accumulation_steps`` N an update takes N micro-batches of ``batch_size``
+(:class:`AccumulateCell` for the first N-1), the loss and gradients being their mean.
 
 What trains (``pet_config``): LoRA matrices (:mod:`mindspore_glm.lora`), the P-tuning v2 prefix encoder
 (:mod:`mindspore_glm.prefix`) or, without ``pet_config``, every weight. Checkpoints go where mindformers
@@ -31,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays, learning_rates, schedule_total
@@ -39,7 +41,7 @@ from glm_common.train_log import LossLog, plot_losses, summary_line
 
 __all__ = ["TrainingError", "set_context", "init_ranks", "build_model", "is_adapter_checkpoint", "init_weights", "apply_pet",
            "make_optimizer",
-           "sum_squares", "TrainOneStepCell", "save_checkpoint", "find_checkpoints", "load_checkpoint", "train"]
+           "sum_squares", "TrainOneStepCell", "AccumulateCell", "save_checkpoint", "find_checkpoints", "load_checkpoint", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -198,6 +200,13 @@ class TrainOneStepCell(nn.Cell):
     """One optimizer update. ``construct(input_ids [B,S], labels [B,S])`` -> ``(loss, overflow,
     loss_scale, grad_norm)``: float32 loss (the data-parallel mean), bool overflow (update skipped),
     the loss scale the step used, the global gradient norm before clipping.
+
+    With ``gradient_accumulation_steps`` N > 1 an update takes N micro-batches: the first N-1 go through
+    :attr:`accumulate` (an :class:`AccumulateCell`: loss and scaled gradients added to float32 buffers, no
+    update, no communication), the last through this cell, which adds its own, takes the mean over the
+    N micro-batches (loss and gradients, as one batch N times larger with equal label counts would give),
+    reduces over the ranks once, updates and empties the buffers.
+    
     """
 
     def __init__(self, model, optimizer: nn.AdamWeightDecay, s: TrainSettings, parallel: bool = False):
@@ -219,21 +228,34 @@ class TrainOneStepCell(nn.Cell):
             self.degree = get_group_size()
             self.reducer = nn.DistributedGradReducer(self.weights, mean=s.gradients_mean, degree=self.degree)
             self.allreduce = ops.AllReduce()
+        self.accum_steps = int(s.grad_accum)
+        if self.accum_steps > 1:
+            self.accu_grads = ParameterTuple(
+                Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"accu_grads.{p.name}", requires_grad=False)
+                for p in self.weights)
+            self.accu_loss = Parameter(Tensor(np.float32(0)), name="accu_loss", requires_grad=False)
+            self.accumulate = AccumulateCell(self)
 
     def construct(self, input_ids, labels):
         scale = self.loss_scale * 1.0
         loss = self.network(input_ids, labels)
         grads = self.grad(self.network, self.weights)(input_ids, labels, scale)
+        if self.accum_steps > 1:
+            grads = tuple(ops.cast(g, ms.float32) + a for g, a in zip(grads, self.accu_grads))
+            loss = (loss + self.accu_loss) / self.accum_steps
+            for a in self.accu_grads:
+                grads = ops.depend(grads, ops.assign(a, ops.zeros_like(a)))
+            loss = ops.depend(loss, ops.assign(self.accu_loss, ops.zeros_like(self.accu_loss)))
         if self.parallel:
             grads = self.reducer(grads)
             loss = self.allreduce(loss) / self.degree
         grads = tuple(ops.cast(g, ms.float32) for g in grads)
         # the norm of the scaled gradients divided by the scale, then one multiply per gradient that unscales
         # and clips together (a float32 overflow of the scaled squares needs an unscaled norm near
-        # 1.8e19 / scale, and is handled like any overflow)
-        norm = ops.sqrt(sum_squares(grads)) / scale
+        # 1.8e19 / scale, and is handled like any overflow); accumulated gradients are sums: / N as well
+        norm = ops.sqrt(sum_squares(grads)) / (scale * self.accum_steps)
         overflow = ops.logical_not(ops.isfinite(norm))
-        coef = 1.0 / scale
+        coef = 1.0 / (scale * self.accum_steps)
         if self.clip:
             coef = coef * (self.max_norm / ops.maximum(norm, self.max_norm))
         grads = tuple(g * coef for g in grads)
@@ -249,6 +271,29 @@ class TrainOneStepCell(nn.Cell):
         if not overflow:
             loss = ops.depend(loss, self.optimizer(grads))
         return loss, overflow, scale, norm
+
+
+class AccumulateCell(nn.Cell):
+    """A micro-batch of gradient accumulation (see :class:`TrainOneStepCell`): ``construct(input_ids,
+    labels)`` -> the micro-batch's loss; adds the loss and the gradients (scaled by the current loss
+    scale) to the step cell's float32 buffers and updates nothing."""
+
+    def __init__(self, step_cell: TrainOneStepCell):
+        super().__init__(auto_prefix=False)
+        self.network = step_cell.network
+        self.weights = step_cell.weights
+        self.grad = step_cell.grad
+        self.loss_scale = step_cell.loss_scale
+        self.accu_grads = step_cell.accu_grads
+        self.accu_loss = step_cell.accu_loss
+
+    def construct(self, input_ids, labels):
+        scale = self.loss_scale * 1.0
+        loss = self.network(input_ids, labels)
+        grads = self.grad(self.network, self.weights)(input_ids, labels, scale)
+        for a, g in zip(self.accu_grads, grads):
+            loss = ops.depend(loss, ops.assign_add(a, ops.cast(g, ms.float32)))
+        return ops.depend(loss, ops.assign_add(self.accu_loss, loss))
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -373,9 +418,6 @@ def train(s: TrainSettings, model=None, params=None) -> dict:
 
     ``model``/``params``: an already built model and its trainable parameters (:func:`build_model`).
     """
-    if s.grad_accum != 1:
-        raise RunConfigError(f"{s.source}: runner_config.gradient_accumulation_steps: only 1 in the MindSpore "
-                             f"runner, got {s.grad_accum}")
     if not s.vocab_file:
         raise RunConfigError(f"{s.source}: train_dataset.tokenizer.vocab_file: missing (path to tokenizer.model)")
     mode = ms.get_context("mode")
@@ -403,7 +445,10 @@ def _train(s: TrainSettings, model, params) -> dict:
                           drop_remainder=s.drop_remainder, padding=s.padding)
     except ValueError as e:
         raise RunConfigError(f"{s.source}: runner_config.batch_size: {e}") from None
-    per_epoch = len(ds.source)
+    per_epoch = len(ds.source) // s.grad_accum          # optimizer updates per epoch
+    if per_epoch == 0:
+        raise RunConfigError(f"{s.source}: runner_config.gradient_accumulation_steps: {s.grad_accum} is more than "
+                             f"the {len(ds.source)} batches of an epoch")
     total = per_epoch * s.epochs if s.max_steps <= 0 else min(per_epoch * s.epochs, s.max_steps)
     lrs = learning_rates(s, schedule_total(s, per_epoch), length=total + 1)
     if model is None:
@@ -434,17 +479,26 @@ def _train(s: TrainSettings, model, params) -> dict:
     t0 = time.perf_counter()
     epoch = step // per_epoch
     while step < total:
-        skip = step - epoch * per_epoch
+        skip = (step - epoch * per_epoch) * s.grad_accum       # batches of this epoch already trained on
         ds.source.set_epoch(epoch)
+        micro = 0
         for k, (input_ids, labels) in enumerate(ds.create_tuple_iterator(num_epochs=1, output_numpy=True)):
             if k < skip:
                 continue
-            if step >= total:
+            if step >= total or k >= per_epoch * s.grad_accum:
                 break
-            t_step = time.perf_counter()
+            if micro == 0:
+                t_step, n_tok = time.perf_counter(), 0
+            n_tok += int(input_ids.size) * world
+            batch = (Tensor(input_ids.astype(np.int32)), Tensor(labels.astype(np.int32)))
+            micro += 1
+            if micro < s.grad_accum:
+                step_cell.accumulate(*batch)
+                continue
+            micro = 0
             applied = int(optimizer.global_step.asnumpy().reshape(-1)[0])
             lr = float(lrs[min(applied, len(lrs) - 1)])
-            loss, overflow, scale, norm = step_fn(Tensor(input_ids.astype(np.int32)), Tensor(labels.astype(np.int32)))
+            loss, overflow, scale, norm = step_fn(*batch)
             loss, overflow, scale = float(loss.asnumpy()), bool(overflow.asnumpy()), float(scale.asnumpy())
             step += 1
             if not np.isfinite(loss) and not s.loss_scale_dynamic:
@@ -455,7 +509,6 @@ def _train(s: TrainSettings, model, params) -> dict:
                 skipped += 1
                 if rank == 0:
                     tqdm.write(f"step {step}: gradient overflow at loss scale {scale:g}, update skipped", file=sys.stderr)
-            n_tok = int(input_ids.size) * world
             tokens_done += n_tok
             dt = time.perf_counter() - t_step
             losses.append(loss)

@@ -75,9 +75,12 @@ def test_fine_tuning_lowers_the_loss(tmp_path, pet, lr, drop):
         np.testing.assert_array_equal(saved[n].asnumpy(), params[n].asnumpy())
 
 
-def test_resume_gives_the_same_next_ten_losses(tmp_path):
-    """LoRA (dropout 0), 32 rows, batch 2: 16 steps with checkpoints every 3; kill after step 6, resume."""
-    cfg = run_config(tmp_path, "lora", 5e-3, rows=32, epochs=1, batch=2)
+@pytest.mark.parametrize("accum", [1, 2], ids=["plain", "accumulate-2"])
+def test_resume_gives_the_same_next_ten_losses(tmp_path, accum):
+    """LoRA (dropout 0), 32 rows (64 with gradient accumulation 2), batch 2: 16 updates with checkpoints
+    every 3; kill after update 6, resume: the micro-batches already used are skipped."""
+    cfg = run_config(tmp_path, "lora", 5e-3, rows=32 * accum, epochs=1, batch=2)
+    cfg["runner_config"]["gradient_accumulation_steps"] = accum
     cfg["model"]["model_config"]["pet_config"]["lora_dropout"] = 0.0
     cfg["callbacks"][1].update(save_checkpoint_steps=3, keep_checkpoint_max=10, prefix="tiny")
     whole = train(settings(cfg))["losses"]
@@ -138,3 +141,12 @@ def test_nan_loss_under_fixed_scale_stops_with_the_step(tmp_path):
     s, model, params = _poisoned(cfg)
     with pytest.raises(TrainingError, match=r"^step 1: loss is nan under a fixed loss scale"):
         train(s, model, params)
+
+
+def test_accumulation_longer_than_an_epoch_is_refused(tmp_path):
+    from glm_common.run_config import RunConfigError
+    cfg = run_config(tmp_path, "lora", 5e-3, rows=8, epochs=1, batch=4)
+    cfg["runner_config"]["gradient_accumulation_steps"] = 3
+    with pytest.raises(RunConfigError, match=r"^run.yaml: runner_config.gradient_accumulation_steps: 3 is more "
+                                             r"than the 2 batches of an epoch$"):
+        train(settings(cfg))

@@ -1,5 +1,6 @@
 """Training parity: torch_glm.train and mindspore_glm.train, the same tiny weights, the same LoRA A/B, the
-same batches and the same AdamWeightDecay settings, give the same 20 float32 losses (1e-4 relative)."""
+same batches and the same AdamWeightDecay settings, give the same 20 float32 losses (1e-4 relative), with
+and without gradient accumulation."""
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ from glm_common.run_config import RunConfigWarning, settings_from_config
 from tests.conftest import ADGEN_DIR, TINY_MODEL, TOKENIZER_MODEL
 
 
-def run_config(tmp_path, optimizer="FusedAdamWeightDecay", weight_decay=0.1):
+def run_config(tmp_path, optimizer="FusedAdamWeightDecay", weight_decay=0.1, accum=1):
     data = tmp_path / "train.json"
     with open(ADGEN_DIR / "train.json", encoding="utf-8") as f:
         data.write_text("".join(f.readlines()[:40]), encoding="utf-8")
@@ -23,7 +24,7 @@ def run_config(tmp_path, optimizer="FusedAdamWeightDecay", weight_decay=0.1):
                           "target_modules": ".*query_key_value"})
     return {
         "seed": 3, "output_dir": str(tmp_path / "out"), "load_checkpoint": str(TINY_MODEL),
-        "runner_config": {"epochs": 2, "batch_size": 4},
+        "runner_config": {"epochs": 2, "batch_size": 4 // accum, "gradient_accumulation_steps": accum},
         "runner_wrapper": {"type": "MFTrainOneStepCell", "use_clip_grad": True, "max_grad_norm": 1.0,
                            "scale_sense": {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 1024,
                                            "scale_factor": 2, "scale_window": 1000}},
@@ -45,11 +46,13 @@ def settings(cfg, out):
     return s
 
 
-@pytest.mark.parametrize("optimizer,weight_decay", [("FusedAdamWeightDecay", 0.1), ("AdamW", 0.0)])
-def test_twenty_lora_steps_match(tmp_path, optimizer, weight_decay):
+@pytest.mark.parametrize("optimizer,weight_decay,accum", [("FusedAdamWeightDecay", 0.1, 1), ("AdamW", 0.0, 1),
+                                                          ("FusedAdamWeightDecay", 0.1, 2)],
+                         ids=["adamweightdecay", "adamw", "accumulate-2"])
+def test_twenty_lora_steps_match(tmp_path, optimizer, weight_decay, accum):
     from mindspore_glm import train as ms_train
     from torch_glm import train as pt_train
-    cfg = run_config(tmp_path, optimizer, weight_decay)
+    cfg = run_config(tmp_path, optimizer, weight_decay, accum)
     s_ms, s_pt = settings(cfg, tmp_path / "ms"), settings(cfg, tmp_path / "pt")
     ms_model, ms_params = ms_train.build_model(s_ms)
     pt_model = pt_train.build_model(s_pt, "cpu")
