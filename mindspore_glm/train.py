@@ -11,7 +11,9 @@ gradient mean (``use_parallel``), unscaling, an overflow check, clipping by glob
 scale an overflow skips the update and halves the scale (mindformers' ``DynamicLossScaleUpdateCell``);
 with a fixed scale a NaN/Inf loss stops the run with its step number. With
 ``runner_config.gradient_accumulation_steps`` N an update takes N micro-batches of ``batch_size``
-(:class:`AccumulateCell` for the first N-1), the loss and gradients being their mean.
+(:class:`AccumulateCell` for the first N-1), the loss and gradients being their mean. ``do_eval`` adds
+the eval loss and rouge/bleu rows (``{"step", "eval_loss", "rouge-1", ...}``) to the loss log every
+``eval_step_interval`` updates and after the last one.
 
 What trains (``pet_config``): LoRA matrices (:mod:`mindspore_glm.lora`), the P-tuning v2 prefix encoder
 (:mod:`mindspore_glm.prefix`) or, without ``pet_config``, every weight. Checkpoints go where mindformers
@@ -39,9 +41,9 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays, learning_rates, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
 
-__all__ = ["TrainingError", "set_context", "init_ranks", "build_model", "is_adapter_checkpoint", "init_weights", "apply_pet",
-           "make_optimizer",
-           "sum_squares", "TrainOneStepCell", "AccumulateCell", "save_checkpoint", "find_checkpoints", "load_checkpoint", "train"]
+__all__ = ["TrainingError", "set_context", "init_ranks", "build_model", "is_adapter_checkpoint", "init_weights",
+           "apply_pet", "eval_loss", "make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell",
+           "save_checkpoint", "find_checkpoints", "load_checkpoint", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -403,6 +405,42 @@ def _parallel_init(s: TrainSettings) -> tuple:
     return rank, world
 
 
+def eval_loss(model, s: TrainSettings, tokenizer) -> float:
+    """Teacher-forced loss over the eval file (``eval_dataset.num_samples`` bounds it), the mean over its
+    label tokens, in batches of ``eval_dataset.batch_size`` (torch_glm's ``eval_loss`` of ``evaluate``)."""
+    from glm_common.data import build_train_features, load_samples
+    samples = load_samples(s.eval_file, s.data_format)
+    if s.eval_num_samples:
+        samples = samples[:s.eval_num_samples]
+    feats = build_train_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length,
+                                 max_target_length=s.eval_max_target_length)
+    total, count = 0.0, 0
+    for lo in range(0, len(samples), s.eval_batch_size):
+        ids = feats["input_ids"][lo:lo + s.eval_batch_size].astype(np.int32)
+        labels = feats["labels"][lo:lo + s.eval_batch_size].astype(np.int32)
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(model(Tensor(ids), None, None, Tensor(labels))[0].asnumpy()) * n
+        count += n
+    return total / max(1, count)
+
+
+def _log_eval(model, s: TrainSettings, tokenizer, step: int, log, rank: int, world: int) -> dict:
+    """``do_eval``: eval loss and the generation metrics (:func:`mindspore_glm.run.evaluate`, shared over the
+    ranks) of the model as it is at ``step``; a ``{"step", "eval_loss", "rouge-1", ...}`` row in the loss log."""
+    from tqdm.auto import tqdm
+    from mindspore_glm.run import evaluate
+    model.set_train(False)
+    try:
+        result = {"eval_loss": eval_loss(model, s, tokenizer)}
+        result.update(evaluate(model, s, tokenizer, rank, world)[0])
+    finally:
+        model.set_train(True)
+    log.write({"step": step, **{k: round(float(v), 6) for k, v in result.items()}})
+    if rank == 0:
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()), file=sys.stderr)
+    return result
+
+
 def _features(s: TrainSettings, tokenizer, progress: bool) -> dict:
     from glm_common.data import build_train_features, load_samples
     if not s.train_file:
@@ -522,16 +560,19 @@ def _train(s: TrainSettings, model, params) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", scale=f"{scale:g}")
             if s.save_steps and step % s.save_steps == 0:
                 last_path = save_checkpoint(step_cell, s, rank, step, per_epoch)
+            if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0 and step < total:
+                _log_eval(model, s, tokenizer, step, log, rank, world)
         epoch += 1
     bar.close()
     elapsed = time.perf_counter() - t0
+    eval_result = _log_eval(model, s, tokenizer, step, log, rank, world) if s.do_eval and step else None
     if step and (last_path is None or not last_path.endswith(_name_for(s, step, per_epoch))):
         last_path = save_checkpoint(step_cell, s, rank, step, per_epoch)
     finite = [x for x in losses if np.isfinite(x)]
     summary = {"steps": step, "losses": losses, "first_loss": finite[0] if finite else None,
                "last_loss": finite[-1] if finite else None, "skipped": skipped,
                "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0, "log": log_path,
-               "result": last_path, "plot": None, "model": model}
+               "result": last_path, "plot": None, "model": model, "eval": eval_result}
     if rank == 0:
         if os.path.isfile(log_path):
             summary["plot"] = plot_losses(log_path, os.path.join(s.output_dir, "loss_curve.png"))

@@ -46,13 +46,18 @@ def settings(cfg, out):
     return s
 
 
-@pytest.mark.parametrize("optimizer,weight_decay,accum", [("FusedAdamWeightDecay", 0.1, 1), ("AdamW", 0.0, 1),
-                                                          ("FusedAdamWeightDecay", 0.1, 2)],
-                         ids=["adamweightdecay", "adamw", "accumulate-2"])
-def test_twenty_lora_steps_match(tmp_path, optimizer, weight_decay, accum):
+@pytest.mark.parametrize("optimizer,weight_decay,accum,do_eval", [
+    ("FusedAdamWeightDecay", 0.1, 1, False), ("AdamW", 0.0, 1, False), ("FusedAdamWeightDecay", 0.1, 2, True)],
+    ids=["adamweightdecay", "adamw", "accumulate-2-with-eval"])
+def test_twenty_lora_steps_match(tmp_path, optimizer, weight_decay, accum, do_eval):
     from mindspore_glm import train as ms_train
     from torch_glm import train as pt_train
     cfg = run_config(tmp_path, optimizer, weight_decay, accum)
+    if do_eval:   # eval loss and rouge/bleu rows in the loss log every 10 updates
+        cfg.update(do_eval=True, eval_step_interval=10)
+        cfg["eval_dataset"] = {"data_loader": {"type": "ADGenDataLoader", "dataset_dir": str(ADGEN_DIR / "dev.json")},
+                               "tokenizer": {"vocab_file": str(TOKENIZER_MODEL)}, "num_samples": 4,
+                               "batch_size": 2, "max_source_length": 32, "max_target_length": 8}
     s_ms, s_pt = settings(cfg, tmp_path / "ms"), settings(cfg, tmp_path / "pt")
     ms_model, ms_params = ms_train.build_model(s_ms)
     pt_model = pt_train.build_model(s_pt, "cpu")
@@ -74,6 +79,18 @@ def test_twenty_lora_steps_match(tmp_path, optimizer, weight_decay, accum):
     rel = np.abs(a - b) / np.abs(b)
     assert rel.max() < 1e-4, rel.max()
     assert a[-3:].mean() < a[:3].mean() - 0.3        # it trained, not only agreed
+    if do_eval:
+        import json
+        rows = {}
+        for backend in ("ms", "pt"):
+            log = [json.loads(x) for x in open(tmp_path / backend / "loss_log.jsonl", encoding="utf-8")]
+            rows[backend] = {r["step"]: r for r in log if "eval_loss" in r}
+        assert sorted(rows["ms"]) == sorted(rows["pt"]) == [10, 20]
+        for step, r in rows["ms"].items():
+            ref = rows["pt"][step]
+            assert abs(r["eval_loss"] - ref["eval_loss"]) <= 1e-4 * ref["eval_loss"], (step, r, ref)
+            assert {"rouge-1", "rouge-2", "rouge-l", "bleu-4"} <= set(r) & set(ref)
+        assert ms_out["eval"]["eval_loss"] == pytest.approx(rows["ms"][20]["eval_loss"], abs=1e-6)
     # the trained LoRA matrices agree too
     for p in ms_params:
         layer = p.name.rsplit(".", 1)[0]
