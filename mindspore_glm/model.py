@@ -184,8 +184,8 @@ class SelfAttention(nn.Cell):
 
     - ``prefix_kv``: ``(key, value)`` each ``[B, g, P, hn]``, put before the current keys.
     - ``kv_cache``: ``(key, value)`` each ``[B, g, L, hn]`` for one decode step (``S == 1``); the new key
-      and value are written at the cache slot marked by ``slot [1, 1, L, 1]`` (bool, True at one slot), and the updated
-      caches are returned.
+      and value are written at the cache slot marked by ``slot [1, 1, L, 1]`` (bool, True at one slot),
+      and the updated caches are returned.
     """
 
     def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype, softmax_compute_type):

@@ -208,7 +208,6 @@ class TrainOneStepCell(nn.Cell):
     update, no communication), the last through this cell, which adds its own, takes the mean over the
     N micro-batches (loss and gradients, as one batch N times larger with equal label counts would give),
     reduces over the ranks once, updates and empties the buffers.
-    
     """
 
     def __init__(self, model, optimizer: nn.AdamWeightDecay, s: TrainSettings, parallel: bool = False):
