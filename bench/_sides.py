@@ -75,7 +75,8 @@ class Side:
         try:
             self.status = self.conn.recv()
         except EOFError:
-            self.status = f"error: the worker exited with code {self.proc.join(5) or self.proc.exitcode}"
+            self.proc.join(5)
+            self.status = f"error: the worker exited with code {self.proc.exitcode}"
 
     @property
     def ready(self) -> bool:

@@ -61,13 +61,13 @@ def _batches(config, batch, seq, n):
 
 
 def _cycle(step, data):
-    """A task running ``step`` on the next batch each call."""
+    """A task running ``step(*args)`` on the next argument tuple of ``data`` each call."""
     state = {"i": 0}
 
     def run():
-        b = data[state["i"] % len(data)]
+        args = data[state["i"] % len(data)]
         state["i"] += 1
-        return step(*b) if isinstance(b, tuple) else step(b)
+        return step(*args)
     return run
 
 
@@ -98,7 +98,7 @@ def _torch_tasks(batch, seq, n):
     from torch_glm.train import make_optimizer
     tasks = {}
     for name, config in configs().items():
-        data = [torch.from_numpy(b) for b in _batches(config, batch, seq, n)]
+        data = [(torch.from_numpy(b),) for b in _batches(config, batch, seq, n)]
         for pet in PETS:
             model = ChatGLM2ForConditionalGeneration(config)
             model.load_state_dict({k: torch.from_numpy(v) for k, v in weights(config).items()}, strict=False)

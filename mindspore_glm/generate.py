@@ -2,7 +2,7 @@
 
 Two graphs per shape: the prefill (whole prompt ``[B, S]``) and one decode step (``[B, 1]`` against a
 cache of ``L`` slots, ``L = P + S + max_new_tokens`` rounded up to a multiple of ``cache_block``). The
-decode step writes its key/value into the cache through a one-hot slot mask, so every step runs the
+decode step writes its key/value into the cache through a boolean slot mask, so every step runs the
 same graph; the cache mask grows by one 1 a step and the next position id is the last one plus 1.
 
 Logits processing happens in numpy on the ``[B, V]`` float32 scores, in the order HF applies it:
@@ -182,8 +182,8 @@ class GenerationMixin:
                     return
                 slot_index = p + s + step
                 cache_mask[:, slot_index] = 1
-                slot = np.zeros((1, 1, cache_len, 1), np.float32)
-                slot[0, 0, slot_index, 0] = 1
+                slot = np.zeros((1, 1, cache_len, 1), bool)
+                slot[0, 0, slot_index, 0] = True
                 last_pos = last_pos + 1
                 logits, caches = decode_fn(Tensor(nxt[:, None].astype(np.int32)),
                                            Tensor(last_pos[:, None].astype(np.int32)),

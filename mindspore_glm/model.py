@@ -452,10 +452,10 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
 
     def decode(self, input_ids, position_ids, cache_mask, slot, kv_caches):
         """One cached step: ids/positions ``[B, 1]``, ``cache_mask [B, L]`` (1 for filled slots, the new
-        one included), ``slot [1, 1, L, 1]`` one-hot write position, ``kv_caches`` per layer
+        one included), ``slot [1, 1, L, 1]`` bool, True at the write position, ``kv_caches`` per layer
         ``(key, value) [B, g, L, hn]`` -> logits ``[B, V]`` (float32) and the updated caches."""
         allowed = ops.expand_dims(cache_mask > 0, 1)                          # [B, 1, L]
-        logits, presents = self.transformer(input_ids, allowed, position_ids, None, kv_caches, slot > 0, False)
+        logits, presents = self.transformer(input_ids, allowed, position_ids, None, kv_caches, slot, False)
         return ops.cast(logits[:, -1, :], ms.float32), presents
 
     # ------------------------------------------------------------------ weights

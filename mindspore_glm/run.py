@@ -36,7 +36,7 @@ from glm_common.config import ConfigError
 from glm_common.run_config import (RUN_MODES, RunConfigError, TrainSettings, load_run_config, parse_bool,
                                    settings_from_config)
 
-__all__ = ["evaluate", "predict", "gather_rows", "format_table", "main"]
+__all__ = ["eval_samples", "evaluate", "predict", "gather_rows", "format_table", "main"]
 
 
 def _tokenizer(s: TrainSettings):
@@ -82,18 +82,25 @@ def _merge_shards(parts: list, n: int) -> list:
     return out
 
 
-def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1) -> tuple:
-    """Greedy answers for the eval set: ``(metrics, predictions, references)``; ``metrics`` has
-    ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (x100, the official formula). With ``world > 1``
-    this rank answers samples ``rank, rank+world, ...`` and every rank returns the gathered whole."""
-    from tqdm.auto import tqdm
-    from glm_common.data import build_eval_features, load_samples
-    from glm_common.metrics import compute_metrics
+def eval_samples(s: TrainSettings) -> list:
+    """The eval file's samples, the first ``eval_dataset.num_samples`` of them when that is set."""
+    from glm_common.data import load_samples
     if not s.eval_file:
         raise RunConfigError(f"{s.source}: eval_dataset.data_loader.dataset_dir: missing (path to the eval data)")
     samples = load_samples(s.eval_file, s.data_format)
-    if s.eval_num_samples:
-        samples = samples[:s.eval_num_samples]
+    return samples[:s.eval_num_samples] if s.eval_num_samples else samples
+
+
+def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, samples=None) -> tuple:
+    """Greedy answers for the eval set: ``(metrics, predictions, references)``; ``metrics`` has
+    ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (x100, the official formula). With ``world > 1``
+    this rank answers samples ``rank, rank+world, ...`` and every rank returns the gathered whole.
+    ``samples``: :func:`eval_samples` already read (read here when None)."""
+    from tqdm.auto import tqdm
+    from glm_common.data import build_eval_features
+    from glm_common.metrics import compute_metrics
+    if samples is None:
+        samples = eval_samples(s)
     ev = build_eval_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length)
     new = min(s.eval_max_target_length, s.config.seq_length - ev["input_ids"].shape[1] - 1)
     if new <= 0:
@@ -155,6 +162,13 @@ def _write_jsonl(path: str, rows) -> None:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
+
+
+def _others_done(rank: int, world: int, n: int, what: str) -> int:
+    """A rank other than 0 after a shared eval/predict: say its share (rank 0 writes the files); exit code 0."""
+    print(f"rank {rank}: answered {len(range(rank, n, world))} of {n} {what}; rank 0 writes the results",
+          file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -234,9 +248,7 @@ def _run(s: TrainSettings, args) -> int:
         t0 = time.perf_counter()
         metrics, preds, refs = evaluate(model, s, tokenizer, rank, world)
         if rank != 0:
-            print(f"rank {rank}: answered {len(range(rank, len(preds), world))} of {len(preds)} samples; "
-                  "rank 0 writes the results", file=sys.stderr)
-            return 0
+            return _others_done(rank, world, len(preds), "samples")
         _write_jsonl(os.path.join(s.output_dir, "eval_predictions.jsonl"),
                      ({"prediction": p, "reference": r} for p, r in zip(preds, refs)))
         _write_json(os.path.join(s.output_dir, "eval_results.json"), {**metrics, "num_samples": len(preds)})
@@ -248,9 +260,7 @@ def _run(s: TrainSettings, args) -> int:
         raise RunConfigError("--predict_data: needed for run_mode predict (texts or a data file)")
     rows = predict(model, s, tokenizer, _predict_inputs(args.predict_data), rank, world)
     if rank != 0:
-        print(f"rank {rank}: answered {len(range(rank, len(rows), world))} of {len(rows)} texts; "
-              "rank 0 writes the results", file=sys.stderr)
-        return 0
+        return _others_done(rank, world, len(rows), "texts")
     for r in rows:
         print(f"{r['query']}\n-> {r['response']}\n")
     path = os.path.join(s.output_dir, "predict_results.jsonl")

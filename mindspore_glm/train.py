@@ -404,13 +404,10 @@ def _parallel_init(s: TrainSettings) -> tuple:
     return rank, world
 
 
-def eval_loss(model, s: TrainSettings, tokenizer) -> float:
-    """Teacher-forced loss over the eval file (``eval_dataset.num_samples`` bounds it), the mean over its
+def eval_loss(model, s: TrainSettings, tokenizer, samples) -> float:
+    """Teacher-forced loss over ``samples`` (:func:`mindspore_glm.run.eval_samples`), the mean over their
     label tokens, in batches of ``eval_dataset.batch_size`` (torch_glm's ``eval_loss`` of ``evaluate``)."""
-    from glm_common.data import build_train_features, load_samples
-    samples = load_samples(s.eval_file, s.data_format)
-    if s.eval_num_samples:
-        samples = samples[:s.eval_num_samples]
+    from glm_common.data import build_train_features
     feats = build_train_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length,
                                  max_target_length=s.eval_max_target_length)
     total, count = 0.0, 0
@@ -427,11 +424,12 @@ def _log_eval(model, s: TrainSettings, tokenizer, step: int, log, rank: int, wor
     """``do_eval``: eval loss and the generation metrics (:func:`mindspore_glm.run.evaluate`, shared over the
     ranks) of the model as it is at ``step``; a ``{"step", "eval_loss", "rouge-1", ...}`` row in the loss log."""
     from tqdm.auto import tqdm
-    from mindspore_glm.run import evaluate
+    from mindspore_glm.run import eval_samples, evaluate
+    samples = eval_samples(s)
     model.set_train(False)
     try:
-        result = {"eval_loss": eval_loss(model, s, tokenizer)}
-        result.update(evaluate(model, s, tokenizer, rank, world)[0])
+        result = {"eval_loss": eval_loss(model, s, tokenizer, samples)}
+        result.update(evaluate(model, s, tokenizer, rank, world, samples)[0])
     finally:
         model.set_train(True)
     log.write({"step": step, **{k: round(float(v), 6) for k, v in result.items()}})
