@@ -175,3 +175,25 @@ def mindpet_to_peft(name: str, prefix: str = PEFT_PREFIX, adapter: Optional[str]
         raise NamingError(f"{name}: not a mindpet LoRA parameter name")
     mid = f".{adapter}" if adapter else ""
     return f"{prefix}{m.group('base')}.lora_{m.group('ab').upper()}{mid}.weight"
+
+
+# ---------------------------------------------------------------------- training state
+#: prefixes of the optimizer / gradient-accumulation tensors a training checkpoint holds beside the
+#: weights (MindSpore's AdamWeightDecay ``adam_m.X``/``adam_v.X``, mindformers' ``moment1.X``/``accu_grads.X``,
+#: the parallel optimizer's ``accum.X``).
+TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accu_grads.",
+                        "accumulated_grads.", "accum.")
+#: scalars optimizers, loss scaling and the training loop save next to the weights (ours:
+#: ``global_step``, ``epoch_num``, ``step_num``, ``loss_scale``, ``loss_scale_good_steps``; mindformers /
+#: MindSpore's ``scale_sense``, ``current_iterator_step``, ``last_overflow_iterator_step`` ...).
+TRAIN_STATE_SCALARS = ("global_step", "epoch_num", "step_num", "loss_scale", "loss_scale_good_steps",
+                       "scale_sense", "current_iterator_step", "last_overflow_iterator_step", "learning_rate",
+                       "beta1_power", "beta2_power")
+
+
+def is_train_state(name: str) -> bool:
+    """Whether ``name`` is optimizer or training-loop state rather than a model weight."""
+    return name in TRAIN_STATE_SCALARS or name.startswith(TRAIN_STATE_PREFIXES)
+
+
+__all__ += ["TRAIN_STATE_PREFIXES", "TRAIN_STATE_SCALARS", "is_train_state"]

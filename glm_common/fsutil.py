@@ -1,0 +1,97 @@
+"""Writing files and folders so that a failure leaves nothing half-written.
+
+:func:`atomic_dir` stages a folder beside its destination (``<dest>.partial``) and moves it into place
+only when the block that fills it completes; :func:`atomic_file` does the same for one file. Both name
+the destination, not the staging path, in the :class:`OutputError` they raise for an unusable location.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Iterator
+
+__all__ = ["OutputError", "atomic_dir", "atomic_file", "check_writable_dir"]
+
+
+class OutputError(OSError):
+    """An output location that cannot be written; the message names it."""
+
+
+def _say(path: str, e: OSError) -> str:
+    return f"{path}: cannot write: {e.strerror or e}"
+
+
+def check_writable_dir(directory: str) -> None:
+    """Raise :class:`OutputError` naming ``directory`` unless files can be created in it."""
+    directory = directory or "."
+    if not os.path.isdir(directory):
+        raise OutputError(f"{directory}: no such directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"{directory}: cannot write: permission denied")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str, replace: bool = True) -> Iterator[str]:
+    """Yield a staging folder ``<dest>.partial``; on success it becomes ``dest``.
+
+    With ``replace`` an existing ``dest`` (a folder) is replaced as a whole; otherwise an existing
+    ``dest`` is an :class:`OutputError`. On any exception the staging folder is removed and ``dest`` is
+    left as it was.
+    """
+    dest = os.path.abspath(dest).rstrip(os.sep)
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise OutputError(f"{dest}: exists and is not a directory")
+    if os.path.exists(dest) and not replace:
+        raise OutputError(f"{dest}: exists (refusing to overwrite it)")
+    check_writable_dir(os.path.dirname(dest))
+    stage = dest + ".partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        os.makedirs(stage)
+    except OSError as e:
+        raise OutputError(_say(dest, e)) from None
+    try:
+        yield stage
+        old = None
+        if os.path.isdir(dest):
+            old = dest + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(stage, dest)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(_say(dest, e)) from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str, mode: str = "w", **kw) -> Iterator:
+    """Open ``<dest>.partial`` for writing; on success it is renamed to ``dest``, on error removed."""
+    dest = os.path.abspath(dest)
+    check_writable_dir(os.path.dirname(dest))
+    tmp = dest + ".partial"
+    try:
+        f = open(tmp, mode, **kw)
+    except OSError as e:
+        raise OutputError(_say(dest, e)) from None
+    try:
+        with f:
+            yield f
+        os.replace(tmp, dest)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(_say(dest, e)) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
