@@ -197,3 +197,35 @@ def is_train_state(name: str) -> bool:
 
 
 __all__ += ["TRAIN_STATE_PREFIXES", "TRAIN_STATE_SCALARS", "is_train_state"]
+
+
+# ---------------------------------------------------------------------- P-tuning prefix, PET
+#: module path of the P-tuning v2 prefix encoder: HF's (torch_glm) and mindformers' (mindspore_glm)
+PREFIX_MODULE = "transformer.prefix_encoder"
+MS_PREFIX_MODULE = "prefix_encoder"
+#: the marker mindpet puts in the names of the parameters it adds (LoRA and prefix)
+MINDPET_MARKER = "mindpet_delta"
+
+
+def is_prefix_name(name: str) -> bool:
+    """Whether ``name`` is a P-tuning v2 prefix-encoder parameter (HF or mindformers naming)."""
+    return name.startswith((PREFIX_MODULE + ".", MS_PREFIX_MODULE + "."))
+
+
+def is_pet_name(name: str) -> bool:
+    """Whether ``name`` is a parameter parameter-efficient fine-tuning adds (LoRA matrix or prefix)."""
+    return is_lora_name(name) or is_prefix_name(name) or MINDPET_MARKER in name
+
+
+__all__ += ["PREFIX_MODULE", "MS_PREFIX_MODULE", "MINDPET_MARKER", "is_prefix_name", "is_pet_name"]
+
+#: the names mindpet gives a LoRA layer's two matrices (``<linear>.mindpet_delta_lora_a`` / ``_b``)
+MINDPET_LORA_A, MINDPET_LORA_B = MINDPET_MARKER + "_lora_a", MINDPET_MARKER + "_lora_b"
+
+__all__ += ["MINDPET_LORA_A", "MINDPET_LORA_B"]
+
+#: the optimizer-moment prefixes MindSpore's AdamWeightDecay gives its state (``adam_m.<param>``, ``adam_v.<param>``)
+MS_ADAM_MOMENTS = ("adam_m.", "adam_v.")
+assert set(MS_ADAM_MOMENTS) <= set(TRAIN_STATE_PREFIXES)
+
+__all__ += ["MS_ADAM_MOMENTS"]

@@ -14,24 +14,20 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from glm_common.prompt import INVALID_SCORE_TOKEN, INVALID_SCORE_VALUE, build_prompt, process_response
+from glm_common.generation import chat_token_budget, invalid_score_processor, new_token_budget
+from glm_common.prompt import build_prompt, process_response
 
-__all__ = ["GenerationMixin", "process_logits", "invalid_score_processor", "sample_next", "position_ids_from_mask"]
-
-
-def invalid_score_processor(scores: np.ndarray) -> np.ndarray:
-    """ChatGLM2's ``InvalidScoreLogitsProcessor``: NaN/Inf anywhere -> all 0 and token 5 -> 5e4."""
-    if not np.isfinite(scores).all():
-        scores = np.zeros_like(scores)
-        scores[..., INVALID_SCORE_TOKEN] = INVALID_SCORE_VALUE
-    return scores
+__all__ = ["invalid_score_processor", "process_logits", "sample_next", "position_ids_from_mask", "GenerationMixin"]
 
 
 def process_logits(scores: np.ndarray, ids: np.ndarray, repetition_penalty: float = 1.0,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    do_sample: bool = False) -> np.ndarray:
-    """``scores [B, V]`` float32, ``ids [B, T]`` tokens so far -> processed scores (``-inf`` = removed)."""
-    scores = invalid_score_processor(np.array(scores, dtype=np.float32, copy=True))
+    """``scores [B, V]`` float32, ``ids [B, T]`` tokens so far -> processed scores (``-inf`` = removed).
+
+    MindSpore-only: the scores are processed on the host in numpy in one call (torch_glm's twins are the
+    ``apply_*`` processors)."""
+    scores = invalid_score_processor(ids, np.array(scores, dtype=np.float32, copy=True))
     if repetition_penalty != 1.0:
         rows = np.arange(scores.shape[0])[:, None]
         picked = scores[rows, ids]
@@ -63,10 +59,12 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def sample_next(scores: np.ndarray, do_sample: bool, rng: np.random.Generator) -> np.ndarray:
-    """Processed ``scores [B, V]`` -> next tokens ``[B]`` (argmax or one draw per row)."""
+def sample_next(scores: np.ndarray, do_sample: bool, generator: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Processed ``scores [B, V]`` -> next tokens ``[B]`` (argmax, or one draw per row from ``generator``,
+    a numpy ``Generator``; a fresh one when None)."""
     if not do_sample:
         return np.argmax(scores, -1)
+    rng = generator if generator is not None else np.random.default_rng()
     probs = _softmax(scores.astype(np.float64))
     u = rng.random((probs.shape[0], 1))
     return np.minimum((np.cumsum(probs, -1) < u).sum(-1), probs.shape[-1] - 1)
@@ -116,13 +114,23 @@ class GenerationMixin:
         return prefill_fn, decode_fn
 
     def stream_generate(self, input_ids, attention_mask=None, position_ids=None,
-                        max_new_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                        top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, eos_token_id=None,
-                        seed: Optional[int] = None, max_length: Optional[int] = None,
-                        pad_token_id: Optional[int] = None) -> Iterator[np.ndarray]:
-        """Yield the new tokens ``[B]`` of each step (finished rows get the pad id); see :meth:`generate`."""
+                        max_new_tokens: Optional[int] = None, max_length: Optional[int] = None,
+                        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                        repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id: Optional[int] = None,
+                        seed: Optional[int] = None, generator: Optional[np.random.Generator] = None,
+                        logits_processor=None, past_key_values=None,
+                        return_past_key_values: bool = False) -> Iterator[np.ndarray]:
+        """Yield the new tokens ``[B]`` of each step (finished rows get the pad id); see :meth:`generate`.
+
+        ``past_key_values`` / ``return_past_key_values`` (torch_glm's cache continuation) are refused:
+        the static KV cache lives for one call (a ``ValueError`` names them).
+        """
         import mindspore as ms
         from mindspore import Tensor, ops
+
+        if past_key_values is not None or return_past_key_values:
+            raise ValueError("stream_generate: past_key_values / return_past_key_values: the MindSpore static "
+                             "KV cache lives for one call and is not continued")
 
         ids = _as_numpy(input_ids).astype(np.int64)
         if ids.ndim == 1:
@@ -133,10 +141,7 @@ class GenerationMixin:
             pos = position_ids_from_mask(mask)
         else:
             pos = _as_numpy(position_ids).astype(np.int64)
-        if max_new_tokens is None:
-            if max_length is None:
-                raise ValueError("generate: give max_new_tokens or max_length")
-            max_new_tokens = max_length - s
+        max_new_tokens = new_token_budget(s, max_new_tokens, max_length)
         if max_new_tokens <= 0:
             return
         pad_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
@@ -149,7 +154,8 @@ class GenerationMixin:
         if int(pos.max()) + max_new_tokens >= self.config.seq_length:
             raise ValueError(f"generate: positions up to {int(pos.max()) + max_new_tokens} exceed the rotary "
                              f"table (config.seq_length {self.config.seq_length})")
-        rng = np.random.default_rng(seed)
+        rng = generator if generator is not None else np.random.default_rng(seed)
+        processors = list(logits_processor or [])
         p = self.pre_seq_len
         need = p + s + max_new_tokens
         cache_len = -(-need // self.cache_block) * self.cache_block
@@ -172,6 +178,8 @@ class GenerationMixin:
             last_pos = pos[:, -1].copy()
             for step in range(max_new_tokens):
                 scores = logits.asnumpy()
+                for proc in processors:
+                    scores = proc(seen, scores)
                 scores = process_logits(scores, seen, repetition_penalty, temperature, top_k, top_p, do_sample)
                 nxt = sample_next(scores, do_sample, rng).astype(np.int64)
                 nxt = np.where(done, pad_id, nxt)
@@ -192,9 +200,10 @@ class GenerationMixin:
             self.set_train(was_training)
 
     def generate(self, input_ids, attention_mask=None, position_ids=None, max_new_tokens: Optional[int] = None,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 repetition_penalty: float = 1.0, eos_token_id=None, seed: Optional[int] = None,
-                 max_length: Optional[int] = None, pad_token_id: Optional[int] = None) -> np.ndarray:
+                 max_length: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, eos_token_id=None,
+                 pad_token_id: Optional[int] = None, seed: Optional[int] = None,
+                 generator: Optional[np.random.Generator] = None, logits_processor=None) -> np.ndarray:
         """Greedy or sampled decoding with the KV cache.
 
         ``input_ids [B, S]`` (numpy, list or Tensor; left-padded for a batch, with ``attention_mask`` and
@@ -203,42 +212,57 @@ class GenerationMixin:
         tokens (``max_new_tokens``, or up to a total length ``max_length``); generation stops when every
         row has produced an id of ``eos_token_id`` (an int or a list;
         default ``config.eos_token_id``; ``[]`` never stops), and rows that finished early are filled with
-        ``pad_token_id`` (default ``config.pad_token_id``). ``seed`` makes sampling reproducible.
+        ``pad_token_id`` (default ``config.pad_token_id``). Sampling draws from ``generator`` (a numpy
+        ``Generator``) or one seeded with ``seed``. ``logits_processor``: callables ``(ids [B, T],
+        scores [B, V]) -> scores`` applied first, as in torch_glm.
         """
         ids = _as_numpy(input_ids).astype(np.int64)
         if ids.ndim == 1:
             ids = ids[None]
-        new = list(self.stream_generate(ids, attention_mask, position_ids, max_new_tokens, do_sample,
-                                        temperature, top_p, top_k, repetition_penalty, eos_token_id, seed,
-                                        max_length, pad_token_id))
+        new = list(self.stream_generate(ids, attention_mask, position_ids, max_new_tokens, max_length, do_sample,
+                                        temperature, top_p, top_k, repetition_penalty, eos_token_id,
+                                        pad_token_id, seed, generator, logits_processor))
         if not new:
             return ids
         return np.concatenate([ids, np.stack(new, 1)], 1)
 
     # ------------------------------------------------------------------ chat
     def _chat_inputs(self, tokenizer, query, history, max_length, max_new_tokens, caller):
-        """``(prompt ids [1, S], new-token budget)``: ``max_new_tokens`` or what ``max_length`` leaves,
-        bounded by the model's ``seq_length``."""
+        """``(prompt ids [1, S], new-token budget)`` (:func:`glm_common.generation.chat_token_budget`)."""
         ids = np.asarray([tokenizer.encode(build_prompt(query, history))], np.int64)
-        if max_new_tokens is None:
-            max_new_tokens = max_length - ids.shape[1]
-        max_new_tokens = min(max_new_tokens, self.config.seq_length - ids.shape[1] - 1)
-        if max_new_tokens <= 0:
-            raise ValueError(f"{caller}: the prompt has {ids.shape[1]} tokens, no room left under "
-                             f"max_length {max_length} / seq_length {self.config.seq_length}")
-        return ids, max_new_tokens
+        return ids, chat_token_budget(ids.shape[1], max_new_tokens, max_length, self.config.seq_length, caller)
 
-    def stream_chat(self, tokenizer, query: str, history=None, max_length: int = 8192,
+    def chat(self, tokenizer, query: str, history=None, max_length: int = 8192,
+             max_new_tokens: Optional[int] = None, do_sample: bool = True, top_p: float = 0.8,
+             temperature: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
+             seed: Optional[int] = None, logits_processor=None):
+        """One reply: ``(response, history + [(query, response)])`` (chatglm2.md's defaults: sampling with
+        ``top_p=0.8``, ``temperature=0.8``)."""
+        history = list(history or [])
+        ids, max_new_tokens = self._chat_inputs(tokenizer, query, history, max_length, max_new_tokens, "chat")
+        out = self.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                            eos_token_id=tokenizer.eos_token_id, seed=seed,
+                            logits_processor=logits_processor)[0, ids.shape[1]:].tolist()
+        for stop in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+            if stop in out:
+                out = out[:out.index(stop)]
+        response = process_response(tokenizer.decode(out))
+        return response, history + [(query, response)]
+
+    def stream_chat(self, tokenizer, query: str, history=None, past_key_values=None, max_length: int = 8192,
                     max_new_tokens: Optional[int] = None, do_sample: bool = True, top_p: float = 0.8,
                     temperature: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
-                    seed: Optional[int] = None):
+                    seed: Optional[int] = None, logits_processor=None, return_past_key_values: bool = False):
         """Yield ``(response so far, history + [(query, response so far)])`` after each new token
-        (skipping states that end in an incomplete character); history is ``[(query, response), ...]``."""
+        (skipping states that end in an incomplete character); history is ``[(query, response), ...]``.
+        ``past_key_values`` / ``return_past_key_values`` are refused (see :meth:`stream_generate`)."""
         history = list(history or [])
         ids, max_new_tokens = self._chat_inputs(tokenizer, query, history, max_length, max_new_tokens, "stream_chat")
         out = []
-        for tok in self.stream_generate(ids, None, None, max_new_tokens, do_sample, temperature, top_p, top_k,
-                                        repetition_penalty, tokenizer.eos_token_id, seed):
+        for tok in self.stream_generate(ids, None, None, max_new_tokens, None, do_sample, temperature, top_p, top_k,
+                                        repetition_penalty, tokenizer.eos_token_id, None, seed, None,
+                                        logits_processor, past_key_values, return_past_key_values):
             if int(tok[0]) in (tokenizer.eos_token_id, tokenizer.pad_token_id):
                 break
             out.append(int(tok[0]))
@@ -246,20 +270,3 @@ class GenerationMixin:
             if response and response[-1] != "\ufffd":
                 response = process_response(response)
                 yield response, history + [(query, response)]
-
-    def chat(self, tokenizer, query: str, history=None, max_length: int = 8192,
-             max_new_tokens: Optional[int] = None, do_sample: bool = True, top_p: float = 0.8,
-             temperature: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
-             seed: Optional[int] = None):
-        """One reply: ``(response, history + [(query, response)])`` (chatglm2.md's defaults: sampling with
-        ``top_p=0.8``, ``temperature=0.8``)."""
-        history = list(history or [])
-        ids, max_new_tokens = self._chat_inputs(tokenizer, query, history, max_length, max_new_tokens, "chat")
-        out = self.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            eos_token_id=tokenizer.eos_token_id, seed=seed)[0, ids.shape[1]:].tolist()
-        for stop in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-            if stop in out:
-                out = out[:out.index(stop)]
-        response = process_response(tokenizer.decode(out))
-        return response, history + [(query, response)]

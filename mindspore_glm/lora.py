@@ -14,18 +14,22 @@ or ends with ``"." + name``, as peft's list form does.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
+from glm_common.names import MINDPET_LORA_A as LORA_A, MINDPET_LORA_B as LORA_B, is_lora_name
+from glm_common.run_config import RunConfigError
 from mindspore_glm.model import Linear
+from mindspore_glm.prefix import freeze_base
 
 #: ChatGLM2's usual LoRA target (mindformers' ``.*query_key_value``, peft's ``["query_key_value"]``)
 DEFAULT_TARGET_MODULES = "query_key_value"
 
-__all__ = ["DEFAULT_TARGET_MODULES", "apply_lora", "merge_lora", "unmerge_lora", "lora_layers", "lora_state", "mark_only_lora_trainable"]
+__all__ = ["DEFAULT_TARGET_MODULES", "apply_lora", "merge_lora", "apply_pet", "unmerge_lora", "lora_layers",
+           "lora_state", "mark_only_lora_trainable"]
 
 
 def _matches(full_name: str, target: Union[str, Iterable[str]]) -> bool:
@@ -44,7 +48,7 @@ def mark_only_lora_trainable(model) -> list:
     """Freeze everything but the LoRA matrices; return the trainable parameters."""
     train = []
     for p in model.get_parameters():
-        p.requires_grad = "mindpet_delta_lora_" in p.name
+        p.requires_grad = is_lora_name(p.name)
         if p.requires_grad:
             train.append(p)
     return train
@@ -75,9 +79,9 @@ def apply_lora(model, r: int = 8, lora_alpha: float = 32, lora_dropout: float = 
         dtype = cell.weight.dtype
         bound = 1.0 / np.sqrt(cell.in_features)
         a = rng.uniform(-bound, bound, (rank, cell.in_features)).astype(np.float32)
-        cell.mindpet_delta_lora_a = Parameter(Tensor(a, dtype), name=f"{name}.mindpet_delta_lora_a")
-        cell.mindpet_delta_lora_b = Parameter(Tensor(np.zeros((cell.out_features, rank), np.float32), dtype),
-                                              name=f"{name}.mindpet_delta_lora_b")
+        setattr(cell, LORA_A, Parameter(Tensor(a, dtype), name=f"{name}.{LORA_A}"))
+        setattr(cell, LORA_B, Parameter(Tensor(np.zeros((cell.out_features, rank), np.float32), dtype),
+                                        name=f"{name}.{LORA_B}"))
         cell.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         cell.lora_scaling = float(alpha) / rank
         cell.lora_rank = rank
@@ -87,8 +91,8 @@ def apply_lora(model, r: int = 8, lora_alpha: float = 32, lora_dropout: float = 
 
 
 def _delta(cell) -> np.ndarray:
-    a = cell.mindpet_delta_lora_a.asnumpy().astype(np.float32)
-    b = cell.mindpet_delta_lora_b.asnumpy().astype(np.float32)
+    a = getattr(cell, LORA_A).asnumpy().astype(np.float32)
+    b = getattr(cell, LORA_B).asnumpy().astype(np.float32)
     return cell.lora_scaling * (b @ a)
 
 
@@ -111,6 +115,26 @@ def merge_lora(model) -> int:
     return n
 
 
+def apply_pet(model, pet: dict, seed: Optional[int] = None) -> tuple:
+    """Make what ``pet`` (:func:`glm_common.run_config.pet_settings`) names trainable: LoRA (matrices drawn
+    from ``seed``, 0 when None), P-tuning v2 (the prefix encoder, its dropout ``dropout_prob``) or, for
+    ``full``, everything. Returns ``(model, trainable parameters)``."""
+    kind = pet["pet_type"]
+    if kind == "lora":
+        params = apply_lora(model, r=pet["r"], lora_alpha=pet["lora_alpha"], lora_dropout=pet["lora_dropout"],
+                            target_modules=pet["target_modules"], seed=0 if seed is None else seed)
+        return model, params
+    if kind == "ptuning2":
+        p = pet.get("dropout_prob", 0.1)
+        model.prefix_encoder.dropout = nn.Dropout(p=p) if p > 0 else nn.Identity()
+        return model, freeze_base(model)
+    if kind == "full":
+        for p in model.get_parameters():
+            p.requires_grad = True
+        return model, list(model.get_parameters())
+    raise RunConfigError(f"pet_config.pet_type: {kind!r} is not available in the MindSpore runner (lora, ptuning2)")
+
+
 def unmerge_lora(model) -> int:
     """Undo :func:`merge_lora`; returns the number of layers unmerged."""
     n = 0
@@ -125,4 +149,4 @@ def unmerge_lora(model) -> int:
 
 def lora_state(model) -> dict:
     """``{mindpet name: numpy array}`` of the LoRA matrices (what an adapter checkpoint holds)."""
-    return {p.name: p.asnumpy() for p in model.get_parameters() if "mindpet_delta_lora_" in p.name}
+    return {p.name: p.asnumpy() for p in model.get_parameters() if is_lora_name(p.name)}

@@ -26,19 +26,17 @@ from mindspore import Parameter, Tensor, nn, ops
 from convert.hf_layout import CheckpointError, HFCheckpoint
 from convert.ms_ckpt import MSCheckpoint, MSCheckpointError
 from glm_common.config import DTYPES, ChatGLM2Config, ConfigError, RunOptions
-from glm_common.names import hf_to_ms, is_derived_buffer
+from glm_common.names import hf_to_ms, is_derived_buffer, is_pet_name
 
 from mindspore_glm.generate import GenerationMixin
+from mindspore_glm.prefix import PrefixEncoder
 
-__all__ = ["RMSNorm", "Linear", "Embedding", "build_rope_cache", "pair_swap_matrix", "apply_rope",
-           "SelfAttention", "MLP", "GLMBlock", "GLMTransformer", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration",
-           "build_attention_mask", "causal_lm_loss", "WeightError", "ms_dtype", "DTYPE_NAMES"]
+__all__ = ["WeightError", "RMSNorm", "Linear", "Embedding", "build_rope_cache", "apply_rope", "rope_tables",
+           "pair_swap_matrix", "apply_rope_tables", "build_attention_mask", "SelfAttention", "MLP", "GLMBlock",
+           "GLMTransformer", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "causal_lm_loss", "ms_dtype",
+           "DTYPE_NAMES"]
 
 DTYPE_NAMES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-
-
-#: MindSpore names of the P-tuning v2 prefix encoder's parameters start with this
-PREFIX_PARAM_ROOT = "prefix_encoder."
 
 
 class WeightError(CheckpointError):
@@ -85,7 +83,8 @@ class Linear(nn.Cell):
     """``y = x @ weight.T (+ bias)`` in ``compute_dtype``; ``weight [out, in]`` as in HF and mindformers.
 
     With LoRA enabled (see :mod:`mindspore_glm.lora`) it also holds ``mindpet_delta_lora_a [r, in]`` and
-    ``mindpet_delta_lora_b [out, r]`` and adds ``scaling * B @ A @ dropout(x)`` unless merged.
+    ``mindpet_delta_lora_b [out, r]`` and adds ``scaling * B @ A @ dropout(x)`` unless merged. MindSpore-only:
+    mindpet's LoRA layer keeps its matrices inside the linear cell (torch_glm uses nn.Linear and peft).
     Input ``[..., in]``; output ``[..., out]`` in ``compute_dtype``.
     """
 
@@ -134,18 +133,44 @@ class Embedding(nn.Cell):
 
 
 # ---------------------------------------------------------------------------------------------- rotary
-def build_rope_cache(seq_len: int, kv_channels: int, dtype=ms.float32, base: float = 10000.0):
-    """Rotary tables ``cos, sin`` each ``[seq_len, hn]`` for :func:`apply_rope`.
-
-    The first half of each head (``rot = hn/2`` dims) is rotated in adjacent pairs ``(2i, 2i+1)`` by
-    ``pos * base^(-2i/rot)``; the tables repeat each pair's cos on both dims and carry ``-sin`` on the
-    even and ``+sin`` on the odd dim; the second half has cos 1 and sin 0 (it passes through). Computed
-    in float32 and rounded to ``dtype`` (half-precision parity depends on this rounding).
-    """
+def build_rope_cache(seq_len: int, kv_channels: int, base: float = 10000.0):
+    """Float32 ``[seq_len, kv_channels // 4, 2]`` table of ``(cos, sin)`` of ``pos * base^(-2i/rot)``,
+    ``rot = kv_channels // 2`` (the rotated first half of each head), computed in numpy float32."""
     rot = kv_channels // 2
     theta = (1.0 / (np.float32(base) ** (np.arange(0, rot, 2, dtype=np.float32) / np.float32(rot)))).astype(np.float32)
     idx = np.outer(np.arange(seq_len, dtype=np.float32), theta).astype(np.float32)     # [seq, rot/2]
-    cos, sin = np.cos(idx).astype(np.float32), np.sin(idx).astype(np.float32)
+    return Tensor(np.stack([np.cos(idx).astype(np.float32), np.sin(idx).astype(np.float32)], -1))
+
+
+def apply_rope(x, rope):
+    """Rotate adjacent pairs of the first ``2 * rope.shape[-2]`` dims of each head.
+
+    ``x``: ``[B, heads, S, hn]``; ``rope``: ``[B, S, rot/2, 2]`` (cos, sin) in ``x``'s dtype.
+    Returns ``[B, heads, S, hn]``; dims past ``rot`` pass through. (The model itself rotates with
+    :func:`apply_rope_tables`, the same numbers with static-shape kernels.)
+    """
+    rot = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    xs = ops.reshape(x_rot, x_rot.shape[:-1] + (rot // 2, 2))
+    r = ops.expand_dims(rope, 1)                                              # [B, 1, S, rot/2, 2]
+    cos, sin = r[..., 0], r[..., 1]
+    x0, x1 = xs[..., 0], xs[..., 1]
+    out = ops.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
+    return ops.concat((ops.reshape(out, x_rot.shape), x_pass), -1)
+
+
+def rope_tables(rope, dtype=ms.float32):
+    """:func:`build_rope_cache`'s ``[S, rot/2, 2]`` -> ``cos, sin`` each ``[S, hn]`` for :func:`apply_rope_tables`.
+
+    MindSpore-only (static shapes for GRAPH mode): the tables repeat each pair's cos on both dims and
+    carry ``-sin`` on the even and ``+sin`` on the odd dim; the second half has cos 1 and sin 0 (it
+    passes through). Rounded to ``dtype`` (half-precision parity depends on this rounding).
+    """
+    cache = rope.asnumpy().astype(np.float32)
+    seq_len, half = cache.shape[0], cache.shape[1]
+    rot = 2 * half
+    kv_channels = 2 * rot
+    cos, sin = cache[..., 0], cache[..., 1]
     cos_t = np.ones((seq_len, kv_channels), np.float32)
     sin_t = np.zeros((seq_len, kv_channels), np.float32)
     cos_t[:, 0:rot:2], cos_t[:, 1:rot:2] = cos, cos
@@ -154,16 +179,17 @@ def build_rope_cache(seq_len: int, kv_channels: int, dtype=ms.float32, base: flo
 
 
 def pair_swap_matrix(kv_channels: int, dtype=ms.float32):
-    """``[hn, hn]`` permutation with ``(x @ P)[2i] = x[2i+1]`` and ``(x @ P)[2i+1] = x[2i]``."""
+    """``[hn, hn]`` permutation with ``(x @ P)[2i] = x[2i+1]`` and ``(x @ P)[2i+1] = x[2i]`` (MindSpore-only:
+    the pair swap of :func:`apply_rope_tables` as one matmul, static shapes for GRAPH mode)."""
     m = np.zeros((kv_channels, kv_channels), np.float32)
     m[np.arange(1, kv_channels, 2), np.arange(0, kv_channels, 2)] = 1
     m[np.arange(0, kv_channels, 2), np.arange(1, kv_channels, 2)] = 1
     return Tensor(m, dtype) if dtype != ms.float32 else Tensor(m)
 
 
-def apply_rope(x, cos, sin, swap):
-    """Rotary embedding of ``x [B, S, n, hn]`` with ``cos``/``sin`` ``[B, S, 1, hn]`` from
-    :func:`build_rope_cache` and ``swap`` from :func:`pair_swap_matrix`.
+def apply_rope_tables(x, cos, sin, swap):
+    """:func:`apply_rope` with the tables of :func:`rope_tables` (MindSpore-only: static shapes for GRAPH
+    mode): ``x [B, S, n, hn]``, ``cos``/``sin`` ``[B, S, 1, hn]``, ``swap`` from :func:`pair_swap_matrix`.
 
     ``x * cos + (x @ swap) * sin`` gives ``(x0*cos - x1*sin, x1*cos + x0*sin)`` on each rotated pair and
     ``x`` on the second half, with the same roundings as the pairwise formula. Computed in the dtype of
@@ -173,6 +199,30 @@ def apply_rope(x, cos, sin, swap):
     xr = ops.cast(x, cos.dtype)
     swapped = ops.reshape(ops.matmul(ops.reshape(xr, (-1, x.shape[-1])), ops.cast(swap, cos.dtype)), x.shape)
     return ops.cast(xr * cos + swapped * sin, dtype)
+
+
+def build_attention_mask(attention_mask, q_len: int, past_len: int):
+    """Boolean ``[B, 1, q_len, past_len + q_len]`` mask (True = may attend); ``[1, 1, q_len, past_len + q_len]``
+    (plain causal) when ``attention_mask`` is None.
+
+    ``attention_mask``: ``[B, past_len + q_len]`` of 1 (token) / 0 (padding) over every key column (a
+    P-tuning prefix counts as past, its columns 1). Query ``i`` sees key ``j`` when ``j <= past_len + i``
+    and key ``j`` is not padding. Without a past, padding queries see every key (their outputs are never
+    used); any row left empty sees every key.
+    """
+    k_len = past_len + q_len
+    row = ops.reshape(ops.arange(q_len), (q_len, 1)) + past_len
+    col = ops.reshape(ops.arange(k_len), (1, k_len))
+    allowed = ops.expand_dims(col <= row, 0)                                    # [1, q, K]
+    if attention_mask is None:
+        return ops.expand_dims(allowed, 1)
+    keys = attention_mask > 0
+    allowed = ops.logical_and(allowed, ops.expand_dims(keys, 1))
+    if past_len == 0:
+        # padding queries attend everywhere (garbage rows, never used) so no row is empty
+        allowed = ops.logical_or(allowed, ops.expand_dims(attention_mask <= 0, 2))
+    allowed = ops.logical_or(allowed, ops.logical_not(ops.any(allowed, -1, True)))
+    return ops.expand_dims(allowed, 1)
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -191,33 +241,33 @@ class SelfAttention(nn.Cell):
     def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype, softmax_compute_type):
         super().__init__()
         c = config
-        self.np, self.hn, self.g = c.num_attention_heads, c.kv_channels, c.kv_groups
-        self.mqa = c.multi_query_attention
+        self.num_heads, self.head_dim, self.groups = c.num_attention_heads, c.kv_channels, c.kv_groups
+        self.multi_query = c.multi_query_attention
         self.projection_size = c.projection_size
         self.query_key_value = Linear(c.hidden_size, c.qkv_size, c.add_qkv_bias, param_init_type, compute_dtype)
         self.dense = Linear(c.projection_size, c.hidden_size, c.add_bias_linear, param_init_type, compute_dtype)
         self.compute_dtype = compute_dtype
         self.softmax_compute_type = softmax_compute_type
-        self.scale = 1.0 / math.sqrt(self.hn)
-        self.rope_swap = pair_swap_matrix(self.hn)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.rope_swap = pair_swap_matrix(self.head_dim)
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm = ops.BatchMatMul()
 
     def construct(self, x, cos, sin, mask_bias, prefix_kv=None, kv_cache=None, slot=None):
         b, s, _ = x.shape
-        np_, hn, g = self.np, self.hn, self.g
+        np_, hn, g = self.num_heads, self.head_dim, self.groups
         qkv = self.query_key_value(x)
-        if self.mqa:
+        if self.multi_query:
             # queries and keys lie side by side: one rotary pass over both (fewer kernels, same numbers)
             qk, v = ops.split(qkv, [(np_ + g) * hn, g * hn], -1)
-            qk = apply_rope(ops.reshape(qk, (b, s, np_ + g, hn)), cos, sin, self.rope_swap)
+            qk = apply_rope_tables(ops.reshape(qk, (b, s, np_ + g, hn)), cos, sin, self.rope_swap)
             q, k = ops.split(qk, [np_, g], 2)
             v = ops.reshape(v, (b, s, g, hn))
         else:
             qkv = ops.reshape(qkv, (b, s, np_, 3 * hn))
             q, k, v = ops.split(qkv, hn, -1)
-            q = apply_rope(q, cos, sin, self.rope_swap)
-            k = apply_rope(k, cos, sin, self.rope_swap)
+            q = apply_rope_tables(q, cos, sin, self.rope_swap)
+            k = apply_rope_tables(k, cos, sin, self.rope_swap)
         q = ops.transpose(q * self.scale, (0, 2, 1, 3))      # [B, np, S, hn]
         k = ops.transpose(k, (0, 2, 1, 3))                   # [B, g, S, hn]
         v = ops.transpose(v, (0, 2, 1, 3))
@@ -304,7 +354,12 @@ class GLMTransformer(nn.Cell):
 
 
 class ChatGLM2Model(nn.Cell):
-    """``embedding`` -> ``encoder`` -> ``output_layer``: ids ``[B, S]`` -> logits ``[B, S, V]``."""
+    """``embedding`` -> ``encoder`` (and ``output_layer``, applied by :class:`ChatGLM2ForConditionalGeneration`).
+
+    ``construct(input_ids [B, S], allowed [B, 1, S, K] bool (:func:`build_attention_mask`), position_ids
+    [B, S], prefix_kvs=None, kv_caches=None, slot=None)`` -> ``(hidden [B, S, H], presents)`` as
+    torch_glm's; the prefix and cache arguments are the static-shape ones of :class:`SelfAttention`.
+    """
 
     def __init__(self, config: ChatGLM2Config, param_init_type, compute_dtype, layernorm_compute_type,
                  softmax_compute_type, rotary_dtype):
@@ -314,51 +369,22 @@ class ChatGLM2Model(nn.Cell):
         self.encoder = GLMTransformer(c, param_init_type, compute_dtype, layernorm_compute_type,
                                       softmax_compute_type)
         self.output_layer = Linear(c.hidden_size, c.padded_vocab_size, False, param_init_type, compute_dtype)
-        self.rotary_cos, self.rotary_sin = build_rope_cache(c.seq_length, c.kv_channels, rotary_dtype)
+        self.rotary_cos, self.rotary_sin = rope_tables(build_rope_cache(c.seq_length, c.kv_channels), rotary_dtype)
         # large enough to zero a probability, small enough not to overflow when added in the softmax dtype
         self.mask_min = -1e9 if softmax_compute_type == ms.float32 else -3e4
 
-    def rotary(self, position_ids):
-        """``position_ids [B, S]`` -> cos, sin ``[B, S, 1, hn]``."""
+    def rope(self, position_ids):
+        """``position_ids [B, S]`` -> cos, sin ``[B, S, 1, hn]`` (rows of :func:`rope_tables`)."""
         cos = ops.expand_dims(ops.gather(self.rotary_cos, position_ids, 0), 2)
         sin = ops.expand_dims(ops.gather(self.rotary_sin, position_ids, 0), 2)
         return cos, sin
 
-    def construct(self, input_ids, allowed, position_ids, prefix_kvs=None, kv_caches=None, slot=None,
-                  last_only=False):
+    def construct(self, input_ids, allowed, position_ids, prefix_kvs=None, kv_caches=None, slot=None):
         # the mask as an additive bias [B, 1, S, K], made once: 0 where allowed, the dtype's minimum elsewhere
-        bias = ops.expand_dims((1.0 - ops.cast(allowed, ms.float32)) * self.mask_min, 1)
+        bias = (1.0 - ops.cast(allowed, ms.float32)) * self.mask_min
         x = self.embedding(input_ids)
-        cos, sin = self.rotary(position_ids)
-        h, presents = self.encoder(x, cos, sin, bias, prefix_kvs, kv_caches, slot)
-        if last_only:
-            h = h[:, -1:, :]
-        return self.output_layer(h), presents
-
-
-def build_attention_mask(input_ids, attention_mask, prefix_len: int):
-    """Which keys each query may read: ``[B, S, P+S]`` bool, True = may attend (chatglm2.md's rules).
-
-    ``input_ids [B, S]`` (for the shape), ``attention_mask [B, S]`` (1 token / 0 left pad) or None,
-    ``prefix_len`` P prefix columns visible to every query. Query ``i`` sees key ``j`` when it is causal
-    and not padding; without a prefix, padding queries see every key (their outputs are never used).
-    """
-    b, s = input_ids.shape
-    row = ops.reshape(ops.arange(s), (s, 1))
-    col = ops.reshape(ops.arange(s), (1, s))
-    allowed = ops.expand_dims(col <= row, 0)                                    # [1, S, S]
-    if prefix_len > 0:
-        allowed = ops.concat((ops.ones((1, s, prefix_len), ms.bool_), allowed), 2)
-    if attention_mask is None:
-        return ops.broadcast_to(allowed, (b, s, s + prefix_len))
-    keys = attention_mask > 0
-    if prefix_len > 0:
-        keys = ops.concat((ops.ones((b, prefix_len), ms.bool_), keys), 1)
-    allowed = ops.logical_and(allowed, ops.expand_dims(keys, 1))
-    if prefix_len == 0:
-        # padding queries attend everywhere (garbage rows, never used) so no row is empty
-        allowed = ops.logical_or(allowed, ops.expand_dims(attention_mask <= 0, 2))
-    return allowed
+        cos, sin = self.rope(position_ids)
+        return self.encoder(x, cos, sin, bias, prefix_kvs, kv_caches, slot)
 
 
 def causal_lm_loss(logits, labels):
@@ -414,13 +440,13 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
                                          d["layernorm_compute_type"], d["softmax_compute_type"], d["rotary_dtype"])
         self.pre_seq_len = config.pre_seq_len or 0
         if self.pre_seq_len:
-            from mindspore_glm.prefix import PrefixEncoder
             self.prefix_encoder = PrefixEncoder(config, d["param_init_type"])
         self.num_layers = config.num_layers
 
     # ------------------------------------------------------------------ forward
-    def get_prefix(self, batch_size: int):
-        """Per-layer prefix ``(key, value)`` each ``[B, g, P, hn]`` (in ``compute_dtype``), or None."""
+    def get_prompt(self, batch_size: int):
+        """The P-tuning prefix as a per-layer past: ``num_layers`` pairs ``(key, value)`` each
+        ``[B, g, P, hn]`` (in ``compute_dtype``), or None without ``pre_seq_len``."""
         if not self.pre_seq_len:
             return None
         kv = ops.cast(self.prefix_encoder(batch_size), self.compute_dtype)   # [2*layers, B, g, P, hn]
@@ -429,12 +455,21 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
     def construct(self, input_ids, attention_mask=None, position_ids=None, labels=None):
         if position_ids is None:
             position_ids = _default_position_ids(input_ids)
-        allowed = build_attention_mask(input_ids, attention_mask, self.pre_seq_len)
-        prefix = self.get_prefix(input_ids.shape[0])
-        logits, _ = self.transformer(input_ids, allowed, position_ids, prefix)
+        allowed = self._allowed(input_ids, attention_mask)
+        prefix = self.get_prompt(input_ids.shape[0])
+        hidden, _ = self.transformer(input_ids, allowed, position_ids, prefix)
+        logits = self.transformer.output_layer(hidden)
         if labels is None:
             return logits
         return self.loss(logits, labels), logits
+
+    def _allowed(self, input_ids, attention_mask):
+        """:func:`build_attention_mask` of a prompt after the P-tuning prefix (its columns visible to all)."""
+        p = self.pre_seq_len
+        if attention_mask is not None and p:
+            attention_mask = ops.concat((ops.ones((attention_mask.shape[0], p), attention_mask.dtype),
+                                         attention_mask), 1)
+        return build_attention_mask(attention_mask, input_ids.shape[1], p)
 
     @staticmethod
     def loss(logits, labels):
@@ -445,17 +480,19 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
     def prefill(self, input_ids, attention_mask, position_ids):
         """Prompt pass: ids/mask/positions ``[B, S]`` -> last-token logits ``[B, V]`` (float32) and the
         per-layer ``(key, value)`` ``[B, g, P+S, hn]``."""
-        allowed = build_attention_mask(input_ids, attention_mask, self.pre_seq_len)
-        prefix = self.get_prefix(input_ids.shape[0])
-        logits, presents = self.transformer(input_ids, allowed, position_ids, prefix, None, None, True)
+        allowed = self._allowed(input_ids, attention_mask)
+        prefix = self.get_prompt(input_ids.shape[0])
+        hidden, presents = self.transformer(input_ids, allowed, position_ids, prefix, None, None)
+        logits = self.transformer.output_layer(hidden[:, -1:, :])
         return ops.cast(logits[:, -1, :], ms.float32), presents
 
     def decode(self, input_ids, position_ids, cache_mask, slot, kv_caches):
         """One cached step: ids/positions ``[B, 1]``, ``cache_mask [B, L]`` (1 for filled slots, the new
         one included), ``slot [1, 1, L, 1]`` bool, True at the write position, ``kv_caches`` per layer
         ``(key, value) [B, g, L, hn]`` -> logits ``[B, V]`` (float32) and the updated caches."""
-        allowed = ops.expand_dims(cache_mask > 0, 1)                          # [B, 1, L]
-        logits, presents = self.transformer(input_ids, allowed, position_ids, None, kv_caches, slot, False)
+        allowed = ops.expand_dims(ops.expand_dims(cache_mask > 0, 1), 1)      # [B, 1, 1, L]
+        hidden, presents = self.transformer(input_ids, allowed, position_ids, None, kv_caches, slot)
+        logits = self.transformer.output_layer(hidden)
         return ops.cast(logits[:, -1, :], ms.float32), presents
 
     # ------------------------------------------------------------------ weights
@@ -486,8 +523,7 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
             loaded.add(ms_name)
         if strict:
             # LoRA and prefix weights are not part of a base checkpoint: they keep their initialisation
-            missing = [n for n in params if n not in loaded and "mindpet_delta_lora" not in n
-                       and not n.startswith(PREFIX_PARAM_ROOT)]
+            missing = [n for n in params if n not in loaded and not is_pet_name(n)]
             if missing:
                 raise WeightError(f"{source}: {missing[0]}: missing from the checkpoint"
                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from glm_common.config import ChatGLM2Config
+from glm_common.names import is_prefix_name
 
 __all__ = ["PrefixEncoder", "freeze_base", "prefix_trainable_params"]
 
@@ -43,6 +44,9 @@ class _Dense(nn.Cell):
 class PrefixEncoder(nn.Cell):
     """``construct(batch_size)`` -> prefix keys/values ``[2*num_layers, B, g, P, hn]`` (float32 math).
 
+    Diverges from torch_glm's (``[B, P] -> [B, P, kv]``): mindpet's parameter names and layout, so a
+    P-tuning ``.ckpt`` loads into mindformers.
+
     Rows ``2i`` and ``2i+1`` are layer ``i``'s key and value. Without ``prefix_projection`` the rows are
     the table itself; with it, ``Linear(kv, H) -> tanh -> Linear(H, kv)`` of the table. Dropout
     ``dropout_prob`` (0.1 as in ChatGLM2's P-tuning) applies in training only.
@@ -72,10 +76,10 @@ class PrefixEncoder(nn.Cell):
 
 
 def freeze_base(model) -> list:
-    """Make only the prefix encoder trainable; return its parameters."""
+    """Make only the prefix encoder trainable; return its (trainable) parameters."""
     train = []
     for p in model.get_parameters():
-        p.requires_grad = p.name.startswith("prefix_encoder.")
+        p.requires_grad = is_prefix_name(p.name)
         if p.requires_grad:
             train.append(p)
     if not train:
@@ -84,4 +88,5 @@ def freeze_base(model) -> list:
 
 
 def prefix_trainable_params(model) -> list:
-    return [p for p in model.get_parameters() if p.name.startswith("prefix_encoder.")]
+    """The prefix encoder's parameters."""
+    return [p for p in model.get_parameters() if is_prefix_name(p.name)]

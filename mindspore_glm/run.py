@@ -18,8 +18,9 @@ and answers its own share of the samples or texts (rank ``r`` of ``W`` takes ite
 answers are gathered over the ranks (``AllGather``; no shared file system needed) and rank 0 computes the
 metrics and writes the files, in the order of the input.
 
-No torch twin file: the torch backend's entry point is ``python -m torch_glm.train`` (training and
-eval), as this one is mindformers' ``run_mindformer.py`` shape for Ascend users.
+The twin of ``torch_glm/run.py`` (whose command is ``python -m torch_glm.run``, also reachable as
+``python -m torch_glm.train``); the console command is ``glm2-run``. Evaluation and prediction are
+:mod:`mindspore_glm.evaluate`'s.
 """
 from __future__ import annotations
 
@@ -30,17 +31,21 @@ import sys
 import time
 import warnings
 
-import numpy as np
-
 from glm_common.config import ConfigError
+from glm_common.data import DataError, load_samples
+from glm_common.fsutil import atomic_file
 from glm_common.run_config import (RUN_MODES, RunConfigError, TrainSettings, load_run_config, parse_bool,
                                    settings_from_config)
+from glm_common.tokenizer import ChatGLM2Tokenizer
+from glm_common.training import TrainingError, format_table
+from mindspore_glm.checkpointing import is_adapter_checkpoint
+from mindspore_glm.evaluate import evaluate, predict
+from mindspore_glm.train import build_model, init_ranks, set_context, train
 
-__all__ = ["eval_samples", "evaluate", "predict", "gather_rows", "format_table", "main"]
+__all__ = ["main"]
 
 
 def _tokenizer(s: TrainSettings):
-    from glm_common.tokenizer import ChatGLM2Tokenizer
     if not s.vocab_file:
         raise RunConfigError(f"{s.source}: processor.tokenizer.vocab_file: missing (path to tokenizer.model)")
     if not os.path.isfile(s.vocab_file):
@@ -48,120 +53,26 @@ def _tokenizer(s: TrainSettings):
     return ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
 
 
-def _clean(tokenizer, row) -> list:
-    out = []
-    for t in row:
-        if t == tokenizer.eos_token_id:
-            break
-        if t != tokenizer.pad_token_id:
-            out.append(int(t))
-    return out
-
-
-def gather_rows(rows: list, world: int) -> list:
-    """Every rank's ``rows`` (JSON-serialisable), on every rank, in rank order: ``[rows of rank 0, ...]``.
-
-    The rows travel as UTF-8 JSON bytes through ``AllGather`` (padded to the longest rank's), so the
-    ranks need no shared file system."""
-    if world == 1:
-        return [rows]
-    from mindspore import Tensor, ops
-    data = json.dumps(rows, ensure_ascii=False).encode("utf-8")
-    sizes = ops.AllGather()(Tensor(np.array([len(data)], np.int32))).asnumpy().reshape(-1)
-    width = -(-int(sizes.max()) // 4) * 4
-    buf = np.frombuffer(data.ljust(width, b"\0"), np.int32).reshape(1, -1)
-    got = ops.AllGather()(Tensor(buf)).asnumpy()
-    return [json.loads(got[r].tobytes()[:int(sizes[r])].decode("utf-8")) for r in range(world)]
-
-
-def _merge_shards(parts: list, n: int) -> list:
-    """Rank ``r``'s answers for items ``r, r+W, ...`` -> all ``n`` answers in item order."""
-    out = [None] * n
-    for r, part in enumerate(parts):
-        out[r::len(parts)] = part
-    return out
-
-
-def eval_samples(s: TrainSettings) -> list:
-    """The eval file's samples, the first ``eval_dataset.num_samples`` of them when that is set."""
-    from glm_common.data import load_samples
-    if not s.eval_file:
-        raise RunConfigError(f"{s.source}: eval_dataset.data_loader.dataset_dir: missing (path to the eval data)")
-    samples = load_samples(s.eval_file, s.data_format)
-    return samples[:s.eval_num_samples] if s.eval_num_samples else samples
-
-
-def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, samples=None) -> tuple:
-    """Greedy answers for the eval set: ``(metrics, predictions, references)``; ``metrics`` has
-    ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (x100, the official formula). With ``world > 1``
-    this rank answers samples ``rank, rank+world, ...`` and every rank returns the gathered whole.
-    ``samples``: :func:`eval_samples` already read (read here when None)."""
-    from tqdm.auto import tqdm
-    from glm_common.data import build_eval_features
-    from glm_common.metrics import compute_metrics
-    if samples is None:
-        samples = eval_samples(s)
-    ev = build_eval_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length)
-    new = min(s.eval_max_target_length, s.config.seq_length - ev["input_ids"].shape[1] - 1)
-    if new <= 0:
-        raise RunConfigError(f"{s.source}: model.model_config.seq_length: {s.config.seq_length} leaves no room to "
-                             f"generate after {ev['input_ids'].shape[1]} prompt tokens")
-    preds = []
-    bs = s.eval_batch_size
-    mine = np.arange(rank, len(samples), world)
-    for lo in tqdm(range(0, len(mine), bs), desc="eval", disable=not s.progress or rank != 0):
-        rows = mine[lo:lo + bs]
-        prompt = ev["input_ids"][rows]
-        out = model.generate(prompt, attention_mask=ev["attention_mask"][rows], position_ids=ev["position_ids"][rows],
-                             max_new_tokens=new, do_sample=False, eos_token_id=tokenizer.eos_token_id)
-        preds.extend(tokenizer.decode(_clean(tokenizer, row)) for row in out[:, prompt.shape[1]:].tolist())
-    preds = _merge_shards(gather_rows(preds, world), len(samples))
-    return compute_metrics(preds, ev["answers"]), preds, list(ev["answers"])
-
-
-def format_table(metrics: dict) -> str:
-    """The metrics as a two-line Markdown table."""
-    keys = list(metrics)
-    return "| " + " | ".join(keys) + " |\n| " + " | ".join("---" for _ in keys) + " |\n| " + \
-        " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |"
-
-
 def _predict_inputs(items) -> list:
     """Texts, or the queries of one data file (any format of glm_common.data, or plain text lines)."""
     if len(items) == 1 and os.path.isfile(items[0]):
         path = items[0]
         if path.endswith((".json", ".jsonl")):
-            from glm_common.data import load_samples
             return [smp.query() for smp in load_samples(path)]
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f if line.strip()]
     return list(items)
 
 
-def predict(model, s: TrainSettings, tokenizer, queries, rank: int = 0, world: int = 1) -> list:
-    """``[{"query", "response"}, ...]`` with the model_config's generation settings. With ``world > 1``
-    this rank answers queries ``rank, rank+world, ...`` and every rank returns the gathered whole."""
-    o = s.options
-    out = []
-    for q in list(queries)[rank::world]:
-        response, _ = model.chat(tokenizer, q, max_new_tokens=o.max_decode_length, do_sample=o.do_sample,
-                                 top_k=o.top_k, top_p=o.top_p, temperature=1.0,
-                                 repetition_penalty=o.repetition_penalty, seed=s.seed)
-        out.append({"query": q, "response": response})
-    return _merge_shards(gather_rows(out, world), len(queries))
-
-
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_file(path, encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def _write_jsonl(path: str, rows) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_file(path, encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def _others_done(rank: int, world: int, n: int, what: str) -> int:
@@ -199,8 +110,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # errors of the model, data and training layers are one line already
-        from mindspore_glm.train import TrainingError
-        from glm_common.data import DataError
         if isinstance(e, (TrainingError, DataError, ValueError, FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -208,7 +117,6 @@ def main(argv=None) -> int:
 
 
 def _run(s: TrainSettings, args) -> int:
-    from mindspore_glm.train import build_model, init_ranks, is_adapter_checkpoint, set_context, train
     if args.use_parallel is not None:
         s.use_parallel = parse_bool(args.use_parallel, "--use_parallel")
     if args.resume_training is not None:

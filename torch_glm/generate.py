@@ -11,23 +11,16 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from glm_common.prompt import INVALID_SCORE_TOKEN, INVALID_SCORE_VALUE, build_prompt, process_response, round_text
+from glm_common.generation import chat_token_budget, invalid_score_processor, new_token_budget
+from glm_common.prompt import build_prompt, process_response, round_text
 
-__all__ = ["GenerationMixin", "invalid_score_processor", "apply_repetition_penalty", "apply_temperature",
-           "apply_top_k", "apply_top_p", "sample_next", "position_ids_from_mask"]
+__all__ = ["invalid_score_processor", "apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p",
+           "sample_next", "position_ids_from_mask", "GenerationMixin"]
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------- processors
-def invalid_score_processor(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """ChatGLM2's guard: when any score is NaN/Inf, all scores become 0 and token 5 gets 5e4. ``scores [B, V]``."""
-    if torch.isnan(scores).any() or torch.isinf(scores).any():
-        scores = torch.zeros_like(scores)
-        scores[..., INVALID_SCORE_TOKEN] = INVALID_SCORE_VALUE
-    return scores
-
-
 def apply_repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
     """Seen tokens' scores divided by ``penalty`` (multiplied when negative), as transformers does."""
     if penalty == 1.0:
@@ -101,7 +94,7 @@ class GenerationMixin:
                         position_ids: Optional[torch.Tensor] = None, max_new_tokens: Optional[int] = None,
                         max_length: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
                         top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                        eos_token_id=None, pad_token_id: Optional[int] = None,
+                        eos_token_id=None, pad_token_id: Optional[int] = None, seed: Optional[int] = None,
                         generator: Optional[torch.Generator] = None,
                         logits_processor: Optional[Sequence[LogitsProcessor]] = None,
                         past_key_values=None, return_past_key_values: bool = False) -> Iterator[torch.Tensor]:
@@ -115,7 +108,8 @@ class GenerationMixin:
         ``past_key_values``: a cache the prompt continues (its mask columns are prepended as ones when
         ``attention_mask`` covers only the new ids; positions continue after it). With
         ``return_past_key_values`` each item is ``(ids, cache)``; the cache holds every token but the
-        newest one.
+        newest one. Sampling draws from ``generator``, else from one seeded with ``seed``, else from the
+        global RNG.
         """
         cfg = self.config
         device = self.device
@@ -134,12 +128,11 @@ class GenerationMixin:
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)[:, -S:]
         position_ids = torch.as_tensor(position_ids, device=device).long()
-        if max_new_tokens is None:
-            if max_length is None:
-                raise ValueError("max_new_tokens: give max_new_tokens or max_length")
-            max_new_tokens = max_length - S
+        max_new_tokens = new_token_budget(S, max_new_tokens, max_length)
         if max_new_tokens <= 0:
             return
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
         eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
         eos_ids = torch.tensor(list(eos) if isinstance(eos, (list, tuple, set)) else [eos], device=device)
         pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
@@ -171,9 +164,10 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  position_ids: Optional[torch.Tensor] = None, max_new_tokens: Optional[int] = None,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 repetition_penalty: float = 1.0, eos_token_id=None, max_length: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 max_length: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, eos_token_id=None,
+                 pad_token_id: Optional[int] = None, seed: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None,
                  logits_processor: Optional[Sequence[LogitsProcessor]] = None, **unused) -> torch.Tensor:
         """Prompt + new ids ``[B, S + T]`` (``T <= max_new_tokens``), as transformers' ``generate``.
 
@@ -185,7 +179,7 @@ class GenerationMixin:
             ids = ids.unsqueeze(0)
         for ids in self.stream_generate(ids, attention_mask, position_ids, max_new_tokens, max_length,
                                         do_sample, temperature, top_p, top_k, repetition_penalty,
-                                        eos_token_id, pad_token_id, generator, logits_processor):
+                                        eos_token_id, pad_token_id, seed, generator, logits_processor):
             pass
         return ids
 
@@ -194,10 +188,14 @@ class GenerationMixin:
         enc = tokenizer([build_prompt(query, history)], padding=True, return_tensors="np")
         return {k: torch.as_tensor(v, device=self.device) for k, v in enc.items()}
 
-    def _chat_kwargs(self, max_length, max_new_tokens, do_sample, top_p, temperature, logits_processor, kwargs):
+    def _chat_kwargs(self, prompt_len, max_length, max_new_tokens, do_sample, top_p, temperature, top_k,
+                     repetition_penalty, seed, logits_processor, kwargs, caller):
+        """``generate`` arguments of a chat turn: the budget of
+        :func:`glm_common.generation.chat_token_budget`, the invalid-score guard first."""
         procs = [invalid_score_processor] + list(logits_processor or [])
-        gen = dict(max_length=max_length if max_new_tokens is None else None, max_new_tokens=max_new_tokens,
-                   do_sample=do_sample, top_p=top_p, temperature=temperature, logits_processor=procs)
+        budget = chat_token_budget(prompt_len, max_new_tokens, max_length, self.config.seq_length, caller)
+        gen = dict(max_new_tokens=budget, do_sample=do_sample, top_p=top_p, temperature=temperature, top_k=top_k,
+                   repetition_penalty=repetition_penalty, seed=seed, logits_processor=procs)
         gen.update(kwargs)
         return gen
 
@@ -211,25 +209,26 @@ class GenerationMixin:
     @torch.no_grad()
     def chat(self, tokenizer, query: str, history: Optional[list] = None, max_length: int = 8192,
              max_new_tokens: Optional[int] = None, do_sample: bool = True, top_p: float = 0.8,
-             temperature: float = 0.8, logits_processor: Optional[Sequence[LogitsProcessor]] = None,
-             **kwargs) -> tuple[str, list]:
+             temperature: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+             logits_processor: Optional[Sequence[LogitsProcessor]] = None, **kwargs) -> tuple[str, list]:
         """Answer ``query`` after ``history`` ``[(query, response), ...]``; returns ``(response, history + [(query, response)])``.
 
         ``max_length`` bounds prompt + answer (ChatGLM2's default 8192); ``max_new_tokens`` overrides it.
-        Extra ``kwargs`` (``top_k``, ``repetition_penalty``, ``generator``, ``eos_token_id``) go to :meth:`generate`.
+        Extra ``kwargs`` (``generator``, ``eos_token_id``) go to :meth:`generate`.
         """
         history = list(history or [])
         inputs = self._chat_inputs(tokenizer, query, history)
-        out = self.generate(**inputs, **self._chat_kwargs(max_length, max_new_tokens, do_sample, top_p,
-                                                            temperature, logits_processor, kwargs))
+        out = self.generate(**inputs, **self._chat_kwargs(inputs["input_ids"].shape[1], max_length, max_new_tokens,
+                                                            do_sample, top_p, temperature, top_k, repetition_penalty,
+                                                            seed, logits_processor, kwargs, "chat"))
         response = process_response(self._decode_new(tokenizer, out[0, inputs["input_ids"].shape[1]:].tolist()))
         return response, history + [(query, response)]
 
     @torch.no_grad()
     def stream_chat(self, tokenizer, query: str, history: Optional[list] = None, past_key_values=None,
                     max_length: int = 8192, max_new_tokens: Optional[int] = None, do_sample: bool = True,
-                    top_p: float = 0.8, temperature: float = 0.8,
-                    logits_processor: Optional[Sequence[LogitsProcessor]] = None,
+                    top_p: float = 0.8, temperature: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
+                    seed: Optional[int] = None, logits_processor: Optional[Sequence[LogitsProcessor]] = None,
                     return_past_key_values: bool = False, **kwargs) -> Iterator[tuple]:
         """Yield ``(response so far, history + [(query, response so far)])`` as tokens arrive; a partial
         UTF-8 character (response ending in U+FFFD) is held back until it completes.
@@ -245,9 +244,9 @@ class GenerationMixin:
         else:
             inputs = self._stream_inputs(tokenizer, query, history)
         S = inputs["input_ids"].shape[1]
-        gen = self._chat_kwargs(max_length, max_new_tokens, do_sample, top_p, temperature, logits_processor, kwargs)
-        if past_key_values is not None and gen.get("max_length") is not None:
-            gen["max_length"] -= past_key_values[0][0].shape[2] - (self.config.pre_seq_len or 0)
+        cached = 0 if past_key_values is None else past_key_values[0][0].shape[2] - (self.config.pre_seq_len or 0)
+        gen = self._chat_kwargs(cached + S, max_length, max_new_tokens, do_sample, top_p, temperature, top_k,
+                                repetition_penalty, seed, logits_processor, kwargs, "stream_chat")
         for item in self.stream_generate(**inputs, **gen, past_key_values=past_key_values, return_past_key_values=True):
             ids, cache = item
             text = self._decode_new(tokenizer, ids[0, S:].tolist())

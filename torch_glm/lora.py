@@ -2,9 +2,11 @@
 
 LoRA adapters are standard peft adapter directories (``adapter_config.json``,
 ``adapter_model.safetensors``) with HF parameter names, so ``peft.PeftModel.from_pretrained`` loads
-them onto this model or any other ChatGLM2 with HF names. ``pet_config`` mappings use the
-mindformers keys (``pet_type: lora|ptuning2|qlora``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
-``target_modules``; ``pre_seq_len``, ``prefix_projection``).
+them onto this model or any other ChatGLM2 with HF names. ``pet_config`` mappings are read by the one
+strict :func:`glm_common.run_config.pet_settings` (mindformers keys: ``pet_type: lora|ptuning2|qlora``,
+``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; ``pre_seq_len``,
+``prefix_projection``, ``dropout_prob``). The LoRA layer is peft's (a wrapper model); mindspore_glm
+keeps mindpet's matrices inside its own Linear cell, hence the divergent helpers of the two files.
 """
 from __future__ import annotations
 
@@ -14,18 +16,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from glm_common.run_config import RunConfigError
 from torch_glm.prefix import freeze_base
 
 __all__ = ["DEFAULT_TARGET_MODULES", "lora_config", "apply_lora", "save_lora", "load_lora", "merge_lora",
-           "apply_ptuning", "apply_pet", "pet_settings", "quantize_4bit", "apply_qlora", "PetConfigError"]
+           "apply_ptuning", "apply_pet", "quantize_4bit", "apply_qlora"]
 
 #: the linear layers LoRA wraps by default (ChatGLM2's fused q/k/v projection).
 DEFAULT_TARGET_MODULES = ("query_key_value",)
-PET_TYPES = ("lora", "ptuning2", "qlora")
-
-
-class PetConfigError(ValueError):
-    """A ``pet_config`` that cannot be used (one line naming the key)."""
 
 
 def lora_config(r: int = 8, lora_alpha: float = 32, lora_dropout: float = 0.1,
@@ -70,49 +68,34 @@ def merge_lora(peft_model) -> nn.Module:
 def apply_ptuning(model: nn.Module) -> nn.Module:
     """P-tuning v2: freeze everything but ``transformer.prefix_encoder`` (the model needs ``pre_seq_len``)."""
     if getattr(model.config, "pre_seq_len", None) is None:
-        raise PetConfigError("pre_seq_len: P-tuning v2 needs a model built with pre_seq_len set "
+        raise RunConfigError("pre_seq_len: P-tuning v2 needs a model built with pre_seq_len set "
                              "(ChatGLM2ForConditionalGeneration.from_pretrained(dir, config=config.replace(pre_seq_len=N)))")
     freeze_base(model)
     return model
 
 
-# ---------------------------------------------------------------------------------------- pet_config
-def pet_settings(pet_config: Optional[Mapping[str, Any]], source: str = "pet_config") -> dict:
-    """Normalise a mindformers ``pet_config`` into ``{"pet_type": ..., options}``; None means full fine-tuning."""
-    if not pet_config:
-        return {"pet_type": "full"}
-    if not isinstance(pet_config, Mapping):
-        raise PetConfigError(f"{source}: expected a mapping, got {type(pet_config).__name__}")
-    pet_type = str(pet_config.get("pet_type", "")).lower()
-    if pet_type not in PET_TYPES:
-        raise PetConfigError(f"{source}.pet_type: expected one of {', '.join(PET_TYPES)}, got {pet_config.get('pet_type')!r}")
-    if pet_type in ("lora", "qlora"):
-        targets = pet_config.get("target_modules", list(DEFAULT_TARGET_MODULES))
-        return {"pet_type": pet_type, "r": int(pet_config.get("lora_rank", pet_config.get("r", 8))),
-                "lora_alpha": float(pet_config.get("lora_alpha", 32)),
-                "lora_dropout": float(pet_config.get("lora_dropout", 0.1)), "target_modules": targets}
-    if "pre_seq_len" not in pet_config:
-        raise PetConfigError(f"{source}.pre_seq_len: missing (required for ptuning2)")
-    return {"pet_type": "ptuning2", "pre_seq_len": int(pet_config["pre_seq_len"]),
-            "prefix_projection": bool(pet_config.get("prefix_projection", False))}
-
-
-def apply_pet(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
-    """Apply :func:`pet_settings` output to a loaded model (QLoRA models come from :func:`apply_qlora`)."""
-    kind = settings["pet_type"]
+def apply_pet(model: nn.Module, pet: Mapping[str, Any], seed: Optional[int] = None) -> tuple:
+    """Make what ``pet`` (:func:`glm_common.run_config.pet_settings`) names trainable: LoRA or QLoRA (peft
+    wrapper), P-tuning v2 (the prefix encoder, its dropout ``dropout_prob``) or, for ``full``, everything.
+    ``seed`` reseeds torch's RNG before the LoRA matrices are drawn (None: the current RNG).
+    Returns ``(model, trainable parameters)``: the model is the peft wrapper for (Q)LoRA.
+    """
+    kind = pet["pet_type"]
+    if seed is not None:
+        torch.manual_seed(seed)
     if kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        return model
-    if kind == "lora":
-        return apply_lora(model, settings["r"], settings["lora_alpha"], settings["lora_dropout"],
-                          settings["target_modules"])
-    if kind == "ptuning2":
-        return apply_ptuning(model)
-    if kind == "qlora":
-        return apply_qlora(model, settings["r"], settings["lora_alpha"], settings["lora_dropout"],
-                           settings["target_modules"])
-    raise PetConfigError(f"pet_type: unknown {kind!r}")
+    elif kind == "lora":
+        model = apply_lora(model, pet["r"], pet["lora_alpha"], pet["lora_dropout"], pet["target_modules"])
+    elif kind == "ptuning2":
+        model = apply_ptuning(model)
+        model.transformer.prefix_dropout.p = float(pet.get("dropout_prob", 0.1))
+    elif kind == "qlora":
+        model = apply_qlora(model, pet["r"], pet["lora_alpha"], pet["lora_dropout"], pet["target_modules"])
+    else:
+        raise RunConfigError(f"pet_config.pet_type: unknown {kind!r}")
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
 # ---------------------------------------------------------------------------------------- QLoRA

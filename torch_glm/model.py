@@ -24,13 +24,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from convert.hf_layout import CheckpointError, HFCheckpoint, numpy_to_torch, torch_to_numpy, write_hf_checkpoint
 from glm_common.config import ChatGLM2Config
-from glm_common.names import hf_param_shapes, is_derived_buffer
+from glm_common.names import hf_param_shapes, is_derived_buffer, is_prefix_name
 from torch_glm.generate import GenerationMixin
 from torch_glm.prefix import PrefixEncoder
 
-__all__ = ["RMSNorm", "build_rope_cache", "apply_rope", "build_attention_mask", "SelfAttention", "MLP",
-           "GLMBlock", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "ModelConfig", "WeightError",
-           "causal_lm_loss", "DTYPES"]
+__all__ = ["WeightError", "ModelConfig", "RMSNorm", "Embedding", "build_rope_cache", "apply_rope",
+           "build_attention_mask", "SelfAttention", "MLP", "GLMBlock", "GLMTransformer", "ChatGLM2Model",
+           "ChatGLM2ForConditionalGeneration", "causal_lm_loss", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -78,10 +78,23 @@ class RMSNorm(nn.Module):
         return (self.weight * y).to(x.dtype)
 
 
-def build_rope_cache(seq_len: int, rot_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
-    """Float32 ``[seq_len, rot_dim // 2, 2]`` table of ``(cos, sin)`` of ``pos * base^(-2i/rot_dim)``."""
-    theta = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
-    pos = torch.arange(seq_len, dtype=torch.float32, device=device)
+class Embedding(nn.Module):
+    """``input_ids [B, S] -> [B, S, H]`` (HF name ``embedding.word_embeddings``)."""
+
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+def build_rope_cache(seq_len: int, kv_channels: int, base: float = 10000.0) -> torch.Tensor:
+    """Float32 ``[seq_len, kv_channels // 4, 2]`` table of ``(cos, sin)`` of ``pos * base^(-2i/rot)``,
+    ``rot = kv_channels // 2`` (the rotated first half of each head), computed on the CPU."""
+    rot_dim = kv_channels // 2
+    theta = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    pos = torch.arange(seq_len, dtype=torch.float32)
     angles = torch.outer(pos, theta).float()
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -102,31 +115,36 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.cat([out, x_pass], dim=-1)
 
 
-def build_attention_mask(attention_mask: Optional[torch.Tensor], q_len: int, past_len: int,
-                         keep_padding_rows: bool = True) -> Optional[torch.Tensor]:
-    """Boolean ``[B, 1, q_len, past_len + q_len]`` mask (True = may attend), or None.
+def build_attention_mask(attention_mask: Optional[torch.Tensor], q_len: int, past_len: int) -> torch.Tensor:
+    """Boolean ``[B, 1, q_len, past_len + q_len]`` mask (True = may attend); ``[1, 1, q_len, past_len + q_len]``
+    (plain causal) when ``attention_mask`` is None.
 
-    ``attention_mask``: ``[B, past_len + q_len]`` of 1 (token) / 0 (padding) over every key column,
-    or None. None is returned where plain causal attention (no past) or full attention (a single
-    query over a cache) is exact; the caller passes ``is_causal`` accordingly. Query ``i`` sees key
-    ``j`` when ``j <= past_len + i`` and key ``j`` is not padding. Without a past, padding queries
-    see every key (their outputs are never used); any row left empty sees every key.
+    ``attention_mask``: ``[B, past_len + q_len]`` of 1 (token) / 0 (padding) over every key column (a
+    P-tuning prefix counts as past, its columns 1). Query ``i`` sees key ``j`` when ``j <= past_len + i``
+    and key ``j`` is not padding. Without a past, padding queries see every key (their outputs are never
+    used); any row left empty sees every key.
     """
     k_len = past_len + q_len
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    if attention_mask is None and (past_len == 0 or q_len == 1):
-        return None
     device = attention_mask.device if attention_mask is not None else None
     causal = torch.arange(k_len, device=device)[None, :] <= (torch.arange(q_len, device=device)[:, None] + past_len)
     allowed = causal[None]
     if attention_mask is not None:
         pad = attention_mask.to(torch.bool)
         allowed = allowed & pad[:, None, :]
-        if past_len == 0 and keep_padding_rows:
+        if past_len == 0:
             allowed = allowed | ~pad[:, :, None]
     allowed = allowed | ~allowed.any(-1, keepdim=True)
     return allowed[:, None]
+
+
+def _sdpa_mask(attention_mask: Optional[torch.Tensor], q_len: int, past_len: int) -> Optional[torch.Tensor]:
+    """:func:`build_attention_mask`, or None where SDPA's plain causal (no past) or full attention (a
+    single query over a cache) is exact; :class:`SelfAttention` passes ``is_causal`` accordingly."""
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and (past_len == 0 or q_len == 1):
+        return None
+    return build_attention_mask(attention_mask, q_len, past_len)
 
 
 class SelfAttention(nn.Module):
@@ -207,17 +225,6 @@ class GLMBlock(nn.Module):
         return x, present
 
 
-class Embedding(nn.Module):
-    """``input_ids [B, S] -> [B, S, H]`` (HF name ``embedding.word_embeddings``)."""
-
-    def __init__(self, config: ChatGLM2Config):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(input_ids)
-
-
 class GLMTransformer(nn.Module):
     """The layer stack and the final RMSNorm (HF name ``encoder``)."""
 
@@ -257,7 +264,7 @@ class ChatGLM2Model(nn.Module):
         self.pre_seq_len = config.pre_seq_len
         if config.pre_seq_len is not None:
             self.prefix_encoder = PrefixEncoder(config)
-            self.prefix_dropout = nn.Dropout(0.1)
+            self.prefix_dropout = nn.Dropout(0.1)   # pet_config.dropout_prob (lora.apply_pet)
         self._rope_table: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ rotary table
@@ -267,7 +274,7 @@ class ChatGLM2Model(nn.Module):
         table = self._rope_table
         if table is None or table.shape[0] < need or table.device != position_ids.device:
             length = max(need, self.config.seq_length, 0 if table is None else table.shape[0])
-            table = build_rope_cache(length, self.config.kv_channels // 2, device=position_ids.device)
+            table = build_rope_cache(length, self.config.kv_channels).to(position_ids.device)
             self._rope_table = table
         return table[position_ids].to(dtype)
 
@@ -309,7 +316,7 @@ class ChatGLM2Model(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(own_past, own_past + S, device=device).unsqueeze(0).expand(B, -1)
         rope = self.rope(position_ids, dtype)
-        mask = build_attention_mask(attention_mask, S, past_len)
+        mask = _sdpa_mask(attention_mask, S, past_len)
         return self.encoder(inputs_embeds, rope, mask, past_key_values, use_cache)
 
 
@@ -347,6 +354,13 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Module):
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=presents)
+
+    def get_prompt(self, batch_size: int):
+        """The P-tuning prefix as a per-layer past: ``num_layers`` pairs ``(key, value)`` each
+        ``[B, g, P, hn]`` (in the model's dtype), or None without ``pre_seq_len``."""
+        if not self.config.pre_seq_len:
+            return None
+        return self.transformer.get_prompt(batch_size, self.device, self.dtype)
 
     # ------------------------------------------------------------------ switches
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
@@ -428,7 +442,7 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Module):
                 raise
             raise WeightError(str(e)) from None
         missing = [n for n in expected if n not in loaded]
-        prefix_missing = [n for n in missing if n.startswith("transformer.prefix_encoder.")]
+        prefix_missing = [n for n in missing if is_prefix_name(n)]
         missing = [n for n in missing if n not in prefix_missing]
         if missing:
             raise WeightError(f"{hf_dir}: {missing[0]}: missing from the checkpoint"

@@ -6,21 +6,21 @@ The prefix encoder turns ``arange(pre_seq_len)`` into one past (key, value) pair
 """
 from __future__ import annotations
 
-from typing import Iterable
+import os
 
 import torch
 from torch import nn
 
 from glm_common.config import ChatGLM2Config
+from glm_common.names import PREFIX_MODULE, is_prefix_name
 
-__all__ = ["PrefixEncoder", "freeze_base", "prefix_state_dict", "load_prefix", "PREFIX_MODULE"]
-
-#: module path of the prefix encoder inside ChatGLM2ForConditionalGeneration.
-PREFIX_MODULE = "transformer.prefix_encoder"
+__all__ = ["PrefixEncoder", "freeze_base", "prefix_trainable_params", "prefix_state_dict", "load_prefix"]
 
 
 class PrefixEncoder(nn.Module):
     """``prefix [B, P] -> [B, P, num_layers * 2 * g * hn]``.
+
+    Diverges from mindspore_glm's (``batch_size -> [2L, B, g, P, hn]``): ChatGLM2's HF layout and names.
 
     Without ``prefix_projection`` an Embedding ``[P, kv]``; with it Embedding ``[P, kv]`` -> Linear
     ``kv -> H`` -> tanh -> Linear ``H -> kv`` (ChatGLM2's layout, ``trans.0`` and ``trans.2``).
@@ -45,18 +45,23 @@ class PrefixEncoder(nn.Module):
         return out
 
 
-def freeze_base(model: nn.Module, trainable: Iterable[str] = (PREFIX_MODULE,)) -> list[str]:
-    """Freeze every parameter except those under ``trainable`` module paths; return the trainable names."""
-    prefixes = tuple(p.rstrip(".") + "." for p in trainable)
-    names = []
+def freeze_base(model: nn.Module) -> list:
+    """Make only the prefix encoder trainable; return its (trainable) parameters."""
+    train = []
     for name, p in model.named_parameters():
-        keep = name.startswith(prefixes)
+        keep = is_prefix_name(name)
         p.requires_grad_(keep)
         if keep:
-            names.append(name)
-    if not names:
-        raise ValueError(f"freeze_base: no parameter under {', '.join(trainable)} (is pre_seq_len set?)")
-    return names
+            train.append(p)
+    if not train:
+        raise ValueError(f"freeze_base: the model has no prefix_encoder (no parameter under {PREFIX_MODULE}; "
+                         "is pre_seq_len set?)")
+    return train
+
+
+def prefix_trainable_params(model: nn.Module) -> list:
+    """The prefix encoder's parameters."""
+    return [p for n, p in model.named_parameters() if is_prefix_name(n)]
 
 
 def prefix_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,8 +72,6 @@ def prefix_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_prefix(model: nn.Module, path) -> nn.Module:
     """Load P-tuning weights (a ``prefix_encoder.safetensors`` file, or the directory holding one) into
     ``model.transformer.prefix_encoder``; names are HF's (``transformer.prefix_encoder.…``)."""
-    import os
-
     from safetensors.torch import load_file
     path = os.fspath(path)
     if os.path.isdir(path):

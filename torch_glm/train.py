@@ -1,4 +1,8 @@
-"""Fine-tuning entry point: ``python -m torch_glm.train --config RUN.yaml [overrides]``.
+"""Fine-tuning in PyTorch, driven by the mindformers-shaped run YAML (command: ``python -m torch_glm.run``,
+``python -m torch_glm.train`` or ``glm2-train``; see :mod:`torch_glm.run`).
+
+The twin of ``mindspore_glm/train.py``: the features, batches, step budget and eval set come from the
+same :mod:`glm_common.training` functions, so the same YAML trains both backends on the same batches.
 
 Reads the mindformers-shaped run YAML the MindSpore runner reads (:mod:`glm_common.run_config`), where the
 keys mean the same thing:
@@ -6,7 +10,8 @@ keys mean the same thing:
 * ``model.model_config`` (:meth:`ChatGLM2Config.from_model_config`) and its ``pet_config``
   (``pet_type: lora|ptuning2|qlora``; none = full fine-tuning); a top-level ``pet_config`` also works;
 * ``load_checkpoint``: the HF directory of the base weights (empty: random initialisation);
-* ``train_dataset`` / ``eval_dataset``: ``data_loader.dataset_dir``, ``data_loader.shuffle``,
+* ``train_dataset`` / ``eval_dataset``: ``data_loader.dataset_dir``, ``data_loader.format``,
+  ``data_loader.mode`` (feature mode), ``padding``, ``data_loader.shuffle``,
   ``tokenizer.vocab_file``, ``max_source_length``, ``max_target_length``, ``batch_size``,
   ``drop_remainder``; ``do_eval``, ``eval_step_interval``; ``eval_dataset.num_samples`` bounds the
   generation metrics (rouge-1/2/l, bleu-4 of :mod:`glm_common.metrics`);
@@ -31,73 +36,42 @@ rank 0 writes. On CUDA, ``model_config.compute_dtype`` float16/bfloat16 turns on
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
-import shutil
 import sys
 import time
 from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from glm_common.config import ConfigError
 from glm_common.run_config import RunConfigError, TrainSettings, load_run_config, settings_from_config
-from glm_common.schedules import decays, learning_rates, lr_at, schedule_total
+from glm_common.schedules import learning_rates, lr_at, schedule_total
+from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
+from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, total_updates, train_features,
+                                 updates_per_epoch)
+from torch_glm.checkpointing import (base_model, checkpoint_dir, find_checkpoints, load_checkpoint, save_checkpoint,
+                                     save_result)
+from torch_glm.data import make_dataloader
+from torch_glm.evaluate import eval_loss, evaluate
+from torch_glm.lora import apply_pet
+from torch_glm.model import ChatGLM2ForConditionalGeneration
+from torch_glm.train_step import AdamWeightDecay, make_optimizer
 
-__all__ = ["TrainSettings", "RunConfigError", "load_run_config", "settings_from_config", "lr_at", "AdamWeightDecay",
-           "make_optimizer", "build_model", "train", "main"]
+__all__ = ["TrainingError", "init_ranks", "build_model", "train"]
 
-
-
-class AdamWeightDecay(torch.optim.Optimizer):
-    """MindSpore's ``nn.AdamWeightDecay`` (mindformers' AdamWeightDecay family) in torch: Adam without
-    bias correction and decoupled weight decay, in float32 (see :mod:`glm_common.schedules`)::
-
-        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= lr * (m / (sqrt(v) + eps) + wd * p)
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = m / (v.sqrt() + group["eps"])
-                pf = p.float()
-                if group["weight_decay"]:
-                    update = update + group["weight_decay"] * pf
-                p.copy_(pf - group["lr"] * update)
-
-
-def make_optimizer(model, s: TrainSettings) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW`` for ``optimizer.type: AdamW`` (bias-corrected), else :class:`AdamWeightDecay`."""
-    groups = _param_groups(model, s.weight_decay)
-    if s.bias_correction:
-        return torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), eps=s.eps)
-    return AdamWeightDecay(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), eps=s.eps)
+#: names this module exported before the split (``from torch_glm.train import ...`` keeps working)
+_REEXPORTED = (RunConfigError, TrainSettings, load_run_config, settings_from_config, lr_at, AdamWeightDecay,
+               make_optimizer)
 
 
 # ---------------------------------------------------------------------------------------- model
-def build_model(s: TrainSettings, device="cpu"):
-    """Base model (from ``load_checkpoint`` or random) with the PET method of ``s.pet`` applied."""
-    from torch_glm.lora import apply_pet
-    from torch_glm.model import ChatGLM2ForConditionalGeneration
+def build_model(s: TrainSettings, device="cpu") -> tuple:
+    """The model of ``s`` (weights from ``load_checkpoint``, an HF directory, or random) with the PET method
+    of ``s.pet`` applied, on ``device``. Returns ``(model, trainable parameters)``; the model is the peft
+    wrapper for (Q)LoRA."""
     torch.manual_seed(s.seed)
     if s.load_checkpoint:
         model = ChatGLM2ForConditionalGeneration.from_pretrained(s.load_checkpoint, config=s.config)
@@ -105,157 +79,20 @@ def build_model(s: TrainSettings, device="cpu"):
         model = ChatGLM2ForConditionalGeneration(s.config)
     if s.pet["pet_type"] != "qlora":
         model.to(device)
-    model = apply_pet(model, s.pet)
+    model, params = apply_pet(model, s.pet)
     if s.gradient_checkpointing:
-        base = _base(model)
+        base = base_model(model)
         base.gradient_checkpointing_enable()
         if s.pet["pet_type"] != "full":
             base.enable_input_require_grads()
-    return model
-
-
-def _base(model):
-    """The ChatGLM2ForConditionalGeneration inside a peft and/or DDP wrapper."""
-    from torch_glm.model import ChatGLM2ForConditionalGeneration
-    for m in model.modules():
-        if isinstance(m, ChatGLM2ForConditionalGeneration):
-            return m
-    raise TypeError("no ChatGLM2ForConditionalGeneration inside the model")
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if decays(n, p.dim()) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-# ---------------------------------------------------------------------------------------- outputs
-def save_result(model, s: TrainSettings, out_dir: str) -> str:
-    """Write what the run produced (adapter / prefix / HF model directory); return its path."""
-    from safetensors.torch import save_file
-    from torch_glm.lora import save_lora
-    from torch_glm.prefix import prefix_state_dict
-    kind = s.pet["pet_type"]
-    if kind in ("lora", "qlora"):
-        path = os.path.join(out_dir, "adapter")
-        save_lora(model, path)
-        return path
-    base = _base(model)
-    if kind == "ptuning2":
-        path = os.path.join(out_dir, "prefix")
-        os.makedirs(path, exist_ok=True)
-        tmp = os.path.join(path, "prefix_encoder.safetensors.tmp")
-        save_file({k: v.contiguous().cpu() for k, v in prefix_state_dict(base).items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, "prefix_encoder.safetensors"))
-        base.config.save_hf(path)
-        return path
-    path = os.path.join(out_dir, "model")
-    base.save_pretrained(path)
-    return path
-
-
-# ---------------------------------------------------------------------------------------- checkpoints
-def _ckpt_dirs(out_dir: str, prefix: str) -> list[tuple[int, str]]:
-    root = os.path.join(out_dir, "checkpoint")
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        if name.startswith(prefix + "_step_") and os.path.isfile(os.path.join(root, name, "trainer_state.pt")):
-            try:
-                found.append((int(name.rsplit("_", 1)[1]), os.path.join(root, name)))
-            except ValueError:
-                continue
-    return sorted(found)
-
-
-def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, epoch: int, batch_in_epoch: int) -> str:
-    from safetensors.torch import save_file
-    root = os.path.join(s.output_dir, "checkpoint")
-    final = os.path.join(root, f"{s.ckpt_prefix}_step_{step}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, os.path.join(tmp, "trainable.safetensors"))
-    torch.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-                "pet": s.pet}, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for _, old in _ckpt_dirs(s.output_dir, s.ckpt_prefix)[:-max(1, s.keep_max)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-    weights = load_file(os.path.join(path, "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    for name, value in weights.items():
-        if name not in params:
-            raise RunConfigError(f"{path}/trainable.safetensors: {name}: not a parameter of this run's model")
-        with torch.no_grad():
-            params[name].copy_(value)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
-    return state
-
-
-# ---------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model, s: TrainSettings, tokenizer, device) -> dict:
-    """Eval loss over the eval file and rouge/bleu of greedy answers for up to ``eval_num_samples`` prompts."""
-    from glm_common.data import build_eval_features, build_train_features, load_samples
-    from glm_common.metrics import compute_metrics
-    base = _base(model)
-    was_training = model.training
-    model.eval()
-    samples = load_samples(s.eval_file)
-    if s.eval_num_samples:
-        samples = samples[:s.eval_num_samples]
-    feats = build_train_features(samples, tokenizer, max_source_length=s.eval_max_source_length,
-                                 max_target_length=s.eval_max_target_length)
-    total, count = 0.0, 0
-    for lo in range(0, len(samples), s.eval_batch_size):
-        ids = torch.from_numpy(feats["input_ids"][lo:lo + s.eval_batch_size]).to(device)
-        labels = torch.from_numpy(feats["labels"][lo:lo + s.eval_batch_size]).to(device)
-        n = int((labels[:, 1:] != -100).sum())
-        total += model(input_ids=ids, labels=labels).loss.item() * n
-        count += n
-    ev = build_eval_features(samples, tokenizer, max_source_length=s.eval_max_source_length)
-    preds = []
-    for lo in range(0, len(samples), s.eval_batch_size):
-        sl = slice(lo, lo + s.eval_batch_size)
-        prompt = torch.from_numpy(ev["input_ids"][sl]).to(device)
-        out = base.generate(prompt, attention_mask=torch.from_numpy(ev["attention_mask"][sl]).to(device),
-                            position_ids=torch.from_numpy(ev["position_ids"][sl]).to(device),
-                            max_new_tokens=s.eval_max_target_length)
-        for row in out[:, prompt.shape[1]:].tolist():
-            row = [t for t in row if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
-            preds.append(tokenizer.decode(row))
-    result = {"eval_loss": total / max(1, count)}
-    result.update(compute_metrics(preds, ev["answers"]))
-    model.train(was_training)
-    return result
+    return model, params
 
 
 # ---------------------------------------------------------------------------------------- training
-def _dist():
+def init_ranks(s: TrainSettings) -> tuple:
+    """``(rank, world size)``: ``(0, 1)`` unless started by ``torchrun`` with ``WORLD_SIZE > 1``, in which
+    case the process group is initialised here (nccl on CUDA, gloo on CPU). ``s`` is not read: torchrun's
+    environment decides (MindSpore's twin reads ``use_parallel``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -264,55 +101,45 @@ def _dist():
     return rank, world
 
 
-def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
+def train(s: TrainSettings, model=None, params=None, device: Optional[str] = None) -> dict:
     """Run the training loop of ``s``; return a summary (steps, first/last loss, tokens/s, paths).
 
-    ``model``: an already built model (:func:`build_model`), e.g. one whose LoRA matrices were set.
+    ``model``/``params``: an already built model and its trainable parameters (:func:`build_model`), e.g.
+    one whose LoRA matrices were set (``params`` None: the parameters that require grad). ``device``:
+    cpu, cuda, cuda:1 ... (default: this rank's GPU when there is one).
     """
-    from glm_common.data import build_train_features, load_samples
-    from glm_common.tokenizer import ChatGLM2Tokenizer
-    from torch_glm.data import make_dataloader
-    rank, world = _dist()
+    rank, world = init_ranks(s)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if not s.vocab_file:
         raise RunConfigError("train_dataset.tokenizer.vocab_file: missing (path to the tokenizer.model)")
-    if not s.train_file:
-        raise RunConfigError("train_dataset.data_loader.dataset_dir: missing (path to the training data)")
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
     tokenizer = ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
-    feats = build_train_features(load_samples(s.train_file), tokenizer, max_source_length=s.max_source_length,
-                                 max_target_length=s.max_target_length, progress=s.progress and rank == 0)
-    loader = make_dataloader(feats, s.batch_size, shuffle=s.shuffle, seed=s.data_seed, rank=rank, world_size=world,
-                             drop_remainder=s.drop_remainder, num_workers=s.num_workers)
+    feats = train_features(s, tokenizer, s.progress and rank == 0)
+    loader = make_dataloader(feats, s.batch_size, **dataset_kwargs(s, rank, world), num_workers=s.num_workers)
     # DataLoader draws a base seed from the global RNG at every iter(); a private generator keeps the
     # global RNG (dropout) on the same sequence whether a run is resumed or not
     loader.generator = torch.Generator().manual_seed(s.seed)
-    per_epoch = len(loader) // s.grad_accum
-    if per_epoch == 0:
-        raise RunConfigError(f"runner_config.gradient_accumulation_steps: {s.grad_accum} is more than the "
-                             f"{len(loader)} batches of an epoch")
-    total = per_epoch * s.epochs
-    if s.max_steps > 0:
-        total = min(total, s.max_steps)
+    per_epoch = updates_per_epoch(s, len(loader))
+    total = total_updates(s, per_epoch)
     lrs = learning_rates(s, schedule_total(s, per_epoch))
 
-    model = build_model(s, device) if model is None else model
+    if model is None:
+        model, params = build_model(s, device)
     model.train()
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.startswith("cuda") else None)
-    optimizer = make_optimizer(model, s)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: float(lrs[min(k, len(lrs) - 1)]) / s.learning_rate if s.learning_rate else 0.0)
+    optimizer = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], s, lrs)
+    scheduler = optimizer.lr_scheduler
     step, start_epoch, skip = 0, 0, 0
     os.makedirs(s.output_dir, exist_ok=True)
     log_path = os.path.join(s.output_dir, "loss_log.jsonl")
     if s.resume:
-        found = _ckpt_dirs(s.output_dir, s.ckpt_prefix)
+        found = find_checkpoints(checkpoint_dir(s, rank), s.ckpt_prefix)
         if found:
             state = load_checkpoint(found[-1][1], model, optimizer, scheduler)
             step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -324,7 +151,6 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     use_amp = device.startswith("cuda") and s.compute_dtype in ("float16", "bfloat16")
     amp_dtype = getattr(torch, s.compute_dtype) if use_amp else None
     scaler = torch.amp.GradScaler("cuda") if use_amp and s.compute_dtype == "float16" else None
-    from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=step, desc="train", disable=not (s.progress and rank == 0), dynamic_ncols=True)
     first_loss = last_loss = None
     tokens_done, t0 = 0, time.perf_counter()
@@ -384,7 +210,7 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
                 if s.save_steps and step % s.save_steps == 0:
                     save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)
                 if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0:
-                    _log_eval(model, s, tokenizer, device, step, log_path)
+                    _log_eval(model, s, tokenizer, step, log)
         epoch += 1
         skip = 0
     bar.close()
@@ -393,7 +219,7 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
                "tokens_per_s": tokens_done * world / elapsed if elapsed > 0 else 0.0, "log": log_path}
     if rank == 0:
         if s.do_eval:
-            summary["eval"] = _log_eval(model, s, tokenizer, device, step, log_path)
+            summary["eval"] = _log_eval(model, s, tokenizer, step, log)
         summary["result"] = save_result(model, s, s.output_dir)
         summary["plot"] = plot_losses(log_path, os.path.join(s.output_dir, "loss_curve.png"))
         print(summary_line(step, first_loss, last_loss, summary["tokens_per_s"], elapsed,
@@ -404,10 +230,18 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     return summary
 
 
-def _log_eval(model, s, tokenizer, device, step, log_path) -> dict:
-    result = evaluate(model, s, tokenizer, device)
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in result.items()}}) + "\n")
+def _log_eval(model, s: TrainSettings, tokenizer, step: int, log) -> dict:
+    """``do_eval``: eval loss and the generation metrics of the model as it is at ``step``; a
+    ``{"step", "eval_loss", "rouge-1", ...}`` row in the loss log."""
+    was_training = model.training
+    model.eval()
+    try:
+        samples = eval_samples(s)
+        result = {"eval_loss": eval_loss(model, s, tokenizer, samples)}
+        result.update(evaluate(model, s, tokenizer, 0, 1, samples)[0])
+    finally:
+        model.train(was_training)
+    log.write({"step": step, **{k: round(float(v), 6) for k, v in result.items()}})
     return result
 
 
@@ -419,46 +253,6 @@ class _null:
         return False
 
 
-# ---------------------------------------------------------------------------------------- CLI
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m torch_glm.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="run YAML (mindformers-shaped)")
-    ap.add_argument("--load_checkpoint", help="HF directory of the base weights (overrides the YAML)")
-    ap.add_argument("--vocab_file", help="tokenizer.model (overrides the YAML)")
-    ap.add_argument("--train_dataset", help="training data file (overrides the YAML)")
-    ap.add_argument("--eval_dataset", help="eval data file (overrides the YAML)")
-    ap.add_argument("--output_dir", help="output directory (overrides the YAML)")
-    ap.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--batch_size", type=int)
-    ap.add_argument("--learning_rate", type=float)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    ap.add_argument("--no_progress", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        s = settings_from_config(load_run_config(args.config), source=args.config)
-    except (RunConfigError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for key, attr in (("load_checkpoint", "load_checkpoint"), ("vocab_file", "vocab_file"),
-                      ("train_dataset", "train_file"), ("eval_dataset", "eval_file"), ("output_dir", "output_dir"),
-                      ("max_steps", "max_steps"), ("epochs", "epochs"), ("batch_size", "batch_size"),
-                      ("learning_rate", "learning_rate"), ("seed", "seed")):
-        if getattr(args, key) is not None:
-            setattr(s, attr, getattr(args, key))
-    s.resume = s.resume or args.resume
-    s.progress = not args.no_progress
-    try:
-        out = train(s, device=args.device)
-    except (RunConfigError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({k: v for k, v in out.items() if k not in ("model", "losses")}, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":          # python -m torch_glm.train: the command of torch_glm.run
+    import runpy
+    runpy.run_module("torch_glm.run", run_name="__main__", alter_sys=True)

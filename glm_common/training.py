@@ -1,0 +1,117 @@
+"""What the two training loops (``mindspore_glm.train``, ``torch_glm.train``) and their evaluation compute
+alike, from the run settings (:class:`glm_common.run_config.TrainSettings`): the training features (the
+YAML's ``data_format``, ``feature_mode``, lengths), the batch-source arguments (``padding``, shuffling,
+sharding), the step budget, the eval samples, prompts and token budget, and the answer clean-up.
+
+Backend-free (numpy); both backends call these, so the same YAML gives the same batches and the same
+eval set in both.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from glm_common.data import build_eval_features, build_train_features, load_samples
+from glm_common.run_config import RunConfigError, TrainSettings
+
+__all__ = ["TrainingError", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
+           "eval_loss_features", "eval_prompts", "clean_answer", "merge_shards", "format_table"]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN/Inf loss under a fixed loss scale, ...); one line with the step."""
+
+
+def train_features(s: TrainSettings, tokenizer, progress: bool = False) -> dict:
+    """Token features of the training file, read in the YAML's ``data_format`` and built in its
+    ``feature_mode`` with ``max_source_length``/``max_target_length``; checked against ``seq_length``."""
+    if not s.train_file:
+        raise RunConfigError(f"{s.source}: train_dataset.data_loader.dataset_dir: missing (path to the training data)")
+    feats = build_train_features(load_samples(s.train_file, s.data_format), tokenizer, mode=s.feature_mode,
+                                 max_source_length=s.max_source_length, max_target_length=s.max_target_length,
+                                 progress=progress)
+    if feats["input_ids"].shape[1] > s.config.seq_length:
+        raise RunConfigError(f"{s.source}: model.model_config.seq_length: {s.config.seq_length} is less than "
+                             f"max_source_length + max_target_length + 1 = {feats['input_ids'].shape[1]}")
+    return feats
+
+
+def dataset_kwargs(s: TrainSettings, rank: int = 0, world_size: int = 1) -> dict:
+    """Keyword arguments of ``make_dataset`` (either backend) after ``features, batch_size``: shuffling,
+    the data seed, this rank's shard, ``drop_remainder`` and the YAML's ``padding``."""
+    return dict(shuffle=s.shuffle, seed=s.data_seed, rank=rank, world_size=world_size,
+                drop_remainder=s.drop_remainder, padding=s.padding)
+
+
+def updates_per_epoch(s: TrainSettings, batches: int) -> int:
+    """Optimizer updates in an epoch of ``batches`` micro-batches (``gradient_accumulation_steps`` each)."""
+    per_epoch = batches // s.grad_accum
+    if per_epoch == 0:
+        raise RunConfigError(f"{s.source}: runner_config.gradient_accumulation_steps: {s.grad_accum} is more than "
+                             f"the {batches} batches of an epoch")
+    return per_epoch
+
+
+def total_updates(s: TrainSettings, per_epoch: int) -> int:
+    """Updates the run makes: ``epochs`` epochs, capped by ``max_steps`` when that is positive."""
+    total = per_epoch * s.epochs
+    return total if s.max_steps <= 0 else min(total, s.max_steps)
+
+
+def eval_samples(s: TrainSettings) -> list:
+    """The eval file's samples (in the YAML's ``data_format``), the first ``eval_dataset.num_samples`` of
+    them when that is set."""
+    if not s.eval_file:
+        raise RunConfigError(f"{s.source}: eval_dataset.data_loader.dataset_dir: missing (path to the eval data)")
+    samples = load_samples(s.eval_file, s.data_format)
+    return samples[:s.eval_num_samples] if s.eval_num_samples else samples
+
+
+def eval_loss_features(s: TrainSettings, tokenizer, samples) -> dict:
+    """Teacher-forced features of the eval samples (``feature_mode``, the eval lengths)."""
+    return build_train_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length,
+                                max_target_length=s.eval_max_target_length)
+
+
+def eval_prompts(s: TrainSettings, tokenizer, samples) -> tuple:
+    """``(eval features, new-token budget)``: left-padded prompts of the eval samples and how many tokens
+    greedy decoding may add (``eval max_target_length``, bounded by ``seq_length``)."""
+    ev = build_eval_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length)
+    new = min(s.eval_max_target_length, s.config.seq_length - ev["input_ids"].shape[1] - 1)
+    if new <= 0:
+        raise RunConfigError(f"{s.source}: model.model_config.seq_length: {s.config.seq_length} leaves no room to "
+                             f"generate after {ev['input_ids'].shape[1]} prompt tokens")
+    return ev, new
+
+
+def clean_answer(tokenizer, row) -> list:
+    """Generated ids up to the first eos, pads dropped."""
+    out = []
+    for t in row:
+        if t == tokenizer.eos_token_id:
+            break
+        if t != tokenizer.pad_token_id:
+            out.append(int(t))
+    return out
+
+
+def merge_shards(parts: list, n: int) -> list:
+    """Rank ``r``'s answers for items ``r, r+W, ...`` -> all ``n`` answers in item order."""
+    out = [None] * n
+    for r, part in enumerate(parts):
+        out[r::len(parts)] = part
+    return out
+
+
+def format_table(metrics: dict) -> str:
+    """The metrics as a two-line Markdown table."""
+    keys = list(metrics)
+    return "| " + " | ".join(keys) + " |\n| " + " | ".join("---" for _ in keys) + " |\n| " + \
+        " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |"
+
+
+def label_tokens(labels: np.ndarray) -> int:
+    """Label tokens the shifted loss counts in ``labels [B, S]`` (``labels[:, 1:] != -100``)."""
+    return int((np.asarray(labels)[:, 1:] != -100).sum())
+
+
+__all__ += ["label_tokens"]

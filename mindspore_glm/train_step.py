@@ -1,0 +1,164 @@
+"""One optimizer update in MindSpore: the optimizer and the GRAPH-mode train-step cells.
+
+The twin of ``torch_glm/train_step.py``. :func:`make_optimizer` is ``nn.AdamWeightDecay`` with the
+per-update learning rates of :func:`glm_common.schedules.learning_rates`. :class:`TrainOneStepCell` (and
+:class:`AccumulateCell` for gradient accumulation) are MindSpore-only: the loss scale, the overflow
+check, the data-parallel reduction and clipping run inside one compiled graph (torch's step is eager
+autograd in ``torch_glm.train``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from glm_common.run_config import RunConfigError, TrainSettings
+from glm_common.schedules import decays
+
+__all__ = ["make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell"]
+
+
+def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWeightDecay:
+    """``nn.AdamWeightDecay`` over ``params`` (weight decay on :func:`glm_common.schedules.decays` ones)
+    with the per-update learning rates ``lrs [n]``.
+
+    ``optimizer.type: AdamW`` (bias-corrected) folds ``sqrt(1 - b2^t) / (1 - b1^t)`` into the learning
+    rate and divides the weight decay by it, which is AdamW up to ``eps`` scaling (``eps`` acts as
+    ``eps * sqrt(1 - b2^t)``).
+    """
+    decay = [p for p in params if decays(p.name, len(p.shape))]
+    rest = [p for p in params if not decays(p.name, len(p.shape))]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}] if decay else []
+    if rest:
+        groups.append({"params": rest, "weight_decay": 0.0})
+    lrs = np.asarray(lrs, np.float32)
+    if s.bias_correction:
+        t = np.arange(1, len(lrs) + 1, dtype=np.float64)
+        lrs = (lrs * np.sqrt(1 - s.beta2 ** t) / (1 - s.beta1 ** t)).astype(np.float32)
+        if s.weight_decay:
+            raise RunConfigError(f"{s.source}: optimizer.type: AdamW with weight_decay > 0 is not available in "
+                                 "the MindSpore runner; use AdamWeightDecay (mindformers' default)")
+    return nn.AdamWeightDecay(groups, Tensor(lrs), beta1=s.beta1, beta2=s.beta2, eps=s.eps)
+
+
+def sum_squares(tensors):
+    """Sum of the squares of every element of ``tensors`` (float32), as a scalar.
+
+    Each tensor is reduced as 2-D rows first: MindSpore's CPU ReduceSum over a whole tensor, or over the
+    last axis of a 3-D/4-D one, is several times slower than over the rows of a 2-D one.
+    """
+    rows = []
+    for t in tensors:
+        t2 = ops.reshape(t, (-1, t.shape[-1]))
+        rows.append(ops.reshape(ops.ReduceSum()(t2 * t2, 1), (-1,)))
+    return ops.concat(rows).sum()
+
+
+class _LossCell(nn.Cell):
+    """``(input_ids [B,S], labels [B,S]) -> float32 loss``."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids, labels):
+        return self.model(input_ids, None, None, labels)[0]
+
+
+class TrainOneStepCell(nn.Cell):
+    """One optimizer update. ``construct(input_ids [B,S], labels [B,S])`` -> ``(loss, overflow,
+    loss_scale, grad_norm)``: float32 loss (the data-parallel mean), bool overflow (update skipped),
+    the loss scale the step used, the global gradient norm before clipping.
+
+    With ``gradient_accumulation_steps`` N > 1 an update takes N micro-batches: the first N-1 go through
+    :attr:`accumulate` (an :class:`AccumulateCell`: loss and scaled gradients added to float32 buffers, no
+    update, no communication), the last through this cell, which adds its own, takes the mean over the
+    N micro-batches (loss and gradients, as one batch N times larger with equal label counts would give),
+    reduces over the ranks once, updates and empties the buffers.
+    """
+
+    def __init__(self, model, optimizer: nn.AdamWeightDecay, s: TrainSettings, parallel: bool = False):
+        super().__init__(auto_prefix=False)
+        self.network = _LossCell(model)
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.loss_scale = Parameter(Tensor(np.float32(s.loss_scale_value)), name="loss_scale")
+        self.good_steps = Parameter(Tensor(np.int32(0)), name="loss_scale_good_steps")
+        self.dynamic = s.loss_scale_dynamic
+        self.factor = float(s.loss_scale_factor)
+        self.window = int(s.loss_scale_window)
+        self.clip = s.clip_grad
+        self.max_norm = float(s.max_grad_norm)
+        self.parallel = parallel
+        if parallel:
+            from mindspore.communication import get_group_size
+            self.degree = get_group_size()
+            self.reducer = nn.DistributedGradReducer(self.weights, mean=s.gradients_mean, degree=self.degree)
+            self.allreduce = ops.AllReduce()
+        self.accum_steps = int(s.grad_accum)
+        if self.accum_steps > 1:
+            self.accu_grads = ParameterTuple(
+                Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"accu_grads.{p.name}", requires_grad=False)
+                for p in self.weights)
+            self.accu_loss = Parameter(Tensor(np.float32(0)), name="accu_loss", requires_grad=False)
+            self.accumulate = AccumulateCell(self)
+
+    def construct(self, input_ids, labels):
+        scale = self.loss_scale * 1.0
+        loss = self.network(input_ids, labels)
+        grads = self.grad(self.network, self.weights)(input_ids, labels, scale)
+        if self.accum_steps > 1:
+            grads = tuple(ops.cast(g, ms.float32) + a for g, a in zip(grads, self.accu_grads))
+            loss = (loss + self.accu_loss) / self.accum_steps
+            for a in self.accu_grads:
+                grads = ops.depend(grads, ops.assign(a, ops.zeros_like(a)))
+            loss = ops.depend(loss, ops.assign(self.accu_loss, ops.zeros_like(self.accu_loss)))
+        if self.parallel:
+            grads = self.reducer(grads)
+            loss = self.allreduce(loss) / self.degree
+        grads = tuple(ops.cast(g, ms.float32) for g in grads)
+        # the norm of the scaled gradients divided by the scale, then one multiply per gradient that unscales
+        # and clips together (a float32 overflow of the scaled squares needs an unscaled norm near
+        # 1.8e19 / scale, and is handled like any overflow); accumulated gradients are sums: / N as well
+        norm = ops.sqrt(sum_squares(grads)) / (scale * self.accum_steps)
+        overflow = ops.logical_not(ops.isfinite(norm))
+        coef = 1.0 / (scale * self.accum_steps)
+        if self.clip:
+            coef = coef * (self.max_norm / ops.maximum(norm, self.max_norm))
+        grads = tuple(g * coef for g in grads)
+        if self.dynamic:
+            ok = ops.cast(ops.logical_not(overflow), ms.int32)
+            good = (self.good_steps + 1) * ok
+            grow = good >= self.window
+            down = ops.maximum(scale / self.factor, 1.0)
+            new_scale = ops.select(overflow, down, ops.select(grow, scale * self.factor, scale))
+            good = ops.select(grow, ops.zeros_like(good), good)
+            loss = ops.depend(loss, ops.assign(self.loss_scale, new_scale))
+            loss = ops.depend(loss, ops.assign(self.good_steps, good))
+        if not overflow:
+            loss = ops.depend(loss, self.optimizer(grads))
+        return loss, overflow, scale, norm
+
+
+class AccumulateCell(nn.Cell):
+    """A micro-batch of gradient accumulation (see :class:`TrainOneStepCell`): ``construct(input_ids,
+    labels)`` -> the micro-batch's loss; adds the loss and the gradients (scaled by the current loss
+    scale) to the step cell's float32 buffers and updates nothing."""
+
+    def __init__(self, step_cell: TrainOneStepCell):
+        super().__init__(auto_prefix=False)
+        self.network = step_cell.network
+        self.weights = step_cell.weights
+        self.grad = step_cell.grad
+        self.loss_scale = step_cell.loss_scale
+        self.accu_grads = step_cell.accu_grads
+        self.accu_loss = step_cell.accu_loss
+
+    def construct(self, input_ids, labels):
+        scale = self.loss_scale * 1.0
+        loss = self.network(input_ids, labels)
+        grads = self.grad(self.network, self.weights)(input_ids, labels, scale)
+        for a, g in zip(self.accu_grads, grads):
+            loss = ops.depend(loss, ops.assign_add(a, ops.cast(g, ms.float32)))
+        return ops.depend(loss, ops.assign_add(self.accu_loss, loss))

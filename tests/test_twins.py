@@ -1,0 +1,186 @@
+"""The two backends are twins: ``mindspore_glm/X.py`` and ``torch_glm/X.py`` export the same names
+(``__all__``) with the same signatures (parameter names, kinds and order; which ones have defaults),
+their classes the same public methods (``construct`` is MindSpore's ``forward``) in the same order.
+
+A divergence the frameworks force is listed in :data:`ALLOWED` with its reason; everything else must match.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = ("mindspore_glm", "torch_glm")
+
+#: modules only one backend has (module name -> reason)
+ONE_SIDED_MODULES = {
+    "launch": "the Ascend launcher (rank tables, msrun); torch runs under torchrun",
+    "parallel": "MindSpore's semi-auto parallel sharding plan; torch trains data-parallel with DDP",
+}
+
+_DTYPES = "mindformers' per-cell dtypes (param_init_type, compute_dtype, ...) are constructor arguments in MindSpore; torch casts the module"
+_STATIC_CACHE = "static KV cache: MindSpore's prefill/decode graphs take a preallocated cache, a slot mask and static shapes (GRAPH mode); torch's cache grows per step (HF interface)"
+_HF = "the HF/transformers/peft interface torch users call (MindSpore has no transformers)"
+_PREFIX = "P-tuning layout: mindpet's prefix encoder (top-level prefix_encoder.*, [2L, B, g, P, hn] out) vs HF's transformer.prefix_encoder ([B, P, kv] out)"
+_PEFT = "LoRA layer: mindpet's in-place low-rank parameters on our Linear (MindSpore) vs peft's wrapper model (torch)"
+_CELLS = "GRAPH-mode train-step cells (loss scale, accumulation buffers, overflow check in the graph); torch's step is eager autograd"
+_CKPT = "checkpoint formats: mindformers' .ckpt with optimizer moments (MindSpore) vs a trainable.safetensors + trainer_state.pt folder (torch)"
+_DATA = "framework data containers: MindSpore GeneratorDataset vs torch DataLoader (both over glm_common.data.Batcher)"
+
+#: ``(module, qualified name)`` -> reason: the names/signatures allowed to differ. A qualified name ending
+#: in ``.*`` covers every method of that class.
+ALLOWED = {
+    # model
+    ("model", "RMSNorm.__init__"): _DTYPES, ("model", "SelfAttention.__init__"): _DTYPES,
+    ("model", "MLP.__init__"): _DTYPES, ("model", "GLMBlock.__init__"): _DTYPES,
+    ("model", "GLMTransformer.__init__"): _DTYPES, ("model", "ChatGLM2Model.__init__"): _DTYPES,
+    ("model", "Embedding.__init__"): _DTYPES, ("model", "ChatGLM2ForConditionalGeneration.__init__"): _DTYPES,
+    ("model", "Linear"): "MindSpore's own Linear cell carries mindformers' dtypes and mindpet's LoRA parameters; torch uses nn.Linear",
+    ("model", "ms_dtype"): "MindSpore dtype lookup (torch dtypes resolve in from_pretrained)",
+    ("model", "DTYPE_NAMES"): "MindSpore dtype table (torch's is DTYPES)",
+    ("model", "DTYPES"): "torch dtype table (MindSpore's is DTYPE_NAMES, glm_common.config.DTYPES is the names)",
+    ("model", "ModelConfig"): _HF,
+    ("model", "rope_tables"): "MindSpore rotates with full-width cos/sin tables and a pair-swap matmul: static shapes for GRAPH mode",
+    ("model", "pair_swap_matrix"): "MindSpore rotates with full-width cos/sin tables and a pair-swap matmul: static shapes for GRAPH mode",
+    ("model", "apply_rope_tables"): "MindSpore rotates with full-width cos/sin tables and a pair-swap matmul: static shapes for GRAPH mode",
+    ("model", "SelfAttention.forward"): _STATIC_CACHE, ("model", "GLMBlock.forward"): _STATIC_CACHE,
+    ("model", "GLMTransformer.forward"): _STATIC_CACHE, ("model", "ChatGLM2Model.forward"): _STATIC_CACHE,
+    ("model", "ChatGLM2Model.*"): _PREFIX,
+    ("model", "ChatGLM2ForConditionalGeneration.*"): _HF + "; " + _STATIC_CACHE,
+    # generate
+    ("generate", "GenerationMixin.*"): _STATIC_CACHE + "; " + _HF,
+    ("generate", "process_logits"): "MindSpore processes the scores on the host in numpy in one call; torch's processors are the separate apply_* steps",
+    ("generate", "apply_repetition_penalty"): "torch logits processors (MindSpore: process_logits)",
+    ("generate", "apply_temperature"): "torch logits processors (MindSpore: process_logits)",
+    ("generate", "apply_top_k"): "torch logits processors (MindSpore: process_logits)",
+    ("generate", "apply_top_p"): "torch logits processors (MindSpore: process_logits)",
+    ("generate", "sample_next"): "the random source: a numpy Generator (MindSpore, host sampling) vs a torch.Generator",
+    # prefix
+    ("prefix", "PrefixEncoder.*"): _PREFIX,
+    ("prefix", "load_prefix"): "torch's P-tuning result is prefix_encoder.safetensors; MindSpore's prefix weights travel in its .ckpt",
+    ("prefix", "prefix_state_dict"): "torch's P-tuning result is prefix_encoder.safetensors; MindSpore's prefix weights travel in its .ckpt",
+    # lora
+    ("lora", "lora_layers"): _PEFT, ("lora", "unmerge_lora"): _PEFT, ("lora", "lora_state"): _PEFT,
+    ("lora", "mark_only_lora_trainable"): _PEFT, ("lora", "lora_config"): _PEFT, ("lora", "save_lora"): _PEFT,
+    ("lora", "load_lora"): _PEFT, ("lora", "apply_ptuning"): _PEFT, ("lora", "apply_lora"): _PEFT,
+    ("lora", "quantize_4bit"): "QLoRA needs CUDA and bitsandbytes (torch only)",
+    ("lora", "apply_qlora"): "QLoRA needs CUDA and bitsandbytes (torch only)",
+    # data
+    ("data", "BatchSource"): _DATA, ("data", "BatchDataset"): _DATA, ("data", "EpochSampler"): _DATA,
+    ("data", "make_dataloader"): "torch's name for make_dataset",
+    # train_step
+    ("train_step", "AdamWeightDecay"): "MindSpore ships nn.AdamWeightDecay; torch needs its own (same formula)",
+    ("train_step", "sum_squares"): _CELLS, ("train_step", "TrainOneStepCell"): _CELLS,
+    ("train_step", "AccumulateCell"): _CELLS,
+    # checkpointing
+    ("checkpointing", "save_checkpoint"): _CKPT, ("checkpointing", "load_checkpoint"): _CKPT,
+    ("checkpointing", "is_adapter_checkpoint"): "mindformers' --load_checkpoint of a LoRA/prefix-only .ckpt (torch loads adapter folders)",
+    ("checkpointing", "save_result"): "torch writes the run's result as peft adapter / prefix / HF folders; MindSpore's result is the last .ckpt",
+    ("checkpointing", "trainable_state"): _CKPT,
+    # train
+    ("train", "set_context"): "mindspore.set_context (device, GRAPH/PYNATIVE); torch picks a device per tensor",
+    ("train", "build_model"): "MindSpore loads a LoRA/prefix-only .ckpt over the base (adapter); torch places the model on a device",
+    ("train", "train"): "MindSpore takes the trainable parameters with the model (GRAPH cells need them); torch a device",
+}
+
+
+def _allowed(mod: str, qual: str) -> bool:
+    if (mod, qual) in ALLOWED:
+        return True
+    cls = qual.split(".", 1)[0]
+    return (mod, cls + ".*") in ALLOWED and "." in qual
+
+
+def _modules(pkg: str) -> set:
+    d = os.path.join(ROOT, pkg)
+    return {f[:-3] for f in os.listdir(d) if f.endswith(".py") and not f.startswith("_")}
+
+
+def _shape(obj) -> list:
+    """``[(name, kind, has default), ...]`` of a callable's signature, ``self``/``cls`` left out."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return []
+    return [(p.name, p.kind.name, p.default is not inspect.Parameter.empty)
+            for p in sig.parameters.values() if p.name not in ("self", "cls")]
+
+
+def _methods(cls) -> list:
+    """Public methods a class defines itself (plus ``__init__``), ``construct`` read as ``forward``."""
+    out = []
+    for name, value in vars(cls).items():
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if not callable(value) or (name.startswith("_") and name != "__init__"):
+            continue
+        out.append(("forward" if name == "construct" else name, value))
+    return out
+
+
+def divergences(ms_mod, pt_mod, mod: str) -> list:
+    """Every difference between the twin modules that :data:`ALLOWED` does not explain."""
+    problems = []
+    ms_all, pt_all = list(getattr(ms_mod, "__all__", [])), list(getattr(pt_mod, "__all__", []))
+    for name in sorted(set(ms_all) ^ set(pt_all)):
+        if not _allowed(mod, name):
+            side = "mindspore_glm" if name in ms_all else "torch_glm"
+            problems.append(f"{mod}.{name}: only in {side}.{mod}.__all__")
+    common = [n for n in ms_all if n in pt_all]
+    if [n for n in pt_all if n in common] != common:
+        problems.append(f"{mod}: __all__ order differs: {common} vs {[n for n in pt_all if n in common]}")
+    classes = [n for n in common if inspect.isclass(getattr(ms_mod, n)) and inspect.isclass(getattr(pt_mod, n))]
+    for name in common:
+        a, b = getattr(ms_mod, name), getattr(pt_mod, name)
+        if _allowed(mod, name):
+            continue
+        if inspect.isclass(a) != inspect.isclass(b) or callable(a) != callable(b):
+            problems.append(f"{mod}.{name}: a class/function in one backend, not in the other")
+            continue
+        if inspect.isclass(a):
+            if issubclass(a, BaseException):
+                continue
+            ma, mb = dict(_methods(a)), dict(_methods(b))
+            for meth in sorted(set(ma) ^ set(mb)):
+                if not _allowed(mod, f"{name}.{meth}"):
+                    problems.append(f"{mod}.{name}.{meth}: only in {'mindspore_glm' if meth in ma else 'torch_glm'}")
+            for meth in [m for m in ma if m in mb]:
+                if not _allowed(mod, f"{name}.{meth}") and _shape(ma[meth]) != _shape(mb[meth]):
+                    problems.append(f"{mod}.{name}.{meth}: signature {_shape(ma[meth])} vs {_shape(mb[meth])}")
+        elif callable(a) and _shape(a) != _shape(b):
+            problems.append(f"{mod}.{name}: signature {_shape(a)} vs {_shape(b)}")
+    # the classes both have, in the same order in the file
+    order_a = [n for n in classes if getattr(ms_mod, n).__module__ == ms_mod.__name__]
+    order_b = [n for n in classes if getattr(pt_mod, n).__module__ == pt_mod.__name__]
+    key_a = sorted(order_a, key=lambda n: inspect.getsourcelines(getattr(ms_mod, n))[1])
+    key_b = sorted(order_b, key=lambda n: inspect.getsourcelines(getattr(pt_mod, n))[1])
+    if [n for n in key_a if n in key_b] != [n for n in key_b if n in key_a]:
+        problems.append(f"{mod}: class order differs: {key_a} vs {key_b}")
+    return problems
+
+
+def test_same_file_set():
+    ms_mods, pt_mods = _modules(BACKENDS[0]), _modules(BACKENDS[1])
+    odd = sorted(m for m in ms_mods ^ pt_mods if m not in ONE_SIDED_MODULES)
+    assert not odd, f"modules in one backend only: {odd}"
+
+
+TWINS = sorted(_modules(BACKENDS[0]) & _modules(BACKENDS[1]))
+
+
+@pytest.mark.parametrize("mod", TWINS)
+def test_twin_module(mod):
+    ms_mod = importlib.import_module(f"mindspore_glm.{mod}")
+    pt_mod = importlib.import_module(f"torch_glm.{mod}")
+    problems = divergences(ms_mod, pt_mod, mod)
+    assert not problems, "\n".join(problems)
+
+
+def test_allow_list_is_live():
+    """Every allow-list entry names a module both backends have (or one listed as one-sided) and gives a reason."""
+    for (mod, _), reason in ALLOWED.items():
+        assert reason and len(reason) > 10
+        assert mod in TWINS or mod in ONE_SIDED_MODULES, f"allow-list entry for unknown twin module {mod}"
