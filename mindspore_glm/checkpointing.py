@@ -45,7 +45,7 @@ def load_weights(model, path: str, strict: bool) -> set:
 _CKPT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
 
 
-def checkpoint_dir(s: TrainSettings, rank: int) -> str:
+def checkpoint_dir(s: TrainSettings, rank: int = 0) -> str:
     """``<output_dir>/checkpoint/rank_<rank>`` (mindformers' place)."""
     return os.path.join(s.output_dir, "checkpoint", f"rank_{rank}")
 

@@ -48,10 +48,22 @@ ALLOWED = {
     ("model", "apply_rope_tables"): "MindSpore rotates with full-width cos/sin tables and a pair-swap matmul: static shapes for GRAPH mode",
     ("model", "SelfAttention.forward"): _STATIC_CACHE, ("model", "GLMBlock.forward"): _STATIC_CACHE,
     ("model", "GLMTransformer.forward"): _STATIC_CACHE, ("model", "ChatGLM2Model.forward"): _STATIC_CACHE,
-    ("model", "ChatGLM2Model.*"): _PREFIX,
-    ("model", "ChatGLM2ForConditionalGeneration.*"): _HF + "; " + _STATIC_CACHE,
+    ("model", "ChatGLM2Model.get_prompt"): _PREFIX,
+    ("model", "ChatGLM2Model.rope"): "MindSpore's cos/sin tables are made once in rotary_dtype (static graph constants); torch rounds its table rows to the input dtype per call",
+    ("model", "ChatGLM2ForConditionalGeneration.forward"): _HF + "; " + _STATIC_CACHE,
+    ("model", "ChatGLM2ForConditionalGeneration.prefill"): _STATIC_CACHE,
+    ("model", "ChatGLM2ForConditionalGeneration.decode"): _STATIC_CACHE,
+    ("model", "ChatGLM2ForConditionalGeneration.load_weights"): "MindSpore sets (name, array) pairs into its Parameters, checking names and shapes; torch streams into load_state_dict-style copies inside from_pretrained",
+    ("model", "ChatGLM2ForConditionalGeneration.param_dict"): "MindSpore's name -> Parameter map (torch: named_parameters)",
+    ("model", "ChatGLM2ForConditionalGeneration.from_pretrained"): "loading options: mindformers' dtypes and RunOptions (MindSpore, also .ckpt files) vs transformers' torch_dtype and device (torch)",
+    ("model", "ChatGLM2ForConditionalGeneration.save_pretrained"): "output format: one MindSpore .ckpt with mindformers names vs HF safetensors/bin shards (transformers' arguments)",
+    ("model", "ChatGLM2ForConditionalGeneration.enable_input_require_grads"): _HF,
+    ("model", "ChatGLM2ForConditionalGeneration.get_input_embeddings"): _HF,
+    ("model", "ChatGLM2ForConditionalGeneration.get_output_embeddings"): _HF,
+    ("model", "ChatGLM2ForConditionalGeneration.gradient_checkpointing_enable"): _HF,
+    ("model", "ChatGLM2ForConditionalGeneration.gradient_checkpointing_disable"): _HF,
     # generate
-    ("generate", "GenerationMixin.*"): _STATIC_CACHE + "; " + _HF,
+    ("generate", "GenerationMixin.prepare_inputs_for_generation"): _HF,
     ("generate", "process_logits"): "MindSpore processes the scores on the host in numpy in one call; torch's processors are the separate apply_* steps",
     ("generate", "apply_repetition_penalty"): "torch logits processors (MindSpore: process_logits)",
     ("generate", "apply_temperature"): "torch logits processors (MindSpore: process_logits)",
@@ -80,7 +92,10 @@ ALLOWED = {
     ("checkpointing", "is_adapter_checkpoint"): "mindformers' --load_checkpoint of a LoRA/prefix-only .ckpt (torch loads adapter folders)",
     ("checkpointing", "save_result"): "torch writes the run's result as peft adapter / prefix / HF folders; MindSpore's result is the last .ckpt",
     ("checkpointing", "trainable_state"): _CKPT,
+    ("checkpointing", "base_model"): "torch's model may sit in peft and DDP wrappers; MindSpore's never does",
+    ("checkpointing", "load_weights"): "MindSpore loads base or adapter weights from a .ckpt; torch from HF folders (from_pretrained) and peft",
     # train
+    ("train", "init_weights"): "MindSpore's cells are created with zeros and drawn here from the seed; torch modules initialise themselves",
     ("train", "set_context"): "mindspore.set_context (device, GRAPH/PYNATIVE); torch picks a device per tensor",
     ("train", "build_model"): "MindSpore loads a LoRA/prefix-only .ckpt over the base (adapter); torch places the model on a device",
     ("train", "train"): "MindSpore takes the trainable parameters with the model (GRAPH cells need them); torch a device",
@@ -100,13 +115,14 @@ def _modules(pkg: str) -> set:
 
 
 def _shape(obj) -> list:
-    """``[(name, kind, has default), ...]`` of a callable's signature, ``self``/``cls`` left out."""
+    """``[(name, kind, has default), ...]`` of a callable's signature, ``self``/``cls`` left out, and a
+    ``**kwargs`` catch-all too (transformers and peft pass extra keyword arguments to torch models)."""
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return []
     return [(p.name, p.kind.name, p.default is not inspect.Parameter.empty)
-            for p in sig.parameters.values() if p.name not in ("self", "cls")]
+            for p in sig.parameters.values() if p.name not in ("self", "cls") and p.kind != p.VAR_KEYWORD]
 
 
 def _methods(cls) -> list:

@@ -60,9 +60,9 @@ def load_lora(model: nn.Module, adapter_dir: Union[str, os.PathLike], is_trainab
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
 
 
-def merge_lora(peft_model) -> nn.Module:
-    """Fold ``W += (alpha / r) * B @ A`` into the base weights; return the plain base model."""
-    return peft_model.merge_and_unload()
+def merge_lora(model) -> nn.Module:
+    """Fold ``W += (alpha / r) * B @ A`` into the base weights of the peft ``model``; return the plain base model."""
+    return model.merge_and_unload()
 
 
 def apply_ptuning(model: nn.Module) -> nn.Module:

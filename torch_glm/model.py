@@ -352,8 +352,13 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Module):
         logits = self.transformer.output_layer(hidden)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            loss = self.loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=presents)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:func:`causal_lm_loss`."""
+        return causal_lm_loss(logits, labels)
 
     def get_prompt(self, batch_size: int):
         """The P-tuning prefix as a per-layer past: ``num_layers`` pairs ``(key, value)`` each
