@@ -53,7 +53,7 @@ def _ms_tasks(weights_dir, ids, prompts, new_tokens):
     import mindspore as ms
     from mindspore import ParameterTuple, Tensor, nn, ops
     from mindspore_glm import ChatGLM2ForConditionalGeneration
-    from mindspore_glm.train import _LossCell
+    from mindspore_glm.train_step import _LossCell
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     model = ChatGLM2ForConditionalGeneration.from_pretrained(weights_dir)
 

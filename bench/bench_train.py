@@ -75,7 +75,8 @@ def _ms_tasks(batch, seq, n):
     import mindspore as ms
     from mindspore import Tensor
     from mindspore_glm.model import ChatGLM2ForConditionalGeneration
-    from mindspore_glm.train import TrainOneStepCell, apply_pet, make_optimizer
+    from mindspore_glm.lora import apply_pet
+    from mindspore_glm.train_step import TrainOneStepCell, make_optimizer
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     tasks = {}
     for name, config in configs().items():
@@ -84,7 +85,7 @@ def _ms_tasks(batch, seq, n):
             model = ChatGLM2ForConditionalGeneration(config)
             model.load_weights(weights(config).items(), source="bench")
             s = settings(config, pet)
-            params = apply_pet(model, s.pet)
+            model, params = apply_pet(model, s.pet)
             step = TrainOneStepCell(model, make_optimizer(params, s, np.full(100000, 1e-4, np.float32)), s)
             step.set_train(True)
             tasks[f"{name} {pet}"] = _cycle(lambda ids, lab, st=step: float(st(ids, lab)[0].asnumpy()), data)
@@ -95,7 +96,7 @@ def _torch_tasks(batch, seq, n):
     import torch
     from torch_glm.lora import apply_pet as pt_apply
     from torch_glm.model import ChatGLM2ForConditionalGeneration
-    from torch_glm.train import make_optimizer
+    from torch_glm.train_step import make_optimizer
     tasks = {}
     for name, config in configs().items():
         data = [(torch.from_numpy(b),) for b in _batches(config, batch, seq, n)]
@@ -103,9 +104,10 @@ def _torch_tasks(batch, seq, n):
             model = ChatGLM2ForConditionalGeneration(config)
             model.load_state_dict({k: torch.from_numpy(v) for k, v in weights(config).items()}, strict=False)
             s = settings(config, pet)
-            model = pt_apply(model, s.pet)
+            model, _ = pt_apply(model, s.pet)
             model.train()
-            opt = make_optimizer(model, s)
+            opt = make_optimizer([(k, p) for k, p in model.named_parameters() if p.requires_grad], s,
+                                 np.full(100000, 1e-4, np.float32))
             params = [p for p in model.parameters() if p.requires_grad]
 
             def one(ids, model=model, opt=opt, params=params):

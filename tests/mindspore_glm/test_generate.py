@@ -84,10 +84,10 @@ def test_sampling(loaded):
 # ------------------------------------------------------------------ logits processing (numpy references)
 def test_invalid_score_processor():
     s = np.array([[1.0, np.nan, 2.0, 0, 0, 0, 0]], np.float32)
-    out = invalid_score_processor(s)
+    out = invalid_score_processor(None, s)
     assert out[0, 5] == 5e4 and out.sum() == 5e4
     ok = np.array([[1.0, 2.0, 3, 4, 5, 6]], np.float32)
-    np.testing.assert_array_equal(invalid_score_processor(ok), ok)
+    np.testing.assert_array_equal(invalid_score_processor(None, ok), ok)
 
 
 def test_top_p_top_k_temperature_penalty():

@@ -1,8 +1,8 @@
 """One optimizer step, torch vs MindSpore, compared parameter by parameter (full fine-tuning and LoRA).
 
-MindSpore's optimizer is the runner's (:func:`mindspore_glm.train.make_optimizer`, ``nn.AdamWeightDecay``
+MindSpore's optimizer is the runner's (:func:`mindspore_glm.train_step.make_optimizer`, ``nn.AdamWeightDecay``
 over the weight-decay groups of :func:`glm_common.schedules.decays`); torch's is the one its runner pairs
-with it (:class:`torch_glm.train.AdamWeightDecay`, or ``torch.optim.AdamW`` for ``optimizer.type: AdamW``).
+with it (:class:`torch_glm.train_step.AdamWeightDecay`, or ``torch.optim.AdamW`` for ``optimizer.type: AdamW``).
 Hyperparameters: lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 (AdamWeightDecay) / 0 (AdamW:
 the MindSpore runner refuses AdamW with weight decay).
 
@@ -43,7 +43,7 @@ def _settings(kind):
 
 
 def _torch_optimizer(model, kind, eps=EPS):
-    from torch_glm.train import AdamWeightDecay
+    from torch_glm.train_step import AdamWeightDecay
     wd = _settings(kind).weight_decay
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if decays(hf_name(n), p.dim())], "weight_decay": wd},
@@ -79,7 +79,7 @@ def _models(mode):
 
 
 def _ms_optimizer(msm, kind):
-    from mindspore_glm.train import make_optimizer
+    from mindspore_glm.train_step import make_optimizer
     return make_optimizer(msm.trainable_params(), _settings(kind), np.array([LR], np.float32))
 
 

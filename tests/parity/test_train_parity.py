@@ -60,7 +60,7 @@ def test_twenty_lora_steps_match(tmp_path, optimizer, weight_decay, accum, do_ev
                                "batch_size": 2, "max_source_length": 32, "max_target_length": 8}
     s_ms, s_pt = settings(cfg, tmp_path / "ms"), settings(cfg, tmp_path / "pt")
     ms_model, ms_params = ms_train.build_model(s_ms)
-    pt_model = pt_train.build_model(s_pt, "cpu")
+    pt_model, _ = pt_train.build_model(s_pt, "cpu")
     # the same LoRA initial values in both: MindSpore's A (and zero B) copied into peft's lora_A / lora_B
     pt_params = dict(pt_model.named_parameters())
     copied = 0

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from glm_common.names import peft_to_mindpet
 from tests.conftest import TINY_MODEL, TINY_PTUNING_MODEL
 from torch_glm import ChatGLM2ForConditionalGeneration
-from torch_glm.lora import (PetConfigError, apply_lora, apply_pet, apply_ptuning, apply_qlora, load_lora, merge_lora,
-                            pet_settings, save_lora)
+from glm_common.run_config import RunConfigError, pet_settings
+from torch_glm.lora import apply_lora, apply_pet, apply_ptuning, apply_qlora, load_lora, merge_lora, save_lora
 
 QKV = "self_attention.query_key_value"
 
@@ -98,22 +98,32 @@ def test_merge_and_save_as_plain_hf_checkpoint(tmp_path):
 def test_ptuning_freezes_the_base():
     model = apply_ptuning(ChatGLM2ForConditionalGeneration.from_pretrained(TINY_PTUNING_MODEL))
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["transformer.prefix_encoder.embedding.weight"]
-    with pytest.raises(PetConfigError, match="pre_seq_len"):
+    with pytest.raises(RunConfigError, match="pre_seq_len"):
         apply_ptuning(ChatGLM2ForConditionalGeneration.from_pretrained(TINY_MODEL))
 
 
 def test_pet_settings_mindformers_keys():
+    """torch_glm reads pet_config through the one strict glm_common.run_config.pet_settings."""
     s = pet_settings({"pet_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05,
                       "target_modules": ".*query_key_value*"})
     assert s == {"pet_type": "lora", "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05,
-                 "target_modules": ".*query_key_value*"}
-    model = apply_pet(ChatGLM2ForConditionalGeneration.from_pretrained(TINY_MODEL), s)
+                 "target_modules": ".*query_key_value*", "ignored": []}
+    model, params = apply_pet(ChatGLM2ForConditionalGeneration.from_pretrained(TINY_MODEL), s)
     assert sum("lora_A" in n for n, _ in model.named_parameters()) == 2  # the regex form picks the same layers
+    assert len(params) == 4 and all(p.requires_grad for p in params)
     assert pet_settings({"pet_type": "ptuning2", "pre_seq_len": 16}) == {
-        "pet_type": "ptuning2", "pre_seq_len": 16, "prefix_projection": False}
-    assert pet_settings(None) == {"pet_type": "full"}
-    with pytest.raises(PetConfigError, match="pet_config.pet_type"):
+        "pet_type": "ptuning2", "pre_seq_len": 16, "prefix_projection": False, "dropout_prob": 0.1, "ignored": []}
+    assert pet_settings(None) == {"pet_type": "full", "ignored": []}
+    with pytest.raises(RunConfigError, match="pet_config.pet_type"):
         pet_settings({"pet_type": "adapter"})
+
+
+def test_ptuning_dropout_prob_is_honoured():
+    """pet_config.dropout_prob sets the prefix dropout (it was fixed at 0.1)."""
+    s = pet_settings({"pet_type": "ptuning2", "pre_seq_len": 4, "dropout_prob": 0.3})
+    model, params = apply_pet(ChatGLM2ForConditionalGeneration.from_pretrained(TINY_PTUNING_MODEL), s)
+    assert model.transformer.prefix_dropout.p == 0.3
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["transformer.prefix_encoder.embedding.weight"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")

@@ -13,7 +13,10 @@ import yaml
 
 from tests.conftest import ADGEN_DIR, ROOT, TINY_MODEL, TOKENIZER_MODEL
 from torch_glm import ChatGLM2ForConditionalGeneration
-from torch_glm.train import RunConfigError, lr_at, main, settings_from_config, train
+from glm_common.run_config import RunConfigError, settings_from_config
+from glm_common.schedules import lr_at
+from torch_glm.run import main
+from torch_glm.train import train
 
 
 def run_config(tmp_path, pet="full", lr=1e-3, rows=16, epochs=8, **over):
