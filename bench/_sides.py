@@ -36,8 +36,6 @@ def per_token_time(gen) -> tuple:
 
 
 def _serve(build, conn, args):
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         tasks = build(*args)
     except Exception as e:  # report, do not hang the parent

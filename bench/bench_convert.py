@@ -27,7 +27,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
@@ -152,8 +151,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         # in a child process: this process stays small, so that the children it forks start small
         # (a forked child's peak RSS counts the parent's pages until it execs)
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); "
-                        f"from bench.bench_convert import write_random_checkpoint as w; w({src!r}, {layers})"],
+        subprocess.run([sys.executable, "-c", f"import runpy; w = runpy.run_path({os.path.abspath(__file__)!r})"
+                        f"['write_random_checkpoint']; w({src!r}, {layers})"],
                        check=True)
         print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
     total = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".bin"))

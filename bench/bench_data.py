@@ -16,7 +16,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from glm_common.data import build_train_features, load_samples  # noqa: E402
 from glm_common.tokenizer import ChatGLM2Tokenizer  # noqa: E402

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from convert.ms_ckpt import CheckpointWriter, MSCheckpoint  # noqa: E402
 from convert.strategy import Layout, write_strategy_file  # noqa: E402

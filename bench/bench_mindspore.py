@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from glm_common.config import ChatGLM2Config  # noqa: E402
 

@@ -16,7 +16,6 @@ import time
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
 from glm_common.config import ChatGLM2Config  # noqa: E402
 from torch_glm import ChatGLM2ForConditionalGeneration  # noqa: E402

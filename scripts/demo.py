@@ -12,7 +12,6 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("GLOG_v", "3")
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")

@@ -21,9 +21,6 @@ import tempfile
 import time
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
