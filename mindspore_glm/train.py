@@ -52,7 +52,7 @@ from mindspore_glm.lora import apply_pet
 from mindspore_glm.model import ChatGLM2ForConditionalGeneration
 from mindspore_glm.train_step import TrainOneStepCell, make_optimizer
 
-__all__ = ["TrainingError", "init_ranks", "build_model", "train", "set_context", "init_weights"]
+__all__ = ["TrainingError", "init_ranks", "build_model", "train_data", "train", "set_context", "init_weights"]
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -132,6 +132,17 @@ def _parallel_init(s: TrainSettings) -> tuple:
     return rank, world
 
 
+def train_data(s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, progress: bool = False):
+    """The training batches of ``s`` for this rank: a ``GeneratorDataset`` (:func:`mindspore_glm.data.make_dataset`)
+    over :func:`glm_common.training.train_features` with :func:`glm_common.training.dataset_kwargs` (the
+    YAML's ``data_format``, ``feature_mode``, ``padding``, seeds and sharding)."""
+    feats = train_features(s, tokenizer, progress)
+    try:
+        return make_dataset(feats, s.batch_size, **dataset_kwargs(s, rank, world))
+    except ValueError as e:
+        raise RunConfigError(f"{s.source}: runner_config.batch_size: {e}") from None
+
+
 def _log_eval(model, s: TrainSettings, tokenizer, step: int, log, rank: int, world: int) -> dict:
     """``do_eval``: eval loss and the generation metrics (:func:`mindspore_glm.evaluate.evaluate`, shared over
     the ranks) of the model as it is at ``step``; a ``{"step", "eval_loss", "rouge-1", ...}`` row in the loss log."""
@@ -169,11 +180,7 @@ def _train(s: TrainSettings, model, params) -> dict:
     ms.set_seed(s.seed)
     np.random.seed(s.seed)
     tokenizer = ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
-    feats = train_features(s, tokenizer, s.progress and rank == 0)
-    try:
-        ds = make_dataset(feats, s.batch_size, **dataset_kwargs(s, rank, world))
-    except ValueError as e:
-        raise RunConfigError(f"{s.source}: runner_config.batch_size: {e}") from None
+    ds = train_data(s, tokenizer, rank, world, s.progress and rank == 0)
     per_epoch = updates_per_epoch(s, len(ds.source))          # optimizer updates per epoch
     total = total_updates(s, per_epoch)
     lrs = learning_rates(s, schedule_total(s, per_epoch), length=total + 1)

@@ -60,7 +60,7 @@ from torch_glm.lora import apply_pet
 from torch_glm.model import ChatGLM2ForConditionalGeneration
 from torch_glm.train_step import AdamWeightDecay, make_optimizer
 
-__all__ = ["TrainingError", "init_ranks", "build_model", "train"]
+__all__ = ["TrainingError", "init_ranks", "build_model", "train_data", "train"]
 
 #: names this module exported before the split (``from torch_glm.train import ...`` keeps working)
 _REEXPORTED = (RunConfigError, TrainSettings, load_run_config, settings_from_config, lr_at, AdamWeightDecay,
@@ -101,6 +101,21 @@ def init_ranks(s: TrainSettings) -> tuple:
     return rank, world
 
 
+def train_data(s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, progress: bool = False):
+    """The training batches of ``s`` for this rank: a ``DataLoader`` (:func:`torch_glm.data.make_dataloader`)
+    over :func:`glm_common.training.train_features` with :func:`glm_common.training.dataset_kwargs` (the
+    YAML's ``data_format``, ``feature_mode``, ``padding``, seeds and sharding), ``num_workers`` workers."""
+    feats = train_features(s, tokenizer, progress)
+    try:
+        loader = make_dataloader(feats, s.batch_size, **dataset_kwargs(s, rank, world), num_workers=s.num_workers)
+    except ValueError as e:
+        raise RunConfigError(f"{s.source}: runner_config.batch_size: {e}") from None
+    # DataLoader draws a base seed from the global RNG at every iter(); a private generator keeps the
+    # global RNG (dropout) on the same sequence whether a run is resumed or not
+    loader.generator = torch.Generator().manual_seed(s.seed)
+    return loader
+
+
 def train(s: TrainSettings, model=None, params=None, device: Optional[str] = None) -> dict:
     """Run the training loop of ``s``; return a summary (steps, first/last loss, tokens/s, paths).
 
@@ -117,11 +132,7 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
     tokenizer = ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
-    feats = train_features(s, tokenizer, s.progress and rank == 0)
-    loader = make_dataloader(feats, s.batch_size, **dataset_kwargs(s, rank, world), num_workers=s.num_workers)
-    # DataLoader draws a base seed from the global RNG at every iter(); a private generator keeps the
-    # global RNG (dropout) on the same sequence whether a run is resumed or not
-    loader.generator = torch.Generator().manual_seed(s.seed)
+    loader = train_data(s, tokenizer, rank, world, s.progress and rank == 0)
     per_epoch = updates_per_epoch(s, len(loader))
     total = total_updates(s, per_epoch)
     lrs = learning_rates(s, schedule_total(s, per_epoch))
