@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

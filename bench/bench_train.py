@@ -11,7 +11,6 @@ steps (the GRAPH compile among them) the timed steps give tokens/s and the media
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
