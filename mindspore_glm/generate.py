@@ -88,6 +88,9 @@ def _as_numpy(x):
 class GenerationMixin:
     """``generate``, ``stream_generate``, ``chat`` and ``stream_chat`` for the MindSpore ChatGLM2 model.
 
+    Diverges from torch_glm's in one place: the KV cache is static (preallocated per call, prefill and
+    decode graphs of fixed shapes for GRAPH mode), so a cache is never continued across calls.
+
     The model provides ``prefill`` and ``decode`` (see :mod:`mindspore_glm.model`); ``use_graph`` (default
     True) compiles both with ``mindspore.jit``; set it to False to run them op by op (PYNATIVE).
     """

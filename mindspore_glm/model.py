@@ -229,6 +229,9 @@ def build_attention_mask(attention_mask, q_len: int, past_len: int):
 class SelfAttention(nn.Cell):
     """Multi-query self-attention with rotary embedding and an optional prefix or KV cache.
 
+    Diverges from torch_glm's ``forward(x, rope, mask, past, use_cache)``: a static KV cache written
+    through a slot mask and an additive mask bias keep every shape fixed for GRAPH mode.
+
     ``construct(x [B,S,H], cos/sin [B,S,1,hn], mask_bias [B,1,S,K] (0 where a query may read a key, a
     large negative number elsewhere), prefix_kv=None, kv_cache=None, slot=None)`` -> ``(out [B,S,H], (key [B,g,K,hn], value [B,g,K,hn]))``.
 

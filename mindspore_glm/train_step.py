@@ -66,7 +66,7 @@ class _LossCell(nn.Cell):
 
 
 class TrainOneStepCell(nn.Cell):
-    """One optimizer update. ``construct(input_ids [B,S], labels [B,S])`` -> ``(loss, overflow,
+    """One optimizer update (MindSpore-only: a GRAPH-mode cell; torch_glm's step is eager autograd). ``construct(input_ids [B,S], labels [B,S])`` -> ``(loss, overflow,
     loss_scale, grad_norm)``: float32 loss (the data-parallel mean), bool overflow (update skipped),
     the loss scale the step used, the global gradient norm before clipping.
 
