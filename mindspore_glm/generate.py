@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
 
 from glm_common.generation import chat_token_budget, invalid_score_processor, new_token_budget
 from glm_common.prompt import build_prompt, process_response
@@ -102,7 +104,6 @@ class GenerationMixin:
         cache = self.__dict__.get("_gen_fns")
         if cache is not None and cache[0] == self.use_graph:
             return cache[1], cache[2]
-        import mindspore as ms
         model = self
 
         def prefill_fn(input_ids, attention_mask, position_ids):
@@ -128,9 +129,6 @@ class GenerationMixin:
         ``past_key_values`` / ``return_past_key_values`` (torch_glm's cache continuation) are refused:
         the static KV cache lives for one call (a ``ValueError`` names them).
         """
-        import mindspore as ms
-        from mindspore import Tensor, ops
-
         if past_key_values is not None or return_past_key_values:
             raise ValueError("stream_generate: past_key_values / return_past_key_values: the MindSpore static "
                              "KV cache lives for one call and is not continued")
