@@ -73,8 +73,8 @@ def atomic_dir(dest: str, replace: bool = True, merge: bool = False) -> Iterator
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(e, OutputError):
-            raise
+        if isinstance(e, OutputError):  # a file inside the stage: name it where it was going
+            raise OutputError(str(e).replace(stage + os.sep, dest + os.sep)) from None
         raise OutputError(_say(dest, e)) from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
