@@ -31,21 +31,16 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from convert.safetensors_io import (NP_DTYPES, CheckpointError, SafetensorsFile, bf16, dtype_name,
-                                    output_error, read_safetensors_header, save_safetensors, st_dtype,
-                                    to_dtype)
+                                    output_error, read_safetensors_header, save_safetensors, to_dtype)
 from glm_common.fsutil import atomic_dir, atomic_file
 
 __all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
-           "read_safetensors_header", "save_safetensors", "parse_size", "remove_stale_weights", "NP_DTYPES", "torch_to_numpy",
+           "read_safetensors_header", "save_safetensors", "parse_size", "dtype_name", "to_dtype", "remove_stale_weights", "NP_DTYPES", "torch_to_numpy",
            "numpy_to_torch"]
 
 LAYOUTS = ("single", "sharded-safetensors", "sharded-bin", "single-bin")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-def _np_dtype(tag: str, where: str):
-    return st_dtype(tag, where)
 
 
 # ---------------------------------------------------------------------- reading

@@ -30,7 +30,7 @@ import numpy as np
 from convert._cli import DTYPE_CHOICES, ConversionError, Progress, cast, out_dtype_name, run_main
 from convert.hf_layout import parse_size, remove_stale_weights, write_hf_checkpoint
 from convert.ms_ckpt import MSCheckpoint
-from convert.safetensors_io import CheckpointError, SafetensorsFile, numpy_dtype, output_error
+from convert.safetensors_io import SafetensorsFile, numpy_dtype, output_error
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config, ConfigError
 from glm_common.fsutil import atomic_dir

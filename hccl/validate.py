@@ -26,7 +26,6 @@ Exit status of the command: 0 valid, 1 invalid table or arguments (one line per 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
