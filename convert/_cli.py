@@ -1,18 +1,17 @@
-"""Pieces the converter scripts share: error reporting, byte progress, summary line, dtype options,
-and a streaming writer of MindSpore-flavoured safetensors files."""
+"""Pieces the converter scripts share: error reporting, byte progress, summary line, dtype options.
+(:class:`SafetensorsWriter` lives in :mod:`convert.safetensors_io` and is re-exported here.)"""
 from __future__ import annotations
 
-import json
-import os
-import struct
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from convert.hf_layout import CheckpointError, NP_DTYPES, dtype_name, to_dtype, _st_tag
-from convert.ms_ckpt import AtomicWriter
+from convert.ms_ckpt import MSCheckpointError
+from convert.safetensors_io import NP_DTYPES, CheckpointError, SafetensorsWriter, dtype_name, to_dtype
+from glm_common.config import ConfigError
+from glm_common.names import NamingError
 
 __all__ = ["ConversionError", "DTYPE_CHOICES", "cast", "Progress", "report_error", "run_main", "KNOWN_ERRORS",
            "SafetensorsWriter", "fmt_bytes"]
@@ -25,14 +24,9 @@ class ConversionError(ValueError):
     """Input a converter cannot turn into output; the message is one line naming the file and parameter."""
 
 
-def _known_errors() -> tuple[type, ...]:
-    from convert.ms_ckpt import MSCheckpointError
-    from glm_common.config import ConfigError
-    from glm_common.names import NamingError
-    return (ConversionError, CheckpointError, MSCheckpointError, ConfigError, NamingError, OSError)
-
-
-KNOWN_ERRORS = _known_errors()
+#: the errors a converter CLI reports as one line (OSError: an input that cannot be read, an output location
+#: that cannot be written, named by the message).
+KNOWN_ERRORS = (ConversionError, CheckpointError, MSCheckpointError, ConfigError, NamingError, OSError)
 
 
 def run_main(convert) -> int:
@@ -115,70 +109,3 @@ class Progress:
         line = (f"{what}: {self.tensors} tensors, {fmt_bytes(self.bytes)}, dtype {dtypes}, "
                 f"{seconds:.1f} s -> {output}")
         return line + (f" ({extra})" if extra else "")
-
-
-class SafetensorsWriter(AtomicWriter):
-    """Write a safetensors file one tensor at a time from a plan known up front (the header comes first).
-
-    ``plan``: ``(name, shape, dtype)`` in the order tensors will be written. ``metadata`` goes to
-    ``__metadata__`` (MindSpore writes ``{"format": "ms"}``). The file is written to ``path + ".partial"``
-    and renamed by :meth:`close`; :meth:`abort` removes it.
-    """
-
-    def __init__(self, path: str, plan: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-                 metadata: Optional[dict] = None):
-        self.path = os.fspath(path)
-        header, offset = {}, 0
-        self._expect = []
-        for name, shape, dtype in plan:
-            dtype = np.dtype(dtype)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": _st_tag(dtype), "shape": [int(d) for d in shape],
-                            "data_offsets": [offset, offset + nbytes]}
-            self._expect.append((name, tuple(int(d) for d in shape), dtype))
-            offset += nbytes
-        if metadata:
-            header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.tmp = self.path + ".partial"
-        self._f = open(self.tmp, "wb")
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
-        self._next = 0
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        if self._next >= len(self._expect):
-            raise ConversionError(f"{self.path}: {name}: more tensors than planned")
-        want_name, want_shape, want_dtype = self._expect[self._next]
-        if (name, tuple(array.shape), array.dtype) != (want_name, want_shape, want_dtype):
-            raise ConversionError(f"{self.path}: {name}: {list(array.shape)} {array.dtype} written where the "
-                                  f"header holds {want_name} {list(want_shape)} {want_dtype}")
-        if not array.flags.c_contiguous:
-            array = array.copy(order="C")
-        self._f.write(memoryview(array.reshape(-1).view(np.uint8)))
-        self._next += 1
-
-    def write_from_file(self, name: str, shape, dtype, src: str, offset: int, nbytes: int) -> None:
-        """Append the next planned tensor from ``nbytes`` at ``offset`` of file ``src`` (copied by the kernel)."""
-        from convert.ms_ckpt import copy_bytes
-        if self._next >= len(self._expect):
-            raise ConversionError(f"{self.path}: {name}: more tensors than planned")
-        want = self._expect[self._next]
-        if (name, tuple(shape), np.dtype(dtype)) != want:
-            raise ConversionError(f"{self.path}: {name}: written where the header holds {want[0]}")
-        if int(np.prod(want[1], dtype=np.int64)) * want[2].itemsize != nbytes:
-            raise ConversionError(f"{self.path}: {name}: {nbytes} bytes do not hold {list(want[1])} of {want[2]}")
-        self._f.flush()
-        copy_bytes(src, offset, nbytes, self._f)
-        self._next += 1
-
-    def close(self) -> str:
-        self._f.close()
-        if self._next != len(self._expect):
-            self.abort()
-            raise ConversionError(f"{self.path}: {len(self._expect) - self._next} planned tensors never written")
-        os.replace(self.tmp, self.path)
-        return self.path
-

@@ -35,17 +35,16 @@ import shutil
 import sys
 from typing import Any, Mapping, Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 
 from convert._cli import DTYPE_CHOICES, KNOWN_ERRORS, ConversionError, Progress, cast, report_error
-from convert.hf_layout import (HFCheckpoint, CheckpointError, parse_size, save_safetensors, write_hf_checkpoint,
-                               torch_to_numpy)
+from convert.hf_layout import (HFCheckpoint, CheckpointError, parse_size, remove_stale_weights, save_safetensors,
+                               torch_to_numpy, write_hf_checkpoint)
 from convert.ms_ckpt import save_ms_checkpoint
-from convert.ms_to_hf import is_optimizer_state, open_ms_checkpoint
+from convert.ms_to_hf import open_ms_checkpoint
+from convert.safetensors_io import numpy_dtype, output_error
 from glm_common import names as N
+from glm_common.fsutil import atomic_dir, atomic_file
 
 __all__ = ["LoraAdapter", "read_peft_adapter", "read_ms_lora", "write_peft_adapter", "write_ms_lora",
            "read_pet_config", "write_pet_config", "peft_targets_to_regex", "peft_to_ms", "ms_to_peft",
@@ -146,15 +145,13 @@ def read_pet_config(path: str) -> dict:
 
 def write_pet_config(pet: Mapping[str, Any], path: str) -> str:
     """Write ``{"pet_config": pet}`` as YAML (or JSON for ``*.json``) atomically."""
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         if path.endswith(".json"):
             json.dump({"pet_config": dict(pet)}, f, indent=2)
             f.write("\n")
         else:
             import yaml
             yaml.safe_dump({"pet_config": dict(pet)}, f, sort_keys=False)
-    os.replace(tmp, path)
     return path
 
 
@@ -232,7 +229,7 @@ def read_ms_lora(ckpt_path: str, pet: Mapping[str, Any], pet_source: str = "pet_
     ckpt = open_ms_checkpoint(ckpt_path)
     entries = {}
     for name in ckpt.names:
-        if "mindpet_delta_lora" not in name or is_optimizer_state(name):
+        if "mindpet_delta_lora" not in name or N.is_train_state(name):
             continue
         module, ab = N.lora_base_name(name)
         if hf_names:
@@ -276,21 +273,22 @@ def write_peft_adapter(adapter: LoraAdapter, output: str, dtype: str = "keep",
         a, b = adapter.pairs[module]
         tensors.append((f"{N.PEFT_PREFIX}{module}.lora_A.weight", cast(a, dtype)))
         tensors.append((f"{N.PEFT_PREFIX}{module}.lora_B.weight", cast(b, dtype)))
-    stage = output.rstrip(os.sep) + ".partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
-    try:
+    _parent(output)
+    with atomic_dir(output, merge=True) as stage:
         config = _peft_config_dict(adapter, base_model_name_or_path)
         with open(os.path.join(stage, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         save_safetensors(tensors, os.path.join(stage, "adapter_model.safetensors"), metadata={"format": "pt"})
-        os.makedirs(output, exist_ok=True)
-        for name in os.listdir(stage):
-            os.replace(os.path.join(stage, name), os.path.join(output, name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return output
+
+
+def _parent(output: str) -> None:
+    """Create the folder ``output`` goes in (an OutputError naming ``output`` if that fails)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    except OSError as e:
+        raise output_error(output, e) from None
 
 
 def _peft_config_dict(adapter: LoraAdapter, base: Optional[str]) -> dict:
@@ -365,17 +363,11 @@ def ms_to_prefix(ckpt: str, output: str, dtype: str = "keep", fmt: str = "bin", 
             raise ConversionError(f"{ckpt}: {N.MS_PREFIX_EMBEDDING}: width {shape[1]} contradicts {config} "
                                   f"(num_layers*2*g*hn = {cfg.prefix_kv_size})")
         cfg = cfg.replace(pre_seq_len=int(shape[0]), prefix_projection=any(".dense_in." in n for n in names))
-    stage = output.rstrip(os.sep) + ".partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
+    _parent(output)
+    with atomic_dir(output, merge=True) as stage:
         write_hf_checkpoint(((N.ms_to_hf(n), cast(src.read(n), dtype)) for n in names), stage, fmt=fmt)
         if cfg is not None:
             cfg.save_hf(stage)
-        os.makedirs(output, exist_ok=True)
-        for name in os.listdir(stage):
-            os.replace(os.path.join(stage, name), os.path.join(output, name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return f"ms-to-prefix: {len(names)} prefix tensors -> {output}"
 
 
@@ -405,7 +397,7 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
         if os.path.isdir(adapter):  # peft keys are HF module names; the base uses mindformers names
             lora.pairs = {N.hf_to_ms(m + ".weight")[: -len(".weight")]: ab for m, ab in lora.pairs.items()}
         src = open_ms_checkpoint(base)
-        names = [n for n in src.names if "mindpet_delta_lora" not in n and not is_optimizer_state(n)
+        names = [n for n in src.names if "mindpet_delta_lora" not in n and not N.is_train_state(n)
                  and not N.is_derived_buffer(n)]
     else:
         src = HFCheckpoint(base)
@@ -453,8 +445,7 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
             raise ConversionError(f"{lora.source}: {module}: B @ A rows do not fit {name} {list(array.shape)} in {base}")
         return (array.astype(np.float32) + d).astype(array.dtype)
 
-    from convert.hf_to_ms import _np_dtype
-    total = sum(int(np.prod(src.info(n)[0], dtype=np.int64)) * _np_dtype(src.info(n)[1]).itemsize for n in names)
+    total = sum(int(np.prod(src.info(n)[0], dtype=np.int64)) * numpy_dtype(src.info(n)[1]).itemsize for n in names)
     bar = Progress(total, "merge", enabled=progress)
 
     def stream():
@@ -471,9 +462,8 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
         if out_is_ckpt:
             save_ms_checkpoint(stream(), output)
         else:
-            stage = output.rstrip(os.sep) + ".partial"
-            shutil.rmtree(stage, ignore_errors=True)
-            try:
+            _parent(output)
+            with atomic_dir(output, merge=True) as stage:
                 limit = parse_size(max_shard_size) if max_shard_size not in (None, "", "none") else None
                 if limit is not None and total <= limit:
                     limit = None  # one file, no index, as transformers writes a model that fits in one shard
@@ -487,14 +477,8 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
                     cfg = ChatGLM2Config.from_hf(stage)
                     cfg.torch_dtype = NP_DTYPES[dtype]
                     cfg.save_hf(stage)
-                os.makedirs(output, exist_ok=True)
-                for name in os.listdir(output):
-                    if re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?", name):
-                        os.remove(os.path.join(output, name))
-                for name in os.listdir(stage):
-                    os.replace(os.path.join(stage, name), os.path.join(output, name))
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+                written = os.listdir(stage)
+            remove_stale_weights(output, written)
     finally:
         bar.close()
     return bar.summary("merge", output, f"{len(used)} LoRA targets merged, scaling {lora.scaling:g}")

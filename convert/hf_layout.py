@@ -8,8 +8,12 @@ Layouts:
 
 :class:`HFCheckpoint` reads one tensor at a time: safetensors through our own header parser and a
 memory map (bfloat16 comes back as an ``ml_dtypes.bfloat16`` array, no torch needed), ``.bin`` shards
-with ``torch.load(mmap=True)`` one shard at a time. :func:`write_hf_checkpoint` writes shards plus
-index into a temporary folder and moves them in place only when everything is written.
+with ``torch.load(mmap=True, weights_only=True)`` one shard at a time. Safetensors headers are
+validated as the ``safetensors`` library validates them (and then opened by it, see
+:mod:`convert.safetensors_io`); ``.bin`` shards must hold a flat ``{str: Tensor}`` dict (torch checks
+every storage against its zip record). An index's shard names must be plain strings that stay inside the
+directory. :func:`write_hf_checkpoint` writes shards plus index into a staging folder
+(:func:`glm_common.fsutil.atomic_dir`) and moves them in place only when everything is written.
 
 CLI (the tiny model in any layout, for tests and the demo)::
 
@@ -20,104 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import struct
+import re
 import sys
-import tempfile
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from convert.safetensors_io import (NP_DTYPES, CheckpointError, SafetensorsFile, bf16, dtype_name,
+                                    output_error, read_safetensors_header, save_safetensors, to_dtype)
+from glm_common.fsutil import atomic_dir, atomic_file
+
 __all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
-           "read_safetensors_header", "save_safetensors", "parse_size", "NP_DTYPES", "torch_to_numpy",
+           "read_safetensors_header", "save_safetensors", "parse_size", "dtype_name", "to_dtype", "remove_stale_weights", "NP_DTYPES", "torch_to_numpy",
            "numpy_to_torch"]
 
 LAYOUTS = ("single", "sharded-safetensors", "sharded-bin", "single-bin")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be read; one line naming the file."""
-
-
-def _bf16():
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-# safetensors dtype tag <-> numpy dtype
-_ST_TO_NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-#: dtype names used on the command line and in configs -> numpy dtype.
-NP_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-             "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-def _np_dtype(tag: str, where: str):
-    if tag == "BF16":
-        return _bf16()
-    if tag not in _ST_TO_NP:
-        raise CheckpointError(f"{where}: unsupported safetensors dtype {tag}")
-    return np.dtype(_ST_TO_NP[tag])
-
-
-def _st_tag(dtype) -> str:
-    dtype = np.dtype(dtype)
-    if dtype == _bf16():
-        return "BF16"
-    for tag, np_t in _ST_TO_NP.items():
-        if np.dtype(np_t) == dtype:
-            return tag
-    raise CheckpointError(f"safetensors: cannot store dtype {dtype}")
-
-
-def dtype_name(dtype) -> str:
-    """``float32`` / ``float16`` / ``bfloat16`` / numpy's name for others."""
-    dtype = np.dtype(dtype)
-    return "bfloat16" if dtype == _bf16() else dtype.name
-
-
-def to_dtype(array: np.ndarray, name: str) -> np.ndarray:
-    """Cast to a dtype named ``float32|float16|bfloat16`` (or ``fp32|fp16|bf16``)."""
-    target = NP_DTYPES.get(name, name)
-    want = _bf16() if target == "bfloat16" else np.dtype(target)
-    return array if array.dtype == want else array.astype(want)
-
-
-# ---------------------------------------------------------------------- safetensors
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """``(header, data_offset)`` of a safetensors file; validates that every tensor lies in the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, "
-                                  f"file of {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if end > data_len:
-            raise CheckpointError(f"{path}: truncated safetensors file ({name} ends at byte {end} of "
-                                  f"{data_len} data bytes)")
-    return header, 8 + n
-
-
-def save_safetensors(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: Optional[dict] = None):
-    """Write a safetensors file from ``(name, array)`` pairs (arrays are written one at a time, atomically)."""
-    from convert._cli import SafetensorsWriter   # (imports this module)
-    items = list(tensors)
-    with SafetensorsWriter(path, [(n, a.shape, a.dtype) for n, a in items], metadata) as writer:
-        for name, array in items:
-            writer.write(name, array)
 
 
 # ---------------------------------------------------------------------- reading
@@ -133,14 +56,15 @@ class HFCheckpoint:
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{self.path}: not a directory (expected an HF checkpoint directory)")
-        self._st_headers: dict[str, tuple[dict, int]] = {}
+        self._st_files: dict[str, SafetensorsFile] = {}
         self._bin_cache: tuple[Optional[str], Optional[dict]] = (None, None)
         self.layout, self.weight_map = self._discover()
 
     # .................................................................. discovery
     def _discover(self) -> tuple[str, dict[str, str]]:
         p = self.path
-        for index_name, layout in ((SAFE_INDEX, "sharded-safetensors"), (BIN_INDEX, "sharded-bin")):
+        for index_name, layout, ext in ((SAFE_INDEX, "sharded-safetensors", ".safetensors"),
+                                        (BIN_INDEX, "sharded-bin", ".bin")):
             index = os.path.join(p, index_name)
             if os.path.isfile(index):
                 try:
@@ -148,17 +72,31 @@ class HFCheckpoint:
                         data = json.load(f)
                 except json.JSONDecodeError as e:
                     raise CheckpointError(f"{index}:{e.lineno}: not valid JSON: {e.msg}") from None
+                except (UnicodeDecodeError, RecursionError):
+                    raise CheckpointError(f"{index}: not valid UTF-8 JSON") from None
+                except OSError as e:
+                    raise CheckpointError(f"{index}: cannot read: {e.strerror or e}") from None
                 wm = data.get("weight_map") if isinstance(data, dict) else None
                 if not isinstance(wm, dict) or not wm:
                     raise CheckpointError(f"{index}: weight_map: missing or empty")
+                root = os.path.realpath(p)
+                for name, shard in wm.items():
+                    if not isinstance(shard, str) or not shard:
+                        raise CheckpointError(f"{index}: weight_map: {name}: expected a shard file name, "
+                                              f"got {shard!r}")
+                    real = os.path.realpath(os.path.join(p, shard))
+                    if os.path.isabs(shard) or not real.startswith(root + os.sep):
+                        raise CheckpointError(f"{index}: weight_map: {name}: shard {shard!r} lies outside "
+                                              f"the model directory {p}")
+                    if not shard.endswith(ext):
+                        raise CheckpointError(f"{index}: weight_map: {name}: shard {shard!r} is not a {ext} file")
                 for shard in sorted(set(wm.values())):
                     if not os.path.isfile(os.path.join(p, shard)):
                         raise CheckpointError(f"{index}: shard {shard} is named in weight_map but missing")
                 return layout, dict(wm)
         single = os.path.join(p, "model.safetensors")
         if os.path.isfile(single):
-            header, _ = self._header(single)
-            return "single", {name: "model.safetensors" for name in header}
+            return "single", {name: "model.safetensors" for name in self._st(single).names}
         single_bin = os.path.join(p, "pytorch_model.bin")
         if os.path.isfile(single_bin):
             sd = self._load_bin(single_bin)
@@ -166,10 +104,10 @@ class HFCheckpoint:
         raise CheckpointError(f"{p}: no weights found (expected model.safetensors, {SAFE_INDEX}, "
                               f"{BIN_INDEX} or pytorch_model.bin)")
 
-    def _header(self, file: str) -> tuple[dict, int]:
-        if file not in self._st_headers:
-            self._st_headers[file] = read_safetensors_header(file)
-        return self._st_headers[file]
+    def _st(self, file: str) -> SafetensorsFile:
+        if file not in self._st_files:
+            self._st_files[file] = SafetensorsFile(file)
+        return self._st_files[file]
 
     def _load_bin(self, file: str) -> dict:
         if self._bin_cache[0] != file:
@@ -182,6 +120,10 @@ class HFCheckpoint:
                 raise CheckpointError(f"{file}: truncated or corrupt .bin checkpoint ({msg})") from None
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{file}: expected a state dict, got {type(sd).__name__}")
+            for key, value in sd.items():
+                if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{file}: {key!r}: expected a tensor under a string name, got "
+                                          f"{type(value).__name__}")
             self._bin_cache = (file, sd)
         return self._bin_cache[1]
 
@@ -200,19 +142,18 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
         return os.path.join(self.path, self.weight_map[name])
 
-    def _st_meta(self, file: str, name: str) -> tuple[dict, int]:
-        """``(header entry of name, data offset)`` of a safetensors shard."""
-        header, data_offset = self._header(file)
-        if name not in header:
+    def _st_file(self, file: str, name: str) -> SafetensorsFile:
+        """The safetensors shard ``file``, which must hold ``name``."""
+        st = self._st(file)
+        if name not in st:
             raise CheckpointError(f"{file}: {name} is in the index but not in the shard")
-        return header[name], data_offset
+        return st
 
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
         """``(shape, dtype name)`` without reading the data (for .bin shards, mmap'ed)."""
         file = self.file_of(name)
         if file.endswith(".safetensors"):
-            meta, _ = self._st_meta(file, name)
-            return tuple(meta["shape"]), dtype_name(_np_dtype(meta["dtype"], file))
+            return self._st_file(file, name).info(name)
         t = self._bin_tensor(file, name)
         return tuple(t.shape), str(t.dtype).replace("torch.", "")
 
@@ -230,20 +171,7 @@ class HFCheckpoint:
         """
         file = self.file_of(name)
         if file.endswith(".safetensors"):
-            meta, data_offset = self._st_meta(file, name)
-            dtype = _np_dtype(meta["dtype"], file)
-            begin, end = meta["data_offsets"]
-            count = int(np.prod(meta["shape"], dtype=np.int64))
-            if end - begin != count * dtype.itemsize:
-                raise CheckpointError(f"{file}: {name}: {end - begin} bytes do not hold shape {meta['shape']} "
-                                      f"of {meta['dtype']}")
-            with open(file, "rb") as f:
-                f.seek(data_offset + begin)
-                buf = f.read(end - begin)
-            if len(buf) != end - begin:
-                raise CheckpointError(f"{file}: truncated safetensors file while reading {name}")
-            array = np.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
-            return array.copy() if copy else array
+            return self._st_file(file, name).read(name, copy=copy)
         return torch_to_numpy(self._bin_tensor(file, name), copy=copy)
 
     def release(self, name: str) -> None:
@@ -265,9 +193,7 @@ class HFCheckpoint:
         when that cannot be told (a non-contiguous view in a ``.bin``). Lets a caller copy them in the kernel."""
         file = self.file_of(name)
         if file.endswith(".safetensors"):
-            meta, data_offset = self._st_meta(file, name)
-            begin, end = meta["data_offsets"]
-            return file, data_offset + begin, end - begin
+            return self._st_file(file, name).byte_range(name)
         t = self._bin_tensor(file, name)
         base = self._bin_base(file)
         if base is None or not t.is_contiguous():
@@ -304,13 +230,12 @@ class HFCheckpoint:
         """
         file = self.file_of(name)
         if file.endswith(".safetensors"):
-            header, data_offset = self._header(file)
-            if name not in header or not hasattr(os, "posix_fadvise"):
+            if name not in self._st(file) or not hasattr(os, "posix_fadvise"):
                 return
-            begin, end = header[name]["data_offsets"]
+            _, offset, nbytes = self._st(file).byte_range(name)
             fd = os.open(file, os.O_RDONLY)
             try:
-                os.posix_fadvise(fd, data_offset + begin, end - begin, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
             return
@@ -360,7 +285,7 @@ def torch_to_numpy(t, copy: bool = True) -> np.ndarray:
     import torch
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        array = t.contiguous().view(torch.int16).numpy().view(_bf16())
+        array = t.contiguous().view(torch.int16).numpy().view(bf16())
     else:
         array = t.contiguous().numpy()
     if copy:
@@ -371,7 +296,7 @@ def torch_to_numpy(t, copy: bool = True) -> np.ndarray:
 
 def numpy_to_torch(a: np.ndarray):
     import torch
-    if a.dtype == _bf16():
+    if a.dtype == bf16():
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -408,9 +333,12 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
     if fmt not in ("safetensors", "bin"):
         raise CheckpointError(f"format: expected safetensors or bin, got {fmt!r}")
     limit = parse_size(max_shard_size)
-    os.makedirs(out_dir, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".partial-", dir=out_dir)
     try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise output_error(out_dir, e) from None
+    base, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    with atomic_dir(out_dir, merge=True) as stage:
         shards: list[list[str]] = []
         weight_map: dict[str, int] = {}
         current: list[tuple[str, np.ndarray]] = []
@@ -426,7 +354,11 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
                 save_safetensors(current, tmp_name, metadata={"format": "pt"})
             else:
                 import torch
-                torch.save({n: numpy_to_torch(a) for n, a in current}, tmp_name)
+                try:
+                    torch.save({n: numpy_to_torch(a) for n, a in current}, tmp_name)
+                except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
+                    raise output_error(os.path.join(out_dir, f"{base}.{ext}"),
+                                       e if isinstance(e, OSError) else OSError(str(e).splitlines()[0])) from None
             shards.append([n for n, _ in current])
             for n, _ in current:
                 weight_map[n] = idx
@@ -443,33 +375,34 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
             total += nbytes
         flush()
         n = len(shards)
-        base, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
         if limit is None:
             final = [f"{base}.{ext}"]
         else:
             final = [f"{base}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
-        written = []
         for i, fname in enumerate(final):
             os.replace(os.path.join(stage, f"shard{i}"), os.path.join(stage, fname))
         if limit is not None:
             index = {"metadata": {"total_size": total},
                      "weight_map": {name: final[i] for name, i in weight_map.items()}}
             index_name = SAFE_INDEX if fmt == "safetensors" else BIN_INDEX
-            with open(os.path.join(stage, index_name), "w", encoding="utf-8") as f:
+            with atomic_file(os.path.join(stage, index_name), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
             final = final + [index_name]
-        for fname in final:
-            os.replace(os.path.join(stage, fname), os.path.join(out_dir, fname))
-            written.append(os.path.join(out_dir, fname))
-        # weights of another layout left in the folder would shadow the new ones when it is loaded
-        for stale in ("model.safetensors", SAFE_INDEX, "pytorch_model.bin", BIN_INDEX):
-            path = os.path.join(out_dir, stale)
-            if stale not in final and os.path.isfile(path):
-                os.remove(path)
-        return written
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    remove_stale_weights(out_dir, final)
+    return [os.path.join(out_dir, fname) for fname in final]
+
+
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)")
+
+
+def remove_stale_weights(out_dir: str, keep: Iterable[str]) -> None:
+    """Remove weight files and indexes of another layout (or shard count) than ``keep`` from ``out_dir``:
+    left in the folder they would shadow the new ones when it is loaded."""
+    keep = {os.path.basename(k) for k in keep}
+    for old in os.listdir(out_dir):
+        if old not in keep and (old in (SAFE_INDEX, BIN_INDEX) or _WEIGHT_FILE.fullmatch(old)):
+            os.remove(os.path.join(out_dir, old))
 
 
 # ---------------------------------------------------------------------- the built-in tiny model
@@ -499,12 +432,16 @@ def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_g
     total = sum(a.nbytes for _, a in tensors)
     fmt = "bin" if layout.endswith("bin") else "safetensors"
     limit = None if layout in ("single", "single-bin") else -(-total // shards)
-    os.makedirs(out_dir, exist_ok=True)
-    write_hf_checkpoint(tensors, out_dir, fmt=fmt, max_shard_size=limit)
-    if dtype is not None:
-        config.torch_dtype = NP_DTYPES.get(dtype, dtype)
-    config.save_hf(out_dir)
-    ChatGLM2Tokenizer(os.path.join(_fixtures_dir(), "tokenizer", "tiny_glm2_sp.model")).save_pretrained(out_dir)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    except OSError as e:
+        raise output_error(out_dir, e) from None
+    with atomic_dir(out_dir, merge=True) as stage:
+        write_hf_checkpoint(tensors, stage, fmt=fmt, max_shard_size=limit)
+        if dtype is not None:
+            config.torch_dtype = NP_DTYPES.get(dtype, dtype)
+        config.save_hf(stage)
+        ChatGLM2Tokenizer(os.path.join(_fixtures_dir(), "tokenizer", "tiny_glm2_sp.model")).save_pretrained(stage)
     return out_dir
 
 
@@ -531,7 +468,7 @@ def main(argv=None) -> int:
                 shape, dt = ckpt.info(name)
                 print(f"{name}\t{list(shape)}\t{dt}\t{ckpt.weight_map[name]}")
             print(f"{len(ckpt.names)} tensors, {ckpt.total_bytes()} bytes, layout {ckpt.layout}")
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -26,14 +26,12 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 
-from convert._cli import DTYPE_CHOICES, ConversionError, Progress, SafetensorsWriter, cast, run_main
-from convert.hf_layout import HFCheckpoint, NP_DTYPES
+from convert._cli import DTYPE_CHOICES, ConversionError, Progress, cast, run_main
+from convert.hf_layout import HFCheckpoint
 from convert.ms_ckpt import CheckpointWriter
+from convert.safetensors_io import NP_DTYPES, SafetensorsWriter, numpy_dtype
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config
 
@@ -49,13 +47,6 @@ class Piece:
     rows: Optional[tuple[int, int]]
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name of the output (float32 / float16 / bfloat16 ...)
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def _describe(name: str, ckpt: HFCheckpoint) -> str:
@@ -140,13 +131,13 @@ def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str 
     ckpt = HFCheckpoint(hf_dir)
     pieces, notes = plan_hf_to_ms(ckpt, cfg, config_source, naming, qkv, mlp, dtype, allow_extra)
 
-    total_in = sum(int(np.prod(ckpt.info(n)[0], dtype=np.int64)) * _np_dtype(ckpt.info(n)[1]).itemsize
+    total_in = sum(int(np.prod(ckpt.info(n)[0], dtype=np.int64)) * numpy_dtype(ckpt.info(n)[1]).itemsize
                    for n in dict.fromkeys(p.source for p in pieces))
     bar = Progress(total_in, "hf_to_ms", enabled=progress)
     if fmt == "ckpt":
         writer = CheckpointWriter(output)
     else:
-        writer = SafetensorsWriter(output, [(p.name, p.shape, _np_dtype(p.dtype)) for p in pieces],
+        writer = SafetensorsWriter(output, [(p.name, p.shape, numpy_dtype(p.dtype)) for p in pieces],
                                    metadata={"format": "ms"})
     try:
         i = 0
@@ -163,7 +154,7 @@ def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str 
                 row = nbytes // src_shape[0] if src_shape and src_shape[0] else nbytes
                 for p in group:
                     start, count = (p.rows[0] * row, (p.rows[1] - p.rows[0]) * row) if p.rows else (0, nbytes)
-                    writer.write_from_file(p.name, p.shape, _np_dtype(p.dtype), file, offset + start, count)
+                    writer.write_from_file(p.name, p.shape, numpy_dtype(p.dtype), file, offset + start, count)
                     bar.count(count, p.dtype)
             else:
                 array = ckpt.read(source, copy=False)  # written straight from the file's bytes

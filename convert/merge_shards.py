@@ -30,37 +30,25 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make ``convert`` and ``glm_common`` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from convert.ms_ckpt import CheckpointWriter, MSCheckpoint, MSCheckpointError
+from convert.safetensors_io import CheckpointError
+from convert.strategy import Layout, Strategy, StrategyError, load_strategy
+from glm_common.fsutil import atomic_dir
+from glm_common.names import TRAIN_STATE_PREFIXES, TRAIN_STATE_SCALARS, is_train_state
 
-from convert.ms_ckpt import CheckpointWriter, MSCheckpoint, MSCheckpointError  # noqa: E402
-from convert.strategy import (OPTIMIZER_PREFIXES, Layout, Strategy, StrategyError,  # noqa: E402
-                              load_strategy)
+__all__ = ["MergeError", "merge_shards", "split_checkpoint", "find_rank_files", "select_params", "main"]
 
-__all__ = ["MergeError", "merge_shards", "split_checkpoint", "find_rank_files", "is_optimizer_state",
-           "select_params", "main"]
-
-#: scalars optimizers, loss scaling and the training loop save next to the weights
-OPTIMIZER_SCALARS = ("global_step", "learning_rate", "scale_sense", "current_iterator_step",
-                     "last_overflow_iterator_step", "epoch_num", "step_num", "beta1_power", "beta2_power",
-                     "loss_scale")
 _CKPT_NAME = re.compile(r"-(\d+)_(\d+)(?:_breakpoint)?\.ckpt$")
 
 
 class MergeError(ValueError):
     """Shards that cannot be merged; one line naming the rank file and parameter."""
-
-
-def is_optimizer_state(name: str) -> bool:
-    """Optimizer moments (``adam_m.X``, ``adam_v.X``, ...), gradient accumulators and step counters."""
-    return name.startswith(OPTIMIZER_PREFIXES) or name in OPTIMIZER_SCALARS
 
 
 def _is_lora(name: str) -> bool:
@@ -79,7 +67,7 @@ def select_params(names: list[str], params: str = "all", keep_optimizer: bool = 
     fine-tune). Optimizer state is dropped unless ``keep_optimizer``, which keeps the moments of the
     kept weights and the step counters.
     """
-    weights = [n for n in names if not is_optimizer_state(n)]
+    weights = [n for n in names if not is_train_state(n)]
     if params == "all":
         kept = weights
     elif params == "lora":
@@ -93,9 +81,9 @@ def select_params(names: list[str], params: str = "all", keep_optimizer: bool = 
     keep = set(kept)
     if keep_optimizer:
         for n in names:
-            if n in OPTIMIZER_SCALARS:
+            if n in TRAIN_STATE_SCALARS:
                 keep.add(n)
-            for pre in OPTIMIZER_PREFIXES:
+            for pre in TRAIN_STATE_PREFIXES:
                 if n.startswith(pre) and n[len(pre):] in kept:
                     keep.add(n)
     return [n for n in names if n in keep]
@@ -107,26 +95,37 @@ def _step_key(path: str) -> Optional[tuple[int, int]]:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _rank_dirs(src: str) -> dict[int, str]:
+    if not os.path.isdir(src):
+        raise MergeError(f"{src}: no such checkpoint folder")
+    return {int(m.group(1)): os.path.join(src, d) for d in os.listdir(src)
+            if (m := re.fullmatch(r"rank_(\d+)", d)) and os.path.isdir(os.path.join(src, d))}
+
+
 def find_rank_files(src: str, num_ranks: int, step: Optional[int] = None) -> dict[int, str]:
     """``{rank: checkpoint file}`` for ranks ``0 .. num_ranks-1`` of ``src/rank_N/``.
 
-    Files are named ``<prefix>-<epoch>_<step>.ckpt``; without ``step`` the newest (epoch, step) that every
-    rank has is taken; a rank folder holding a single ``.ckpt`` needs no step in its name.
+    Files are named ``<prefix>-<epoch>_<step>.ckpt``. Without ``step`` every rank's newest checkpoint is
+    taken, and they must be of the same step: ranks that disagree (one lacks the newest step, e.g. killed
+    while saving) are an error naming them, and ``--step`` picks an older step every rank has. A rank
+    folder holding a single ``.ckpt`` needs no step in its name. A missing rank folder is an error.
     """
-    if not os.path.isdir(src):
-        raise MergeError(f"{src}: no such checkpoint folder")
-    found = {int(m.group(1)): os.path.join(src, d) for d in os.listdir(src)
-             if (m := re.fullmatch(r"rank_(\d+)", d)) and os.path.isdir(os.path.join(src, d))}
+    found = _rank_dirs(src)
     extra = sorted(r for r in found if r >= num_ranks)
     if extra:
-        raise MergeError(f"{src}: has rank_{extra[-1]}, but the strategy describes {num_ranks} ranks "
+        raise MergeError(f"{src}: has rank_{extra[-1]}, but the run has {num_ranks} ranks "
                          f"(rank_0..rank_{num_ranks - 1}): strategy and shards do not match")
+    missing = [r for r in range(num_ranks) if r not in found]
+    if missing:
+        more = f" (and {', '.join(f'rank_{r}' for r in missing[1:])})" if len(missing) > 1 else ""
+        raise MergeError(f"{os.path.join(src, f'rank_{missing[0]}')}: missing{more}: the run has {num_ranks} "
+                         f"ranks (rank_0..rank_{num_ranks - 1})")
     files: dict[int, list[str]] = {}
     for r in range(num_ranks):
-        d = os.path.join(src, f"rank_{r}")
-        ckpts = sorted(f for f in (os.listdir(d) if r in found else []) if f.endswith(".ckpt"))
+        d = found[r]
+        ckpts = sorted(f for f in os.listdir(d) if f.endswith(".ckpt"))
         if not ckpts:
-            raise MergeError(f"{d}: missing: no checkpoint for rank {r} (the strategy has {num_ranks} ranks)")
+            raise MergeError(f"{d}: missing: no checkpoint for rank {r} (the run has {num_ranks} ranks)")
         files[r] = [os.path.join(d, f) for f in ckpts]
     out: dict[int, str] = {}
     if step is not None:
@@ -138,14 +137,48 @@ def find_rank_files(src: str, num_ranks: int, step: Optional[int] = None) -> dic
                                  f"(files: {', '.join(os.path.basename(f) for f in fs)})")
             out[r] = hits[0]
         return out
-    if all(len(fs) == 1 for fs in files.values()):
+    if all(len(fs) == 1 for fs in files.values()) and all(_step_key(fs[0]) is None for fs in files.values()):
         return {r: fs[0] for r, fs in files.items()}
     keyed = {r: {_step_key(f): f for f in fs if _step_key(f) is not None} for r, fs in files.items()}
-    common = set.intersection(*(set(k) for k in keyed.values()))
-    if not common:
-        raise MergeError(f"{src}: no step whose checkpoint every rank has; pass --step")
-    newest = max(common)
-    return {r: keyed[r][newest] for r in keyed}
+    for r, k in keyed.items():
+        if not k:
+            raise MergeError(f"{os.path.join(src, f'rank_{r}')}: no checkpoint named <prefix>-<epoch>_<step>.ckpt "
+                             f"(files: {', '.join(os.path.basename(f) for f in files[r])})")
+    newest = {r: max(k) for r, k in keyed.items()}
+    top = max(newest.values())
+    behind = [r for r in sorted(newest) if newest[r] != top]
+    if behind:
+        r = behind[0]
+        ahead = next(q for q in sorted(newest) if newest[q] == top)
+        common = set.intersection(*(set(k) for k in keyed.values()))
+        hint = f"; pass --step {max(common)[1]} to merge the newest step every rank has" if common else ""
+        more = f" (and {len(behind) - 1} more rank(s))" if len(behind) > 1 else ""
+        raise MergeError(f"{os.path.join(src, f'rank_{r}')}: lacks step {top[1]}, the newest of rank {ahead} "
+                         f"(its newest is step {newest[r][1]}){more}: the ranks disagree on the latest "
+                         f"checkpoint{hint}")
+    return {r: keyed[r][top] for r in keyed}
+
+
+def _recorded_scalar(ckpt: MSCheckpoint, name: str) -> Optional[int]:
+    """An integer scalar the training loop recorded in a checkpoint (``world_size``, ``rank_id``), else None."""
+    if name not in ckpt:
+        return None
+    a = ckpt.read(name)
+    if a.size != 1:
+        raise MergeError(f"{ckpt.path}: {name}: expected a scalar, got shape {list(a.shape)}")
+    return int(a.reshape(-1)[0])
+
+
+def _check_recorded_ranks(ckpts: dict[int, MSCheckpoint], num_ranks: int) -> None:
+    """Each checkpoint that records ``rank_id`` / ``world_size`` must agree with its folder and the run."""
+    for r, c in ckpts.items():
+        rank_id = _recorded_scalar(c, "rank_id")
+        if rank_id is not None and rank_id != r:
+            raise MergeError(f"{c.path}: rank_id: the checkpoint records rank {rank_id}, its folder is rank_{r}")
+        world = _recorded_scalar(c, "world_size")
+        if world is not None and world != num_ranks:
+            raise MergeError(f"{c.path}: world_size: the checkpoint records {world} ranks, the run merged has "
+                             f"{num_ranks}")
 
 
 # ---------------------------------------------------------------------- planning
@@ -249,33 +282,50 @@ class _DataParallel:
         return []
 
 
-def _count_ranks(src: str) -> int:
-    if not os.path.isdir(src):
-        raise MergeError(f"{src}: no such checkpoint folder")
-    ranks = [int(m.group(1)) for d in os.listdir(src) if (m := re.fullmatch(r"rank_(\d+)", d))]
-    if not ranks:
+def _count_ranks(src: str, world_size: Optional[int] = None) -> int:
+    """Number of ranks of a pure data-parallel run: ``world_size`` when given, else what the checkpoints
+    record (``world_size``), else the rank folders found, which must be numbered without gaps."""
+    found = _rank_dirs(src)
+    if not found:
         raise MergeError(f"{src}: no rank_N folders (expected the checkpoint folder of a run)")
-    return max(ranks) + 1
+    if world_size is not None:
+        return world_size
+    for r in sorted(found):
+        ckpts = sorted(f for f in os.listdir(found[r]) if f.endswith(".ckpt"))
+        if ckpts:
+            recorded = _recorded_scalar(MSCheckpoint(os.path.join(found[r], ckpts[-1])), "world_size")
+            if recorded is not None:
+                if recorded < 1:
+                    raise MergeError(f"{os.path.join(found[r], ckpts[-1])}: world_size: {recorded} is not a rank "
+                                     f"count")
+                return recorded
+            break
+    return max(found) + 1
 
 
 def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "all", keep_optimizer: bool = False,
-                 step: Optional[int] = None, progress: bool = True) -> dict:
+                 step: Optional[int] = None, progress: bool = True, world_size: Optional[int] = None) -> dict:
     """Merge ``src/rank_N/*.ckpt`` laid out by ``strategy`` into the single checkpoint ``output``.
 
-    ``strategy=None`` is a pure data-parallel run: every rank holds full replicas, checked bit for bit.
+    ``strategy=None`` is a pure data-parallel run: every rank holds full replicas, checked bit for bit;
+    its rank count is ``world_size``, or what the checkpoints record, or the rank folders (no gaps).
+    Every rank must be present, and hold the same (newest, or ``step``) step.
 
     Returns a summary ``{"params", "bytes", "ranks", "stages", "dropped", "seconds"}``.
     """
     t0 = time.time()
     if strategy is None:
-        strat = _DataParallel(_count_ranks(src))
+        strat = _DataParallel(_count_ranks(src, world_size))
     else:
         try:
             strat = load_strategy(strategy)
         except StrategyError as e:
             raise MergeError(str(e)) from None
+        if world_size is not None and world_size != strat.device_num:
+            raise MergeError(f"{strategy}: describes {strat.device_num} ranks, --world-size says {world_size}")
     files = find_rank_files(src, strat.device_num, step)
     ckpts = {r: MSCheckpoint(f) for r, f in files.items()}
+    _check_recorded_ranks(ckpts, strat.device_num)
     # every name once, stage by stage, in the order the ranks hold them
     order: dict[str, None] = {}
     for r in sorted(ckpts):
@@ -283,7 +333,7 @@ def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "
             order.setdefault(n, None)
     names = list(order)
     for n in strat.names():
-        if n not in order and not is_optimizer_state(n):
+        if n not in order and not is_train_state(n):
             st = strat.layout(n).stage
             raise MergeError(f"{ckpts[strat.stage_ranks(st)[0]].path}: {n}: in the strategy "
                              f"({strat.sources[st]}) but in no shard: strategy and shards do not match")
@@ -324,7 +374,7 @@ def split_checkpoint(full_ckpt: str, strategy: str, output_dir: str, prefix: str
     except StrategyError as e:
         raise MergeError(str(e)) from None
     full = MSCheckpoint(full_ckpt)
-    missing = [n for n in strat.names() if n not in full and not is_optimizer_state(n)]
+    missing = [n for n in strat.names() if n not in full and not is_train_state(n)]
     if missing:
         raise MergeError(f"{full_ckpt}: {missing[0]}: in the strategy but not in the checkpoint "
                          f"({len(missing)} such parameters)")
@@ -343,37 +393,32 @@ def split_checkpoint(full_ckpt: str, strategy: str, output_dir: str, prefix: str
         plans.append((n, lay))
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise MergeError(f"{output_dir}: exists and is not an empty folder")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".split-", dir=parent)
+    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
     writers: dict[int, CheckpointWriter] = {}
-    try:
-        writers = {r: CheckpointWriter(os.path.join(tmp, f"rank_{r}", f"{prefix}{r}.ckpt"))
-                   for r in range(strat.device_num)}
-        bar = _progress(len(plans), "split", progress)
-        for n, lay in plans:
-            array = full.read(n)
-            if lay is None:
-                for w in writers.values():
-                    w.write(n, array)
-            else:
-                ranks = strat.stage_ranks(lay.stage)
-                for r in ranks:
-                    region = lay.region(lay.slice_index(r - ranks[0]), array.shape)
-                    writers[r].write(n, array[region])
-            del array
-            bar.update(1)
-        bar.close()
-        for w in writers.values():
-            w.close()
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(output_dir) as tmp:
+        try:
+            writers = {r: CheckpointWriter(os.path.join(tmp, f"rank_{r}", f"{prefix}{r}.ckpt"))
+                       for r in range(strat.device_num)}
+            bar = _progress(len(plans), "split", progress)
+            for n, lay in plans:
+                array = full.read(n)
+                if lay is None:
+                    for w in writers.values():
+                        w.write(n, array)
+                else:
+                    ranks = strat.stage_ranks(lay.stage)
+                    for r in ranks:
+                        region = lay.region(lay.slice_index(r - ranks[0]), array.shape)
+                        writers[r].write(n, array[region])
+                del array
+                bar.update(1)
+            bar.close()
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
     return {"params": len(plans), "ranks": strat.device_num, "stages": strat.num_stages,
             "seconds": time.time() - t0}
 
@@ -431,7 +476,11 @@ def _merge_parser() -> argparse.ArgumentParser:
                    help="also keep optimizer state (adam_m./adam_v. moments of the kept weights, global_step, "
                         "learning_rate, ...); dropped by default")
     p.add_argument("--step", type=int, default=None,
-                   help="merge the checkpoints of this step (default: the newest step every rank has)")
+                   help="merge the checkpoints of this step (default: every rank's newest, which must be the same "
+                        "step: ranks that disagree are an error naming them)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="number of ranks of the run (default: the strategy's device count; without a strategy, "
+                        "the world_size the checkpoints record, else the rank_N folders, which must have no gaps)")
     p.add_argument("--to-hf", metavar="DIR", default=None,
                    help="also convert the merged checkpoint to an HF model folder DIR (needs --config)")
     p.add_argument("--config", default=None, help="HF config.json (or its folder) of the model, for --to-hf")
@@ -467,17 +516,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise MergeError("--to-hf needs --config (the HF config.json of the model)")
         if a.to_hf and a.params == "lora":
             raise MergeError("--to-hf needs the full model; --params lora keeps only the LoRA matrices")
-        s = merge_shards(a.src, a.strategy, a.output, a.params, a.keep_optimizer, a.step, progress=not a.quiet)
+        if a.world_size is not None and a.world_size < 1:
+            raise MergeError(f"--world-size: {a.world_size} must be at least 1")
+        s = merge_shards(a.src, a.strategy, a.output, a.params, a.keep_optimizer, a.step, progress=not a.quiet,
+                         world_size=a.world_size)
         print(f"merged {s['ranks']} ranks ({s['stages']} stage(s)): {s['params']} parameters, "
               f"{s['bytes'] / 2**20:.1f} MiB -> {a.output} ({s['dropped']} dropped) in {s['seconds']:.1f}s")
         if a.to_hf:
             print(_to_hf(a.output, a.to_hf, a.config, progress=not a.quiet))
         return 0
-    except (MergeError, StrategyError, MSCheckpointError) as e:
+    except (MergeError, StrategyError, MSCheckpointError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # OutputError names the output; others name their file
+        msg = f"{e.filename}: {e.strerror or e}" if e.filename else str(e)
+        print(f"error: {msg}", file=sys.stderr)
         return 1
 
 

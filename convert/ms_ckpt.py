@@ -15,43 +15,32 @@ tests hold these to.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-__all__ = ["MSCheckpointError", "MSCheckpoint", "AtomicWriter", "CheckpointWriter", "save_ms_checkpoint", "MS_DTYPES"]
+from convert.safetensors_io import DTYPES, AtomicWriter, copy_bytes, ms_dtype, ms_type
+
+__all__ = ["MSCheckpointError", "MSCheckpoint", "AtomicWriter", "CheckpointWriter", "save_ms_checkpoint", "MS_DTYPES",
+           "copy_bytes"]
 
 
 class MSCheckpointError(ValueError):
     """A .ckpt file that cannot be read or written; one line naming the file."""
 
 
-def _bf16():
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
+#: MindSpore tensor_type strings <-> numpy dtype names (a view of :data:`convert.safetensors_io.DTYPES`)
+MS_DTYPES = {ms: np_name for np_name, _, ms in DTYPES}
 
 
-#: MindSpore tensor_type strings <-> numpy dtype names
-MS_DTYPES = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16", "Float64": "float64",
-             "Int8": "int8", "Int16": "int16", "Int32": "int32", "Int64": "int64", "UInt8": "uint8",
-             "UInt16": "uint16", "UInt32": "uint32", "UInt64": "uint64", "Bool": "bool"}
-_NP_TO_MS = {v: k for k, v in MS_DTYPES.items()}
-
-
-def _np_dtype(ms_type: str, where: str) -> np.dtype:
-    if ms_type not in MS_DTYPES:
-        raise MSCheckpointError(f"{where}: unsupported tensor type {ms_type!r}")
-    name = MS_DTYPES[ms_type]
-    return _bf16() if name == "bfloat16" else np.dtype(name)
+def _np_dtype(ms_type_name: str, where: str) -> np.dtype:
+    return ms_dtype(ms_type_name, where, MSCheckpointError)
 
 
 def _ms_type(dtype) -> str:
-    dtype = np.dtype(dtype)
-    name = "bfloat16" if dtype == _bf16() else dtype.name
-    if name not in _NP_TO_MS:
-        raise MSCheckpointError(f"cannot store dtype {dtype} in a MindSpore checkpoint")
-    return _NP_TO_MS[name]
+    return ms_type(dtype, MSCheckpointError)
 
 
 # ---------------------------------------------------------------------- protobuf wire helpers
@@ -101,33 +90,6 @@ def _value_header(name: str, shape: tuple[int, ...], ms_type: str, nbytes: int) 
 
 
 # ---------------------------------------------------------------------- writing
-class AtomicWriter:
-    """Base of the writers that fill ``<path>.partial`` (``self.tmp``, open as ``self._f``) and rename it
-    in :meth:`close`: used as a context manager, an exception aborts and removes the partial file."""
-
-    path: str
-    tmp: str
-
-    def close(self) -> str:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
-
-
 class CheckpointWriter(AtomicWriter):
     """Append tensors to a new ``.ckpt``; the file appears at ``path`` only when :meth:`close` succeeds.
 
@@ -136,11 +98,7 @@ class CheckpointWriter(AtomicWriter):
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = self.path + ".partial"
-        self._f = open(self.tmp, "wb")
+        self._open(path)
         self.names: list[str] = []
         self._seen: set[str] = set()
         self.bytes_written = 0
@@ -152,8 +110,9 @@ class CheckpointWriter(AtomicWriter):
         if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape (1,))
             array = array.copy(order="C")
         head = _value_header(name, tuple(int(d) for d in array.shape), _ms_type(array.dtype), array.nbytes)
-        self._f.write(head)
-        self._f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        with self._writing():
+            self._f.write(head)
+            self._f.write(memoryview(array.reshape(-1).view(np.uint8)))
         self._seen.add(name)
         self.names.append(name)
         self.bytes_written += len(head) + array.nbytes
@@ -166,44 +125,18 @@ class CheckpointWriter(AtomicWriter):
         shape = tuple(int(d) for d in shape)
         dtype = np.dtype(dtype)
         if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes:
-            raise MSCheckpointError(f"{self.path}: {name}: {nbytes} bytes do not hold shape {list(shape)} of {dtype}")
+            raise MSCheckpointError(f"{src}: {name}: {nbytes} bytes do not hold shape {list(shape)} of {dtype}")
         head = _value_header(name, shape, _ms_type(dtype), nbytes)
-        self._f.write(head)
-        self._f.flush()
-        copy_bytes(src, offset, nbytes, self._f)
+        with self._writing():
+            self._f.write(head)
+            self._f.flush()
+            copy_bytes(src, offset, nbytes, self._f)
         self._seen.add(name)
         self.names.append(name)
         self.bytes_written += len(head) + nbytes
 
     def close(self) -> str:
-        self._f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-
-def copy_bytes(src: str, offset: int, nbytes: int, out) -> None:
-    """Append ``nbytes`` of file ``src`` from ``offset`` to the open (flushed) binary file ``out``:
-    ``os.copy_file_range`` where the system has it, else reads of 64 MiB."""
-    done = 0
-    with open(src, "rb") as f:
-        fd_in, fd_out = f.fileno(), out.fileno()
-        if hasattr(os, "copy_file_range"):
-            try:
-                while done < nbytes:
-                    n = os.copy_file_range(fd_in, fd_out, nbytes - done, offset + done)
-                    if n == 0:
-                        break
-                    done += n
-            except OSError:  # EXDEV / ENOSYS / EINVAL: fall back to plain reads
-                pass
-        while done < nbytes:
-            buf = os.pread(fd_in, min(nbytes - done, 64 << 20), offset + done)
-            if not buf:
-                raise MSCheckpointError(f"{src}: truncated: {nbytes - done} bytes missing at byte {offset + done}")
-            out.write(buf)
-            out.flush()
-            done += len(buf)
-    out.seek(0, os.SEEK_END)
+        return self._finish()
 
 
 def save_ms_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], path: str | os.PathLike) -> str:
@@ -227,9 +160,41 @@ class MSCheckpoint:
         self._scan()
 
     def _scan(self):
+        """Index every value; every length is checked against the record that holds it and the file's
+        size, every shape against its byte count, before anything is used."""
         where = self.path
-        size = os.path.getsize(where)
-        with open(where, "rb") as f:
+        try:
+            size = os.path.getsize(where)
+            f = open(where, "rb")
+        except OSError as e:
+            raise MSCheckpointError(f"{where}: cannot read: {e.strerror or e}") from None
+
+        def length(limit: int, what: str) -> int:
+            n = _read_varint(f, where)
+            if n is None or f.tell() + n > limit:
+                if limit == size:
+                    raise MSCheckpointError(f"{where}: truncated checkpoint ({what} of {n} bytes at byte {f.tell()} "
+                                            f"runs past the end of the file, {size} bytes)")
+                raise MSCheckpointError(f"{where}: corrupt checkpoint ({what} of {n} bytes at byte {f.tell()} runs "
+                                        f"past its record, which ends at byte {limit})")
+            return n
+
+        def text(limit: int, what: str) -> str:
+            n = length(limit, what)
+            raw = f.read(n)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MSCheckpointError(f"{where}: corrupt checkpoint ({what} near byte {f.tell()} is not "
+                                        f"UTF-8)") from None
+
+        def varint(limit: int, what: str) -> int:
+            v = _read_varint(f, where)
+            if v is None or f.tell() > limit:
+                raise MSCheckpointError(f"{where}: truncated or corrupt checkpoint ({what} near byte {f.tell()})")
+            return v
+
+        with f:
             while True:
                 key = _read_varint(f, where)
                 if key is None:
@@ -237,52 +202,55 @@ class MSCheckpoint:
                 if key != 0x0A:
                     raise MSCheckpointError(f"{where}: not a MindSpore checkpoint (unexpected field {key >> 3} "
                                             f"at byte {f.tell()}); encrypted checkpoints are not supported")
-                length = _read_varint(f, where)
-                end = f.tell() + length
-                if end > size:
-                    raise MSCheckpointError(f"{where}: truncated checkpoint (a value ends at byte {end} of {size})")
-                name, shape, ms_type, offset, nbytes = None, [], None, None, 0
+                n = length(size, "a value")
+                end = f.tell() + n
+                name, shape, ms_type_name, offset, nbytes = None, [], None, None, 0
                 while f.tell() < end:
-                    k = _read_varint(f, where)
+                    k = varint(end, "a field key")
                     num, wire = k >> 3, k & 7
                     if num == 1 and wire == 2:
-                        n = _read_varint(f, where)
-                        name = f.read(n).decode("utf-8")
+                        name = text(end, "a tensor name")
                     elif num == 2 and wire == 2:
-                        t_len = _read_varint(f, where)
-                        t_end = f.tell() + t_len
+                        n = length(end, f"the tensor record of {name}")
+                        t_end = f.tell() + n
                         while f.tell() < t_end:
-                            tk = _read_varint(f, where)
+                            tk = varint(t_end, f"a field key of {name}")
                             tnum, twire = tk >> 3, tk & 7
                             if tnum == 1 and twire == 0:
-                                shape.append(_read_varint(f, where))
+                                shape.append(varint(t_end, f"a dimension of {name}"))
                             elif tnum == 1 and twire == 2:  # packed dims
-                                p_end = f.tell() + _read_varint(f, where)
+                                n = length(t_end, f"the dimensions of {name}")
+                                p_end = f.tell() + n
                                 while f.tell() < p_end:
-                                    shape.append(_read_varint(f, where))
+                                    shape.append(varint(p_end, f"a dimension of {name}"))
                             elif tnum == 2 and twire == 2:
-                                ms_type = f.read(_read_varint(f, where)).decode()
+                                ms_type_name = text(t_end, f"the tensor type of {name}")
                             elif tnum == 3 and twire == 2:
-                                nbytes = _read_varint(f, where)
+                                nbytes = length(t_end, f"the data of {name}")
                                 offset = f.tell()
                                 f.seek(nbytes, 1)
                             else:
-                                raise MSCheckpointError(f"{where}: corrupt tensor record near byte {f.tell()}")
+                                raise MSCheckpointError(f"{where}: {name}: corrupt tensor record near byte {f.tell()}")
                     elif num == 3:
                         raise MSCheckpointError(f"{where}: {name}: map tensors are not supported")
                     else:
                         raise MSCheckpointError(f"{where}: corrupt value record near byte {f.tell()}")
-                if name is None or ms_type is None:
-                    raise MSCheckpointError(f"{where}: corrupt value record ending at byte {end}")
+                if f.tell() != end:
+                    raise MSCheckpointError(f"{where}: {name}: corrupt value record (its fields run past byte {end})")
+                if name is None or ms_type_name is None:
+                    raise MSCheckpointError(f"{where}: corrupt value record ending at byte {end} (no name or type)")
                 if offset is None:
                     offset = end
-                dtype = _np_dtype(ms_type, f"{where}: {name}")
-                count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                dtype = _np_dtype(ms_type_name, f"{where}: {name}")
+                if any(d >= 2 ** 63 for d in shape):
+                    raise MSCheckpointError(f"{where}: {name}: corrupt shape {shape}")
+                count = math.prod(shape)
                 if nbytes != count * dtype.itemsize:
-                    raise MSCheckpointError(f"{where}: {name}: {nbytes} bytes do not hold shape {shape} of {ms_type}")
+                    raise MSCheckpointError(f"{where}: {name}: {nbytes} bytes do not hold shape {shape} of "
+                                            f"{ms_type_name}")
                 if name in self.index:
                     raise MSCheckpointError(f"{where}: tensor {name} appears twice")
-                self.index[name] = (tuple(shape), ms_type, offset, nbytes)
+                self.index[name] = (tuple(shape), ms_type_name, offset, nbytes)
                 f.seek(end)
 
     @property
@@ -305,9 +273,11 @@ class MSCheckpoint:
     def read(self, name: str) -> np.ndarray:
         shape, ms_type, offset, nbytes = self._entry(name)
         dtype = _np_dtype(ms_type, self.path)
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            buf = f.read(nbytes)
+        try:
+            with open(self.path, "rb") as f:
+                buf = os.pread(f.fileno(), nbytes, offset) if nbytes else b""
+        except OSError as e:
+            raise MSCheckpointError(f"{self.path}: {name}: cannot read: {e.strerror or e}") from None
         if len(buf) != nbytes:
             raise MSCheckpointError(f"{self.path}: truncated checkpoint while reading {name}")
         return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()

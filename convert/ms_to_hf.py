@@ -7,7 +7,8 @@
 Accepts mindformers names (``embedding_weight`` or the legacy ``embedding_table``), the concat and the
 split layouts (``wq/wk/wv`` are stacked back into ``query_key_value [np*hn + 2*g*hn, H]``,
 ``dense_left/dense_right`` into ``dense_h_to_4h [2F, H]``), and training checkpoints: optimizer
-state (``adam_m.*``, ``adam_v.*``, ``global_step`` ...) and kv-cache buffers are skipped. Every weight is
+state and training-loop scalars (``glm_common.names.is_train_state``: ``adam_m.*``, ``adam_v.*``,
+``global_step``, ``loss_scale_good_steps`` ...) and kv-cache buffers are skipped. Every weight is
 checked against the config (a ``config.json``, its directory, or a mindformers YAML with
 ``model.model_config``). The directory gets ``config.json``, the weight shards (with their index when
 sharded) and, with ``--tokenizer``, ``tokenizer.model`` + ``tokenizer_config.json``; it is assembled in
@@ -21,68 +22,26 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from typing import Iterator, Optional
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
 from convert._cli import DTYPE_CHOICES, ConversionError, Progress, cast, out_dtype_name, run_main
-from convert.hf_layout import (BIN_INDEX, SAFE_INDEX, CheckpointError, dtype_name, parse_size,
-                               read_safetensors_header, write_hf_checkpoint, _np_dtype as _st_np_dtype)
+from convert.hf_layout import parse_size, remove_stale_weights, write_hf_checkpoint
 from convert.ms_ckpt import MSCheckpoint
+from convert.safetensors_io import SafetensorsFile, numpy_dtype, output_error
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config, ConfigError
+from glm_common.fsutil import atomic_dir
 
-__all__ = ["load_config", "open_ms_checkpoint", "plan_ms_to_hf", "convert_ms_to_hf", "main", "is_optimizer_state"]
-
-_OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accumulated_grads.",
-                       "global_step", "scale_sense", "learning_rate")
-_OPTIMIZER_SCALARS = {"global_step", "epoch_num", "step_num", "loss_scale", "current_iterator_step",
-                      "last_overflow_iterator_step", "scale_sense", "learning_rate", "beta1_power", "beta2_power"}
-
-
-def is_optimizer_state(name: str) -> bool:
-    """Names a MindSpore training checkpoint holds beside the weights (optimizer moments, step counters)."""
-    return name in _OPTIMIZER_SCALARS or name.startswith(_OPTIMIZER_PREFIXES)
-
-
-class _SafetensorsFile:
-    """A MindSpore safetensors checkpoint with :class:`MSCheckpoint`'s ``names/info/read`` interface."""
-
-    def __init__(self, path: str):
-        self.path = path
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no such file")
-        self.header, self.offset = read_safetensors_header(path)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.header)
-
-    def info(self, name):
-        meta = self.header[name]
-        return tuple(meta["shape"]), dtype_name(_st_np_dtype(meta["dtype"], self.path))
-
-    def read(self, name) -> np.ndarray:
-        meta = self.header[name]
-        dtype = _st_np_dtype(meta["dtype"], self.path)
-        a, b = meta["data_offsets"]
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + a)
-            buf = f.read(b - a)
-        if len(buf) != b - a:
-            raise CheckpointError(f"{self.path}: truncated safetensors file while reading {name}")
-        return np.frombuffer(buf, dtype=dtype).reshape(meta["shape"]).copy()
+__all__ = ["load_config", "open_ms_checkpoint", "plan_ms_to_hf", "convert_ms_to_hf", "main"]
 
 
 def open_ms_checkpoint(path: str):
     """A ``.ckpt`` (:class:`MSCheckpoint`) or MindSpore ``.safetensors`` file, read lazily."""
     if path.endswith(".safetensors"):
-        return _SafetensorsFile(path)
+        return SafetensorsFile(path)
     return MSCheckpoint(path)
 
 
@@ -126,7 +85,7 @@ def plan_ms_to_hf(ckpt, config: ChatGLM2Config, config_source: str, allow_extra:
         if N.is_derived_buffer(name):
             notes["derived"] += 1
             continue
-        if is_optimizer_state(name):
+        if N.is_train_state(name):
             notes["optimizer"] += 1
             continue
         m = _SPLIT.search(name)
@@ -212,35 +171,32 @@ def convert_ms_to_hf(ckpt_path: str, config: str, output: str, dtype: str = "kee
         raise ConversionError(f"{tokenizer}: no such file (expected a SentencePiece tokenizer.model)")
     ckpt = open_ms_checkpoint(ckpt_path)
     plan, notes = plan_ms_to_hf(ckpt, cfg, config, allow_extra)
-    total = sum(int(np.prod(ckpt.info(n)[0], dtype=np.int64)) * np.dtype(_dt(ckpt.info(n)[1])).itemsize
+    total = sum(int(np.prod(ckpt.info(n)[0], dtype=np.int64)) * numpy_dtype(ckpt.info(n)[1]).itemsize
                 for ns in plan.values() for n in ns)
     if limit is not None and total <= limit:
         limit = None  # as transformers does: one file, no index, when everything fits in one shard
     output = os.path.abspath(output)
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConversionError(f"{output}: exists and is not a directory")
-    stage = output.rstrip(os.sep) + ".partial"
-    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+    except OSError as e:
+        raise output_error(output, e) from None
     bar = Progress(total, "ms_to_hf", enabled=progress)
     try:
-        os.makedirs(stage)
-        files = write_hf_checkpoint(_tensors(ckpt, plan, dtype, bar), stage, fmt=fmt, max_shard_size=limit)
-        out_dtype = out_dtype_name(dtype) or _main_float_dtype(bar.dtypes) or cfg.torch_dtype
-        cfg.torch_dtype = out_dtype
-        cfg.save_hf(stage)
-        if tokenizer is not None:
-            from glm_common.tokenizer import ChatGLM2Tokenizer
-            ChatGLM2Tokenizer(tokenizer).save_pretrained(stage)
-        bar.close()
-        os.makedirs(output, exist_ok=True)
-        for old in os.listdir(output):  # stale weights of an earlier conversion would shadow the new ones
-            if old in (SAFE_INDEX, BIN_INDEX) or re.fullmatch(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)", old):
-                os.remove(os.path.join(output, old))
-        for name in os.listdir(stage):
-            os.replace(os.path.join(stage, name), os.path.join(output, name))
+        # written beside ``output`` and moved in when complete; other files already in ``output`` stay, stale
+        # weight files of another layout are removed by write_hf_checkpoint
+        with atomic_dir(output, merge=True) as stage:
+            files = write_hf_checkpoint(_tensors(ckpt, plan, dtype, bar), stage, fmt=fmt, max_shard_size=limit)
+            out_dtype = out_dtype_name(dtype) or _main_float_dtype(bar.dtypes) or cfg.torch_dtype
+            cfg.torch_dtype = out_dtype
+            cfg.save_hf(stage)
+            if tokenizer is not None:
+                from glm_common.tokenizer import ChatGLM2Tokenizer
+                ChatGLM2Tokenizer(tokenizer).save_pretrained(stage)
+        remove_stale_weights(output, files)
     finally:
         bar.close()
-        shutil.rmtree(stage, ignore_errors=True)
     extra = [f"{len(files)} weight files"]
     if notes["optimizer"]:
         extra.append(f"skipped {notes['optimizer']} optimizer-state entries")
@@ -250,13 +206,6 @@ def convert_ms_to_hf(ckpt_path: str, config: str, output: str, dtype: str = "kee
         extra.append(f"copied {len(notes['extra'])} extra tensors")
     return {"tensors": bar.tensors, "bytes": bar.bytes, "dtypes": dict(bar.dtypes), "output": output,
             "files": sorted(os.listdir(output)), "notes": notes, "line": bar.summary("ms_to_hf", output, "; ".join(extra))}
-
-
-def _dt(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-        return ml_dtypes.bfloat16
-    return name
 
 
 def _main_float_dtype(counts: dict[str, int]) -> Optional[str]:

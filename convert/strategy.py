@@ -36,11 +36,11 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["StrategyError", "Layout", "Strategy", "load_strategy", "read_strategy_file", "write_strategy_file",
-           "OPTIMIZER_PREFIXES", "strategy_pb2"]
+from glm_common.fsutil import atomic_file
+from glm_common.names import TRAIN_STATE_PREFIXES
 
-#: optimizer-state prefixes MindSpore optimizers put before the parameter name
-OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accu_grads.", "accum.")
+__all__ = ["StrategyError", "Layout", "Strategy", "load_strategy", "read_strategy_file", "write_strategy_file",
+           "strategy_pb2"]
 
 _PB2 = "mindspore.train.node_strategy_pb2"
 _LOADED = None
@@ -265,7 +265,7 @@ class Strategy:
         for p in sorted(self.stages):
             if name in self.stages[p]:
                 return self.stages[p][name]
-        for pre in OPTIMIZER_PREFIXES:
+        for pre in TRAIN_STATE_PREFIXES:
             if name.startswith(pre):
                 return self.layout(name[len(pre):])
         return None
@@ -382,8 +382,6 @@ def write_strategy_file(path: str, layouts: Mapping[str, Layout], stage: int = 0
         pl.opt_weight_shard_step = lay.opt_shard_step
         pl.opt_weight_shard_size = lay.opt_shard_size
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         f.write(msg.SerializeToString())
-    os.replace(tmp, path)
     return path

@@ -32,12 +32,13 @@ def check_writable_dir(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str, replace: bool = True) -> Iterator[str]:
+def atomic_dir(dest: str, replace: bool = True, merge: bool = False) -> Iterator[str]:
     """Yield a staging folder ``<dest>.partial``; on success it becomes ``dest``.
 
     With ``replace`` an existing ``dest`` (a folder) is replaced as a whole; otherwise an existing
-    ``dest`` is an :class:`OutputError`. On any exception the staging folder is removed and ``dest`` is
-    left as it was.
+    ``dest`` is an :class:`OutputError`. With ``merge`` an existing ``dest`` is kept and the staged
+    entries are moved into it one by one (each replacing its namesake) once all are written. On any
+    exception the staging folder is removed and ``dest`` is left as it was.
     """
     dest = os.path.abspath(dest).rstrip(os.sep)
     if os.path.exists(dest) and not os.path.isdir(dest):
@@ -54,17 +55,26 @@ def atomic_dir(dest: str, replace: bool = True) -> Iterator[str]:
     try:
         yield stage
         old = None
-        if os.path.isdir(dest):
+        if merge and os.path.isdir(dest):
+            for name in os.listdir(stage):
+                target = os.path.join(dest, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(stage, name), target)
+            os.rmdir(stage)
+        elif os.path.isdir(dest):
             old = dest + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
-        os.replace(stage, dest)
+            os.replace(stage, dest)
+        else:
+            os.replace(stage, dest)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(e, OutputError):
-            raise
+        if isinstance(e, OutputError):  # a file inside the stage: name it where it was going
+            raise OutputError(str(e).replace(stage + os.sep, dest + os.sep)) from None
         raise OutputError(_say(dest, e)) from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -75,6 +85,8 @@ def atomic_dir(dest: str, replace: bool = True) -> Iterator[str]:
 def atomic_file(dest: str, mode: str = "w", **kw) -> Iterator:
     """Open ``<dest>.partial`` for writing; on success it is renamed to ``dest``, on error removed."""
     dest = os.path.abspath(dest)
+    if os.path.isdir(dest):
+        raise OutputError(f"{dest}: is a directory (expected a file name)")
     check_writable_dir(os.path.dirname(dest))
     tmp = dest + ".partial"
     try:

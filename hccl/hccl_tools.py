@@ -19,9 +19,6 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as `python hccl/hccl_tools.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from hccl.rank_table import (RankTableError, is_ipv4, new_device, new_server, new_table,
                              parse_device_range, write_table)
 

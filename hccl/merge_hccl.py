@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from typing import Dict, List, Optional, Sequence
-
-if __package__ in (None, ""):  # run as `python hccl/merge_hccl.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hccl.rank_table import RankTableError, load_table, new_device, new_server, new_table, write_table
 from hccl.validate import check_table

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any, List, Tuple
+
+from glm_common.fsutil import OutputError, atomic_file
 
 __all__ = ["RankTableError", "parse_device_range", "is_ipv4", "load_table", "write_table",
            "new_table", "new_server", "new_device", "TABLE_VERSION", "TABLE_STATUS"]
@@ -80,25 +81,20 @@ def load_table(path: str) -> Any:
 
 
 def write_table(table: dict, path: str) -> str:
-    """Write ``table`` to ``path`` as mindformers does (``json.dump(..., indent=4)``), through a
-    temporary file in the same directory and an ``os.replace``: a failure leaves nothing behind."""
+    """Write ``table`` to ``path`` as mindformers does (``json.dump(..., indent=4)``), through
+    :func:`glm_common.fsutil.atomic_file`: a failure leaves nothing behind and is a
+    :class:`RankTableError` naming ``path`` (an unwritable folder, a full disk ...)."""
     path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_file(path, "w", encoding="utf-8") as f:
             json.dump(table, f, indent=4)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    except OutputError as e:
+        raise RankTableError(str(e)) from None
+    except OSError as e:
+        raise RankTableError(f"{path}: cannot write: {e.strerror or e}") from None
     return path
 
 

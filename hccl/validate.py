@@ -26,13 +26,9 @@ Exit status of the command: 0 valid, 1 invalid table or arguments (one line per 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
-if __package__ in (None, ""):  # run as `python hccl/validate.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hccl.rank_table import (TABLE_STATUS, TABLE_VERSION, RankTableError, is_ipv4, load_table,
                              parse_device_range)

@@ -42,11 +42,11 @@ reference ``answers`` (a list of N strings) for generation-based metrics.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 
+from glm_common.fsutil import atomic_file
 from glm_common.prompt import build_prompt, round_text
 
 __all__ = ["MODES", "IGNORE_INDEX", "build_train_features", "build_eval_features", "length_stats",
@@ -293,9 +293,8 @@ def save_features(path: str, features: dict, **meta) -> None:
     arrays = {k: np.asarray(v) for k, v in features.items() if isinstance(v, np.ndarray)}
     for k, v in meta.items():
         arrays[f"meta_{k}"] = np.asarray(v)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:  # (an OutputError naming ``path`` if it cannot be written)
+        np.savez(f, **arrays)
 
 
 def load_features(path: str) -> dict:

@@ -242,7 +242,7 @@ def test_failed_write_leaves_nothing(tmp_path, conf, bin_dir, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rank_table.json, "dump", dump_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(RankTableError, match=r"hccl_8p_01234567_10.0.0.1.json: cannot write: No space left"):
         make_rank_table("[0,8)", server_ip="10.0.0.1", hccn_conf=str(conf), output=str(out))
     assert listing(out) == []
     monkeypatch.setattr(rank_table.json, "dump", real_dump)

@@ -120,7 +120,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rank_table.json, "dump", dump_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(RankTableError, match=r"cluster.json: cannot write: No space left"):
         merge_files([str(a), str(b)], str(tmp_path / "cluster.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
 

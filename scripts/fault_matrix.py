@@ -1,0 +1,724 @@
+"""Fault injection: run a matrix of bad inputs against the project's command-line tools and check that
+each is refused cleanly.
+
+    python scripts/fault_matrix.py [--only SUBSTRING] [--list] [--keep DIR] [--no-run-yaml]
+
+Every case builds its bad input in a fresh folder of a temporary directory, runs one command as a
+subprocess there and is classified:
+
+- refused cleanly: a non-zero exit status, exactly one line on stderr, no Python traceback, the line
+  names the file the case is about (input or output, whichever is wrong), and nothing half-written left
+  behind (no ``*.partial`` / ``*.old`` / ``.tmp_*`` anywhere in the case folder, none of the case's outputs);
+- wrong: anything else (exit 0, a traceback, several lines, the wrong file named, leftovers).
+
+It prints one line per case, then ``tried N / refused cleanly N / wrong N``, and exits 1 if any case is
+wrong. Cases are plain functions in :data:`CASES` (``def case_x(ctx, d) -> Run``), so more (resume, the
+launcher, pickles) can be added by appending a function. A disk-full and a read-only-output case run inside
+``unshare -rm`` with a small tmpfs mounted; where user namespaces are unavailable they are skipped and said so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+QKV0 = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+QKV1 = "transformer.encoder.layers.1.self_attention.query_key_value.weight"
+
+
+@dataclass
+class Run:
+    """One command of a case: ``names`` must appear in the error line; ``outputs`` must not exist after."""
+
+    cmd: list
+    names: list
+    outputs: list = field(default_factory=list)
+    unshare_mount: Optional[tuple[str, str]] = None  # (folder, tmpfs options) mounted for the command
+    timeout: float = 300
+
+
+class Skip(Exception):
+    """A case that cannot run here (the reason is printed)."""
+
+
+# ---------------------------------------------------------------------- shared inputs, built once
+class Context:
+    def __init__(self, base: str):
+        self.base = base
+        self._cache: dict[str, str] = {}
+
+    def _once(self, key: str, build: Callable[[str], None]) -> str:
+        if key not in self._cache:
+            path = os.path.join(self.base, "_shared", key)
+            build(path)
+            self._cache[key] = path
+        return self._cache[key]
+
+    def hf(self, layout: str = "single") -> str:
+        from convert.hf_layout import write_tiny_hf_dir
+        return self._once(f"hf-{layout}", lambda p: write_tiny_hf_dir(p, layout))
+
+    def ms_ckpt(self) -> str:
+        def build(p):
+            from convert.hf_to_ms import convert_hf_to_ms
+            os.makedirs(p)
+            convert_hf_to_ms(self.hf(), os.path.join(p, "tiny.ckpt"), progress=False)
+        return os.path.join(self._once("ms", build), "tiny.ckpt")
+
+    def copy_hf(self, d: str, layout: str = "single") -> str:
+        dst = os.path.join(d, "hf")
+        shutil.copytree(self.hf(layout), dst)
+        return dst
+
+    def copy_ckpt(self, d: str) -> str:
+        dst = os.path.join(d, "in.ckpt")
+        shutil.copy(self.ms_ckpt(), dst)
+        return dst
+
+
+def _script(rel: str) -> str:
+    return os.path.join(ROOT, rel)
+
+
+def hf_to_ms(hf_dir: str, out: str, *extra) -> list:
+    return [PY, _script("convert/hf_to_ms.py"), "--hf-dir", hf_dir, "--output", out, "--no-progress", *extra]
+
+
+def ms_to_hf(ckpt: str, out: str, config: Optional[str] = None, *extra) -> list:
+    return [PY, _script("convert/ms_to_hf.py"), "--ckpt", ckpt, "--config",
+            config or os.path.join(ROOT, "tests", "fixtures", "model", "tiny_glm2"), "--output", out,
+            "--no-progress", *extra]
+
+
+def merge(src: str, out: str, *extra) -> list:
+    return [PY, _script("convert/merge_shards.py"), "--src", src, "--output", out, "--quiet", *extra]
+
+
+def _st_rewrite(path: str, mutate) -> None:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    header = mutate(header)
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _st_case(ctx, d, mutate, *names) -> Run:
+    hf = ctx.copy_hf(d)
+    _st_rewrite(os.path.join(hf, "model.safetensors"), mutate)
+    out = os.path.join(d, "out.ckpt")
+    return Run(hf_to_ms(hf, out), ["model.safetensors", *names], [out])
+
+
+# ---------------------------------------------------------------------- converters: HF -> MindSpore
+def case_hf_dir_missing(ctx, d):
+    return Run(hf_to_ms(os.path.join(d, "nope"), os.path.join(d, "o.ckpt")), ["nope"], [os.path.join(d, "o.ckpt")])
+
+
+def case_hf_dir_is_a_file(ctx, d):
+    p = os.path.join(d, "file")
+    open(p, "w").write("x")
+    return Run(hf_to_ms(p, os.path.join(d, "o.ckpt")), ["file"], [os.path.join(d, "o.ckpt")])
+
+
+def case_hf_dir_without_weights(ctx, d):
+    hf = ctx.copy_hf(d)
+    os.remove(os.path.join(hf, "model.safetensors"))
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["hf"], [os.path.join(d, "o.ckpt")])
+
+
+def _set(name, key, value):
+    def mutate(h):
+        h[name][key] = value
+        return h
+    return mutate
+
+
+def case_st_negative_offsets(ctx, d):
+    return _st_case(ctx, d, lambda h: (h[QKV0]["data_offsets"].__setitem__(0, -8), h)[1], QKV0)
+
+
+def case_st_overlapping_offsets(ctx, d):
+    return _st_case(ctx, d, lambda h: (h[QKV1].__setitem__("data_offsets", list(h[QKV0]["data_offsets"])), h)[1])
+
+
+def case_st_shifted_offsets(ctx, d):
+    def mutate(h):
+        for k, v in h.items():
+            if k != "__metadata__":
+                v["data_offsets"] = [v["data_offsets"][0] + 4, v["data_offsets"][1] + 4]
+        return h
+    return _st_case(ctx, d, mutate)
+
+
+def case_st_entry_without_offsets(ctx, d):
+    return _st_case(ctx, d, lambda h: (h[QKV0].pop("data_offsets"), h)[1], QKV0)
+
+
+def case_st_header_is_a_list(ctx, d):
+    return _st_case(ctx, d, lambda h: b"[1, 2]")
+
+
+def case_st_header_not_json(ctx, d):
+    return _st_case(ctx, d, lambda h: b"{not json")
+
+
+def case_st_unknown_dtype(ctx, d):
+    return _st_case(ctx, d, _set(QKV0, "dtype", "F12"), QKV0)
+
+
+def case_st_shape_bytes_mismatch(ctx, d):
+    return _st_case(ctx, d, lambda h: (h[QKV0]["shape"].__setitem__(0, h[QKV0]["shape"][0] - 1), h)[1], QKV0)
+
+
+def case_st_shape_not_integers(ctx, d):
+    return _st_case(ctx, d, _set(QKV0, "shape", ["a", 2]), QKV0)
+
+
+def case_st_truncated(ctx, d):
+    hf = ctx.copy_hf(d)
+    p = os.path.join(hf, "model.safetensors")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["model.safetensors"], [os.path.join(d, "o.ckpt")])
+
+
+def case_st_huge_header_length(ctx, d):
+    hf = ctx.copy_hf(d)
+    p = os.path.join(hf, "model.safetensors")
+    data = open(p, "rb").read()
+    open(p, "wb").write(struct.pack("<Q", 2 ** 40) + data[8:])
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["model.safetensors"], [os.path.join(d, "o.ckpt")])
+
+
+def case_st_empty_file(ctx, d):
+    hf = ctx.copy_hf(d)
+    open(os.path.join(hf, "model.safetensors"), "wb").close()
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["model.safetensors"], [os.path.join(d, "o.ckpt")])
+
+
+def _index_case(ctx, d, mutate, *names):
+    hf = ctx.copy_hf(d, "sharded-safetensors")
+    p = os.path.join(hf, "model.safetensors.index.json")
+    data = json.load(open(p))
+    text = mutate(data, hf)
+    open(p, "w").write(text if isinstance(text, str) else json.dumps(data))
+    out = os.path.join(d, "o.ckpt")
+    return Run(hf_to_ms(hf, out), ["model.safetensors.index.json", *names], [out])
+
+
+def case_index_not_json(ctx, d):
+    return _index_case(ctx, d, lambda data, hf: "{ nope")
+
+
+def case_index_value_not_a_string(ctx, d):
+    return _index_case(ctx, d, lambda data, hf: data["weight_map"].__setitem__(QKV0, 3), QKV0)
+
+
+def case_index_without_weight_map(ctx, d):
+    return _index_case(ctx, d, lambda data, hf: data.pop("weight_map"), "weight_map")
+
+
+def case_index_shard_missing(ctx, d):
+    def mutate(data, hf):
+        data["weight_map"][QKV0] = "model-00009-of-00009.safetensors"
+    return _index_case(ctx, d, mutate, "model-00009-of-00009.safetensors")
+
+
+def case_index_climbs_out(ctx, d):
+    def mutate(data, hf):
+        shard = data["weight_map"][QKV0]
+        os.makedirs(os.path.join(d, "elsewhere"), exist_ok=True)
+        shutil.copy(os.path.join(hf, shard), os.path.join(d, "elsewhere", "x.safetensors"))
+        for k, v in list(data["weight_map"].items()):
+            if v == shard:
+                data["weight_map"][k] = "../elsewhere/x.safetensors"
+    return _index_case(ctx, d, mutate, "outside")
+
+
+def case_index_absolute_path(ctx, d):
+    def mutate(data, hf):
+        data["weight_map"][QKV0] = os.path.join(hf, data["weight_map"][QKV0])
+    return _index_case(ctx, d, mutate, QKV0)
+
+
+def case_bin_not_a_state_dict(ctx, d):
+    import torch
+    hf = ctx.copy_hf(d, "single-bin")
+    p = os.path.join(hf, "pytorch_model.bin")
+    torch.save([1, 2, 3], p)
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["pytorch_model.bin"], [os.path.join(d, "o.ckpt")])
+
+
+def case_bin_value_not_a_tensor(ctx, d):
+    import torch
+    hf = ctx.copy_hf(d, "single-bin")
+    p = os.path.join(hf, "pytorch_model.bin")
+    sd = torch.load(p, weights_only=True)
+    sd[QKV0] = "text"
+    torch.save(sd, p)
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["pytorch_model.bin", QKV0], [os.path.join(d, "o.ckpt")])
+
+
+def case_bin_truncated(ctx, d):
+    hf = ctx.copy_hf(d, "single-bin")
+    p = os.path.join(hf, "pytorch_model.bin")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["pytorch_model.bin"], [os.path.join(d, "o.ckpt")])
+
+
+def case_config_missing(ctx, d):
+    hf = ctx.copy_hf(d)
+    os.remove(os.path.join(hf, "config.json"))
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["config.json"], [os.path.join(d, "o.ckpt")])
+
+
+def case_config_bad_json(ctx, d):
+    hf = ctx.copy_hf(d)
+    open(os.path.join(hf, "config.json"), "w").write('{"num_layers": ')
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["config.json"], [os.path.join(d, "o.ckpt")])
+
+
+def case_config_contradicts_weights(ctx, d):
+    hf = ctx.copy_hf(d)
+    p = os.path.join(hf, "config.json")
+    cfg = json.load(open(p))
+    cfg["hidden_size"] = cfg["hidden_size"] * 2
+    json.dump(cfg, open(p, "w"))
+    return Run(hf_to_ms(hf, os.path.join(d, "o.ckpt")), ["config.json"], [os.path.join(d, "o.ckpt")])
+
+
+def case_hf_to_ms_output_is_a_directory(ctx, d):
+    out = os.path.join(d, "X")
+    os.makedirs(out)
+    return Run(hf_to_ms(ctx.hf(), out), [out])
+
+
+def case_hf_to_ms_output_parent_is_a_file(ctx, d):
+    blocker = os.path.join(d, "blocker")
+    open(blocker, "w").write("x")
+    out = os.path.join(blocker, "o.ckpt")
+    return Run(hf_to_ms(ctx.hf(), out), ["blocker"])
+
+
+def case_hf_to_ms_disk_full(ctx, d):
+    mnt = os.path.join(d, "small")
+    os.makedirs(mnt)
+    out = os.path.join(mnt, "o.ckpt")
+    return Run(hf_to_ms(ctx.hf(), out), [out, "No space left"], [out], unshare_mount=(mnt, "size=256k"))
+
+
+def case_hf_to_ms_safetensors_disk_full(ctx, d):
+    mnt = os.path.join(d, "small")
+    os.makedirs(mnt)
+    out = os.path.join(mnt, "o.safetensors")
+    return Run(hf_to_ms(ctx.hf(), out), [out, "No space left"], [out], unshare_mount=(mnt, "size=256k"))
+
+
+# ---------------------------------------------------------------------- converters: MindSpore -> HF
+def case_ckpt_missing(ctx, d):
+    return Run(ms_to_hf(os.path.join(d, "none.ckpt"), os.path.join(d, "hf")), ["none.ckpt"], [os.path.join(d, "hf")])
+
+
+def case_ckpt_truncated(ctx, d):
+    p = ctx.copy_ckpt(d)
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) - 100])
+    return Run(ms_to_hf(p, os.path.join(d, "hf")), ["in.ckpt"], [os.path.join(d, "hf")])
+
+
+def case_ckpt_garbage(ctx, d):
+    p = os.path.join(d, "in.ckpt")
+    open(p, "wb").write(b"\x12\x34garbage" * 10)
+    return Run(ms_to_hf(p, os.path.join(d, "hf")), ["in.ckpt"], [os.path.join(d, "hf")])
+
+
+def case_ckpt_name_length_past_record(ctx, d):
+    p = ctx.copy_ckpt(d)
+    data = bytearray(open(p, "rb").read())
+    i = data.index(b"transformer") - 1
+    data[i] = 0x7F
+    open(p, "wb").write(bytes(data))
+    return Run(ms_to_hf(p, os.path.join(d, "hf")), ["in.ckpt"], [os.path.join(d, "hf")])
+
+
+def case_ckpt_dims_contradict_bytes(ctx, d):
+    from convert.ms_ckpt import save_ms_checkpoint
+    import numpy as np
+    p = save_ms_checkpoint([("w", np.zeros((3, 4), np.float32))], os.path.join(d, "in.ckpt"))
+    data = open(p, "rb").read()
+    j = data.index(b"\x08\x03")
+    open(p, "wb").write(data[:j] + b"\x08\x05" + data[j + 2:])
+    return Run(ms_to_hf(p, os.path.join(d, "hf")), ["in.ckpt", "w"], [os.path.join(d, "hf")])
+
+
+def case_ckpt_missing_a_weight(ctx, d):
+    from convert.ms_ckpt import MSCheckpoint, save_ms_checkpoint
+    src = MSCheckpoint(ctx.ms_ckpt())
+    p = save_ms_checkpoint(((n, src.read(n)) for n in src.names if "final_layernorm" not in n),
+                           os.path.join(d, "in.ckpt"))
+    return Run(ms_to_hf(p, os.path.join(d, "hf")), ["in.ckpt", "final_layernorm"], [os.path.join(d, "hf")])
+
+
+def case_ms_to_hf_yaml_without_model_config(ctx, d):
+    y = os.path.join(d, "run.yaml")
+    open(y, "w").write("seed: 0\n")
+    return Run(ms_to_hf(ctx.ms_ckpt(), os.path.join(d, "hf"), y), ["run.yaml"], [os.path.join(d, "hf")])
+
+
+def case_ms_to_hf_output_is_a_file(ctx, d):
+    out = os.path.join(d, "hf")
+    open(out, "w").write("x")
+    return Run(ms_to_hf(ctx.ms_ckpt(), out), [out])
+
+
+def case_ms_to_hf_tokenizer_missing(ctx, d):
+    out = os.path.join(d, "hf")
+    return Run(ms_to_hf(ctx.ms_ckpt(), out, None, "--tokenizer", os.path.join(d, "tok.model")), ["tok.model"], [out])
+
+
+def case_ms_to_hf_disk_full(ctx, d):
+    mnt = os.path.join(d, "small")
+    os.makedirs(mnt)
+    out = os.path.join(mnt, "hf")
+    return Run(ms_to_hf(ctx.ms_ckpt(), out), [out, "No space left"], [out], unshare_mount=(mnt, "size=256k"))
+
+
+def case_ms_safetensors_bad_header(ctx, d):
+    from convert.hf_to_ms import convert_hf_to_ms
+    p = os.path.join(d, "in.safetensors")
+    convert_hf_to_ms(ctx.hf(), p, progress=False)
+    _st_rewrite(p, lambda h: (h[QKV0].__setitem__("data_offsets", [0, 8]), h)[1])
+    return Run(ms_to_hf(p, os.path.join(d, "hf")), ["in.safetensors", QKV0], [os.path.join(d, "hf")])
+
+
+# ---------------------------------------------------------------------- the merger
+def _dp_run(d, ranks=(0, 1), steps=(10,), world_size=None, differ=False):
+    import numpy as np
+    from convert.ms_ckpt import save_ms_checkpoint
+    w = np.arange(32, dtype=np.float32).reshape(4, 8)
+    for r in ranks:
+        for s in steps:
+            t = [("transformer.encoder.final_layernorm.weight", w + (r if differ else 0)),
+                 ("global_step", np.array([s], np.int32))]
+            if world_size is not None:
+                t += [("world_size", np.array(world_size, np.int32)), ("rank_id", np.array(r, np.int32))]
+            save_ms_checkpoint(t, os.path.join(d, "ckpt", f"rank_{r}", f"glm2-1_{s}.ckpt"))
+    return os.path.join(d, "ckpt")
+
+
+def case_merge_src_missing(ctx, d):
+    return Run(merge(os.path.join(d, "nope"), os.path.join(d, "m.ckpt")), ["nope"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_rank_gap(ctx, d):
+    src = _dp_run(d, ranks=(0, 2))
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["rank_1", "missing"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_highest_rank_missing(ctx, d):
+    src = _dp_run(d, ranks=(0, 1), world_size=3)
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["rank_2", "missing"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_highest_rank_missing_world_size_flag(ctx, d):
+    src = _dp_run(d, ranks=(0, 1))
+    return Run(merge(src, os.path.join(d, "m.ckpt"), "--world-size", "4"), ["rank_2", "missing"],
+               [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_ranks_disagree_on_step(ctx, d):
+    src = _dp_run(d, ranks=(0, 1), steps=(5, 10))
+    os.remove(os.path.join(src, "rank_1", "glm2-1_10.ckpt"))
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["rank_1", "step 10"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_step_absent(ctx, d):
+    src = _dp_run(d)
+    return Run(merge(src, os.path.join(d, "m.ckpt"), "--step", "7"), ["rank_0", "step 7"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_replicas_differ(ctx, d):
+    src = _dp_run(d, differ=True)
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["rank_1", "final_layernorm"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_output_is_a_directory(ctx, d):
+    src = _dp_run(d)
+    out = os.path.join(d, "X")
+    os.makedirs(out)
+    return Run(merge(src, out), [out])
+
+
+def case_merge_strategy_garbage(ctx, d):
+    src = _dp_run(d)
+    s = os.path.join(d, "strategy.ckpt")
+    open(s, "wb").write(b"\xff\xfe not a strategy")
+    return Run(merge(src, os.path.join(d, "m.ckpt"), "--strategy", s), ["strategy.ckpt"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_corrupt_rank_file(ctx, d):
+    src = _dp_run(d)
+    p = os.path.join(src, "rank_1", "glm2-1_10.ckpt")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[:-10])
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["glm2-1_10.ckpt"], [os.path.join(d, "m.ckpt")])
+
+
+def case_split_output_not_empty(ctx, d):
+    out = os.path.join(d, "out")
+    os.makedirs(os.path.join(out, "keep"))
+    s = os.path.join(d, "strategy.ckpt")
+    from convert.strategy import Layout, write_strategy_file
+    write_strategy_file(s, {"transformer.encoder.final_layernorm.weight": Layout((2,), (-1,))}, 0)
+    return Run([PY, _script("convert/merge_shards.py"), "split", "--src", ctx.ms_ckpt(), "--strategy", s,
+                "--output", out, "--quiet"], [out])
+
+
+# ---------------------------------------------------------------------- adapters
+def case_adapters_peft_dir_missing(ctx, d):
+    out = os.path.join(d, "lora.ckpt")
+    return Run([PY, _script("convert/adapters.py"), "peft-to-ms", "--adapter", os.path.join(d, "nope"),
+                "--output", out, "--pet-config", os.path.join(d, "pet.yaml")], ["nope"], [out])
+
+
+# ---------------------------------------------------------------------- the data pipeline
+def _data(d, text, name="train.json"):
+    p = os.path.join(d, name)
+    open(p, "w", encoding="utf-8").write(text)
+    return p
+
+
+def _tok():
+    return os.path.join(ROOT, "tests", "fixtures", "tokenizer", "tiny_glm2_sp.model")
+
+
+def case_data_check_missing_file(ctx, d):
+    return Run([PY, "-m", "glm_common.data", "check", os.path.join(d, "none.json")], ["none.json"])
+
+
+def case_data_stats_bad_json_line(ctx, d):
+    p = _data(d, '{"content": "a", "summary": "b"}\n{"content": "a", \n')
+    return Run([PY, "-m", "glm_common.data", "stats", p, "--tokenizer", _tok()], ["train.json"])
+
+
+def case_data_features_missing_tokenizer(ctx, d):
+    p = _data(d, '{"content": "a", "summary": "b"}\n')
+    out = os.path.join(d, "f.npz")
+    return Run([PY, "-m", "glm_common.data", "features", p, "--tokenizer", os.path.join(d, "tok.model"),
+                "--out", out], ["tok.model"], [out])
+
+
+def case_data_features_output_is_a_directory(ctx, d):
+    p = _data(d, '{"content": "a", "summary": "b"}\n')
+    out = os.path.join(d, "f.npz")
+    os.makedirs(out)
+    return Run([PY, "-m", "glm_common.data", "features", p, "--tokenizer", _tok(), "--out", out], ["f.npz"])
+
+
+def case_data_features_bad_row(ctx, d):
+    p = _data(d, '{"content": "a", "summary": "b"}\n{"content": 3}\n')
+    out = os.path.join(d, "f.npz")
+    return Run([PY, "-m", "glm_common.data", "features", p, "--tokenizer", _tok(), "--out", out],
+               ["train.json"], [out])
+
+
+# ---------------------------------------------------------------------- the run YAML (imports MindSpore: slow)
+def case_run_yaml_syntax_error(ctx, d):
+    y = _data(d, "seed: 0\nrunner_config: [\n", "run.yaml")
+    return Run([PY, "-m", "mindspore_glm.run", "--config", y, "--run_mode", "eval"], ["run.yaml"])
+
+
+def case_run_yaml_bad_value(ctx, d):
+    src = open(os.path.join(ROOT, "configs", "tiny", "run_tiny_lora.yaml"), encoding="utf-8").read()
+    y = _data(d, src.replace("epochs:", "epochs: many #", 1), "run.yaml")
+    return Run([PY, "-m", "mindspore_glm.run", "--config", y, "--run_mode", "eval"], ["run.yaml", "epochs"])
+
+
+# ---------------------------------------------------------------------- rank tables
+def _table(server="10.0.0.1", ips=("192.1.27.6", "192.2.27.6")):
+    return {"version": "1.0", "server_count": "1",
+            "server_list": [{"server_id": server, "device": [{"device_id": str(i), "device_ip": ip, "rank_id": str(i)}
+                                                             for i, ip in enumerate(ips)], "host_nic_ip": "reserve"}],
+            "status": "completed"}
+
+
+def _conf(d):
+    p = os.path.join(d, "hccn.conf")
+    open(p, "w").write("".join(f"address_{i}=192.168.100.{i + 1}\n" for i in range(8)))
+    return p
+
+
+def case_rank_table_missing(ctx, d):
+    return Run([PY, _script("hccl/validate.py"), os.path.join(d, "none.json")], ["none.json"])
+
+
+def case_rank_table_bad_json(ctx, d):
+    p = _data(d, '{"version": "1.0",', "t.json")
+    return Run([PY, _script("hccl/validate.py"), p], ["t.json"])
+
+
+def case_rank_table_bad_ip(ctx, d):
+    p = _data(d, json.dumps(_table(ips=("192.1.27.6", "300.1.1.1"))), "t.json")
+    return Run([PY, _script("hccl/validate.py"), p], ["t.json", "device_ip"])
+
+
+def case_merge_hccl_duplicate_server(ctx, d):
+    a = _data(d, json.dumps(_table()), "a.json")
+    b = _data(d, json.dumps(_table(ips=("192.1.28.6", "192.2.28.6"))), "b.json")
+    out = os.path.join(d, "m.json")
+    return Run([PY, _script("hccl/merge_hccl.py"), a, b, "-o", out], ["b.json", "server_id"], [out])
+
+
+def case_merge_hccl_output_read_only(ctx, d):
+    a = _data(d, json.dumps(_table()), "a.json")
+    ro = os.path.join(d, "ro")
+    os.makedirs(ro)
+    out = os.path.join(ro, "m.json")
+    return Run([PY, _script("hccl/merge_hccl.py"), a, "-o", out], [ro], [out], unshare_mount=(ro, "ro,size=64k"))
+
+
+def case_hccl_tools_output_read_only(ctx, d):
+    ro = os.path.join(d, "ro")
+    os.makedirs(ro)
+    return Run([PY, _script("hccl/hccl_tools.py"), "--device_num", "[0,8)", "--server_ip", "10.0.0.1",
+                "--hccn_conf", _conf(d), "--output", ro], [ro], unshare_mount=(ro, "ro,size=64k"))
+
+
+def case_hccl_tools_output_is_a_file(ctx, d):
+    blocker = os.path.join(d, "blocker")
+    open(blocker, "w").write("x")
+    return Run([PY, _script("hccl/hccl_tools.py"), "--device_num", "[0,8)", "--server_ip", "10.0.0.1",
+                "--hccn_conf", _conf(d), "--output", blocker], ["blocker"])
+
+
+def case_hccl_tools_bad_range(ctx, d):
+    return Run([PY, _script("hccl/hccl_tools.py"), "--device_num", "[3,5)", "--server_ip", "10.0.0.1",
+                "--hccn_conf", _conf(d), "--output", d], ["--device_num"])
+
+
+def case_hccl_tools_conf_missing(ctx, d):
+    return Run([PY, _script("hccl/hccl_tools.py"), "--device_num", "[0,8)", "--server_ip", "10.0.0.1",
+                "--hccn_conf", os.path.join(d, "none.conf"), "--output", d], ["none.conf"])
+
+
+CASES: list[Callable] = [v for k, v in list(globals().items()) if k.startswith("case_") and callable(v)]
+SLOW = {"case_run_yaml_syntax_error", "case_run_yaml_bad_value"}
+
+
+# ---------------------------------------------------------------------- running and judging
+_UNSHARE: Optional[bool] = None
+
+
+def _unshare_ok() -> bool:
+    global _UNSHARE
+    if _UNSHARE is None:
+        _UNSHARE = bool(shutil.which("unshare")) and subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    return _UNSHARE
+
+
+def _leftovers(d: str, outputs: list) -> list[str]:
+    found = [p for p in outputs if os.path.lexists(p)]
+    for root, dirs, files in os.walk(d):
+        for n in dirs + files:
+            if n.endswith((".partial", ".old")) or n.startswith((".tmp_", ".partial-", ".split-")):
+                found.append(os.path.join(root, n))
+    return found
+
+
+def judge(run: Run, d: str) -> tuple[bool, str]:
+    """``(refused cleanly, why / the error line)`` for ``run`` executed in folder ``d``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [str(c) for c in run.cmd]
+    if run.unshare_mount:
+        if not _unshare_ok():
+            raise Skip("needs user namespaces (unshare -rm) to mount a small tmpfs")
+        mnt, opts = run.unshare_mount
+        import shlex
+        leftover_check = f"; rc=$?; ls -A {shlex.quote(mnt)} | sed 's/^/left in the mount: /' >&2; exit $rc"
+        cmd = ["unshare", "-rm", "sh", "-c",
+               f"mount -t tmpfs -o {opts} tmpfs {shlex.quote(mnt)} && {shlex.join(cmd)}{leftover_check}"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=d, env=env, timeout=run.timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"no answer within {run.timeout:.0f} s"
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if res.returncode == 0:
+        return False, f"exit 0 (stdout: {res.stdout.strip()[:120]!r})"
+    if "Traceback" in res.stderr:
+        return False, f"traceback: {lines[-1] if lines else ''}"
+    if len(lines) != 1:
+        return False, f"{len(lines)} lines on stderr: {' | '.join(lines[:3])[:300]}"
+    missing = [str(n) for n in run.names if str(n) not in first]
+    if missing:
+        return False, f"line does not name {missing}: {first}"
+    left = _leftovers(d, run.outputs)
+    if left:
+        return False, f"left behind: {', '.join(os.path.relpath(p, d) for p in left)}"
+    return True, first
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python scripts/fault_matrix.py",
+        description="Run the bad-input matrix against the converters, the merger, the data pipeline CLI, the run "
+                    "YAML and the rank-table tools; each case must be refused cleanly (non-zero exit, one stderr "
+                    "line naming the file, no traceback, nothing half-written). Exit 1 if any is not.")
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--keep", default=None, help="build the cases under this folder and keep it (default: a temp dir)")
+    ap.add_argument("--no-run-yaml", action="store_true", help="skip the run-YAML cases (they import MindSpore)")
+    args = ap.parse_args(argv)
+    cases = [c for c in CASES if (args.only is None or args.only in c.__name__)
+             and not (args.no_run_yaml and c.__name__ in SLOW)]
+    if args.list:
+        for c in cases:
+            print(c.__name__[5:])
+        return 0
+    base = os.path.abspath(args.keep) if args.keep else tempfile.mkdtemp(prefix="fault_matrix_")
+    os.makedirs(base, exist_ok=True)
+    ctx = Context(base)
+    tried = clean = wrong = skipped = 0
+    t0 = time.time()
+    try:
+        for case in cases:
+            name = case.__name__[5:]
+            d = os.path.join(base, name)
+            os.makedirs(d, exist_ok=True)
+            try:
+                ok, why = judge(case(ctx, d), d)
+            except Skip as e:
+                skipped += 1
+                print(f"skipped  {name}: {e}", flush=True)
+                continue
+            tried += 1
+            clean += ok
+            wrong += not ok
+            print(f"{'refused ' if ok else 'WRONG   '} {name}: {why}", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    extra = f" / skipped {skipped}" if skipped else ""
+    print(f"tried {tried} / refused cleanly {clean} / wrong {wrong}{extra} ({time.time() - t0:.0f} s)")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
