@@ -31,10 +31,11 @@ shards. Per device, for the stage of the pipeline that holds the most, it counts
   float32 log-softmax. With ``recompute_config.recompute`` only each layer's input is kept, plus one
   layer's full set while it is recomputed. Both numbers are shown; the total uses the YAML's setting.
   A pipeline stage holds ``min(micro_batch_num, pp)`` micro-batches in flight (1F1B).
-* **workspace**: what lives only at the peak (the start of the backward): the gradient of the logits
-  (float32 plus a ``compute_dtype`` copy), the float32 copy of the gradients the update step takes
-  (MindSpore's train step casts them to float32 to unscale and clip; torch's clip and foreach AdamW work
-  on copies of the same size), DDP's gradient buckets (a second copy of the gradients, torch with
+* **workspace**: what lives only at the peak: the gradient of the logits (float32 plus a
+  ``compute_dtype`` copy) at the start of the backward; the float32 copy of the gradients the update
+  takes (MindSpore's train step casts them to float32 to unscale and clip; torch's foreach AdamW makes
+  temporaries of the same size), which lives after the backward, when the activations are freed, so
+  only what it needs beyond the activations and the logits' gradient counts; DDP's gradient buckets (a second copy of the gradients, torch with
   several ranks and no shard), and the collective library's buffer (:data:`HCCL_BUFFER_BYTES` on Ascend).
 
 What it leaves out, by choice: the framework's own code and caches (not device memory), dropout masks
@@ -273,7 +274,10 @@ def plan_memory(L: Layout) -> dict:
                "with_recompute": in_flight * (act_recompute + head)}
         b["activations"] = act["with_recompute" if L.recompute else "without_recompute"]
         work = tokens * (V // L.mp) * (4 + cb) if last else 0               # the logits' gradient
-        work += GRAD_UPDATE_COPIES * 4 * trained // (L.dp if shard_grads else 1)
+        # the update's float32 gradient copy lives after the backward, in the memory the activations and
+        # the logits' gradient held: only what it needs beyond them counts
+        update = GRAD_UPDATE_COPIES * 4 * trained // (L.dp if shard_grads else 1)
+        work += max(0, update - b["activations"] - work)
         if torch and L.dp > 1 and not L.opt_shard:
             work += DDP_BUCKET_COPIES * trained * pb
         if L.device_target == "Ascend" and L.devices > 1:
@@ -438,7 +442,7 @@ def _layout_words(p: dict) -> str:
 def plan_line(p: dict) -> str:
     """One line: the per-device total, the budget and the verdict."""
     if p["fits"] is None:
-        verdict = "no device memory given (context.max_device_memory or --device-memory)"
+        verdict = "(no device memory given: context.max_device_memory or --device-memory)"
     else:
         verdict = f"of {format_size(p['budget_bytes'])} ({p['budget_source']}): " + \
                   ("fits" if p["fits"] else "does NOT fit")

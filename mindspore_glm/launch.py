@@ -6,8 +6,8 @@ MindSpore's dynamic cluster.
 
 Three parts, three modules: :mod:`mindspore_glm.launch_plan` checks the arguments and plans the processes
 (the arguments, the launch modes and the files are described there), the memory plan
-(:mod:`glm_common.memory_plan`) says whether the run YAML's layout fits the devices before anything
-starts, and :class:`glm_common.supervisor.Supervisor` runs the processes and stops them all when one
+(:mod:`glm_common.memory_plan`) says whether a train/finetune run's layout fits the devices before anything
+starts (one line in the plan; a plan that does not fit is refused, exit 2, unless ``--ignore-memory-plan``), and :class:`glm_common.supervisor.Supervisor` runs the processes and stops them all when one
 fails, when the launcher is told to stop and when it dies. Only the scheduler (``--scheduler TARGET``,
 started by the launcher itself) imports MindSpore; the launcher process does not.
 
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from glm_common.supervisor import Proc, Supervisor, describe, tail
 from mindspore_glm.launch_plan import (RUN_STATUSES, LaunchError, Plan, build_plan, format_plan, free_port,
-                                       resolve_paths, write_run_config)
+                                       memory_refusal, resolve_paths, write_run_config)
 
 __all__ = ["LaunchError", "Proc", "Plan", "build_plan", "format_plan", "resolve_paths", "Supervisor",
            "free_port", "main", "RUN_STATUSES", "tail", "describe"]
@@ -47,6 +47,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("run_distribute: see bash scripts/run_distribute.sh --help", file=sys.stderr)
         return 2
     print(format_plan(plan, dry_run=opts.dry_run), flush=True)
+    if plan.memory is not None and plan.memory["fits"] is False:
+        if not opts.ignore_memory_plan:
+            for line in memory_refusal(plan.memory):
+                print(f"run_distribute: error: {line}", file=sys.stderr)
+            return 2
+        print("run_distribute: --ignore-memory-plan: starting although the memory plan does not fit",
+              file=sys.stderr, flush=True)
     if opts.dry_run:
         return 0
     write_run_config(plan)

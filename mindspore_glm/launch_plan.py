@@ -71,7 +71,7 @@ from typing import Dict, List, Optional, Sequence
 from glm_common.supervisor import TAIL_LINES, Proc
 
 __all__ = ["LaunchError", "Plan", "build_plan", "format_plan", "resolve_paths", "free_port", "write_run_config",
-           "RUN_STATUSES", "NO_TABLE"]
+           "RUN_STATUSES", "NO_TABLE", "memory_refusal"]
 
 RUN_STATUSES = ("train", "finetune", "eval", "predict")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +103,7 @@ class Plan:
     output: str
     procs: List[Proc] = field(default_factory=list)
     port: Optional[int] = None
+    memory: Optional[dict] = None  # the memory plan of a train/finetune run (glm_common.memory_plan)
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -181,6 +182,10 @@ examples:
                    help="scheduler address for --launcher msrun (default 127.0.0.1)")
     p.add_argument("--cluster-timeout", type=int, default=600, metavar="S",
                    help="seconds a dynamic cluster waits for all its nodes (MS_TOPO_TIMEOUT, default 600)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="memory per device for the memory plan, e.g. 32GB (default: context.max_device_memory)")
+    p.add_argument("--ignore-memory-plan", action="store_true",
+                   help="start a train/finetune run even when its memory plan does not fit the device memory")
     p.add_argument("--tail", type=int, default=TAIL_LINES, metavar="N",
                    help=f"log lines shown for a failed rank (default {TAIL_LINES})")
     return p
@@ -226,6 +231,35 @@ def _read_config(path: str, errors: List[str]):
     except Exception as e:  # a config the checker itself trips on is still the config's problem
         errors.append(f"CONFIG_PATH: {path}: {type(e).__name__}: {e}")
     return None, None
+
+
+def _memory_plan(raw: dict, config: str, devices: int, opts, errors: List[str]) -> Optional[dict]:
+    """The memory plan of the run on ``devices`` devices (:mod:`glm_common.memory_plan`), or None with the
+    problem in ``errors``."""
+    from glm_common.memory_plan import PlanError, fixes, layout_from_config, plan_memory
+    try:
+        layout = layout_from_config(raw, source=config, devices=devices, device_memory=opts.device_memory)
+        memory = plan_memory(layout)
+        memory["fixes"] = fixes(layout) if memory["fits"] is False else []
+        return memory
+    except PlanError as e:
+        errors.append(f"memory plan: {e}")
+    return None
+
+
+def memory_refusal(memory: dict) -> List[str]:
+    """The lines that refuse a plan that does not fit (what would make it fit, and the override)."""
+    from glm_common.memory_plan import format_size
+    lines = [f"memory plan: {format_size(memory['total_bytes'])} per device does not fit "
+             f"{format_size(memory['budget_bytes'])} ({memory['budget_source']})"]
+    for f in memory["fixes"]:
+        lines.append(f"memory plan: it would fit with {f['change']}: {format_size(f['total_bytes'])}")
+    if not memory["fixes"]:
+        lines.append("memory plan: no single change of optimizer shard, recompute, model or pipeline parallel or "
+                     "batch size makes it fit")
+    lines.append("memory plan: python -m mindspore_glm.plan --config CONFIG_PATH shows it in full; "
+                 "--ignore-memory-plan starts the run anyway")
+    return lines
 
 
 def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
@@ -298,6 +332,9 @@ def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cw
     if opts.launcher == "msrun" and rng is not None and rank_size is not None and rng[0] % (rng[1] - rng[0]):
         errors.append(f"DEVICE_RANGE: {device_range}: msrun numbers a node's ranks node_rank x "
                       f"{rng[1] - rng[0]} + i, so the range must start at a multiple of {rng[1] - rng[0]}")
+    memory = None
+    if not errors and status in ("train", "finetune"):
+        memory = _memory_plan(raw, config, rank_size or (rng[1] - rng[0]), opts, errors)
     if errors:
         raise LaunchError(errors)
 
@@ -307,7 +344,7 @@ def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cw
     plan = Plan(mode="msrun" if opts.launcher == "msrun" else ("ascend" if ascend else "cluster"),
                 device_target=target, run_status=status, config=config_abs,
                 run_config=os.path.join(work, "run_config.yaml"), resolved=resolve_paths(raw, cwd),
-                table=table_abs, rank_size=rank_size or (rng[1] - rng[0]), output=output)
+                table=table_abs, rank_size=rank_size or (rng[1] - rng[0]), output=output, memory=memory)
     pairs = rank_plan(rng, rank_size)
 
     python = sys.executable or "python3"
@@ -378,6 +415,9 @@ def format_plan(plan: Plan, dry_run: bool = False) -> str:
              f"  config: {plan.config}",
              f"  ranks read: {plan.run_config} (relative paths resolved)",
              f"  rank table: {plan.table or 'none'}"]
+    if plan.memory is not None:
+        from glm_common.memory_plan import plan_line
+        lines.append(f"  {plan_line(plan.memory)}")
     for p in plan.procs:
         head = p.name if p.device_id is None else f"{p.name} (device {p.device_id})"
         lines.append(f"  {head}")

@@ -48,7 +48,7 @@ for arg in "$@"; do
   if (( skip_value )); then skip_value=0; continue; fi
   case "$arg" in
     --) break ;;
-    --output|--grace|--port|--master-addr|--cluster-timeout|--tail|--launcher) skip_value=1 ;;
+    --output|--grace|--port|--master-addr|--cluster-timeout|--tail|--launcher|--device-memory) skip_value=1 ;;
     --*) ;;
     *) positional=$((positional + 1)) ;;
   esac
