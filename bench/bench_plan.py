@@ -72,7 +72,7 @@ def predicted(setup: str, config, batch: int, seq: int) -> dict:
     backend, pet = setup.split("-")
     L = Layout(config=config, method=pet, pet=_settings(config, pet).pet, param_dtype="float32",
                compute_dtype="float32", layernorm_dtype="float32", softmax_dtype="float32", batch_size=batch,
-               seq_length=seq, backend="mindspore" if backend == "ms" else "torch")
+               seq_length=seq, backend="mindspore" if backend == "ms" else "torch", device_target="CPU")
     p = plan_memory(L)
     b = p["per_device_bytes"]
     parts = ["gradients", "activations", "workspace"] + (["optimizer_states"] if backend == "torch" else [])
