@@ -56,8 +56,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr, flush=True)
     if opts.dry_run:
         return 0
-    write_run_config(plan)
-    return Supervisor(plan, grace=opts.grace, tail_lines=opts.tail).run()
+    try:
+        write_run_config(plan)
+        sup = Supervisor(plan, grace=opts.grace, tail_lines=opts.tail)
+        return sup.run()
+    except OSError as e:  # the output directory, or a command that cannot be started
+        where = getattr(e, "filename", None)
+        print(f"run_distribute: error: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

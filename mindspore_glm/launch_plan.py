@@ -233,6 +233,21 @@ def _read_config(path: str, errors: List[str]):
     return None, None
 
 
+def _check_output(output: str, errors: List[str]) -> None:
+    """``--output`` must be a directory, or creatable under its nearest existing ancestor."""
+    from glm_common.fsutil import OutputError, check_writable_dir
+    probe = output
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        errors.append(f"--output: {probe}: not a directory")
+        return
+    try:
+        check_writable_dir(probe)
+    except OutputError as e:
+        errors.append(f"--output: {e}")
+
+
 def _memory_plan(raw: dict, config: str, devices: int, opts, errors: List[str]) -> Optional[dict]:
     """The memory plan of the run on ``devices`` devices (:mod:`glm_common.memory_plan`), or None with the
     problem in ``errors``."""
@@ -332,6 +347,7 @@ def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cw
     if opts.launcher == "msrun" and rng is not None and rank_size is not None and rng[0] % (rng[1] - rng[0]):
         errors.append(f"DEVICE_RANGE: {device_range}: msrun numbers a node's ranks node_rank x "
                       f"{rng[1] - rng[0]} + i, so the range must start at a multiple of {rng[1] - rng[0]}")
+    _check_output(os.path.join(cwd, opts.output), errors)
     memory = None
     if not errors and status in ("train", "finetune"):
         memory = _memory_plan(raw, config, rank_size or (rng[1] - rng[0]), opts, errors)
