@@ -585,3 +585,10 @@ def test_kill_9_of_the_launcher_stops_a_real_two_rank_run(tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_launch_fault_matrix_has_no_wrong_case():
+    r = subprocess.run([sys.executable, "-m", "tests.scripts.launch_faults"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and ", wrong 0" in r.stdout, r.stdout + r.stderr[-2000:]
