@@ -77,7 +77,8 @@ from glm_common.names import hf_param_shapes
 
 __all__ = ["PlanError", "Layout", "MemoryPlan", "DTYPE_BYTES", "HCCL_BUFFER_BYTES", "FSDP_UNITS_IN_FLIGHT",
            "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "BACKWARD_OUTPUTS_PER_FORWARD", "parse_size", "format_size", "layout_from_config",
-           "plan_memory", "layer_activation_bytes", "layer_graph_bytes", "fixes", "format_plan", "plan_line", "plan_from_file", "main"]
+           "plan_memory", "layer_activation_bytes", "layer_graph_bytes", "fixes", "format_plan", "plan_line",
+           "plan_from_file", "run_plan_line", "main"]
 
 #: bytes of one element of each dtype the YAMLs name
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -453,6 +454,15 @@ def layout_from_config(raw: Mapping, source: str = "config", devices: Optional[i
         L.budget = parse_size(s.max_device_memory, f"{source}: context.max_device_memory")
         L.budget_source = "context.max_device_memory"
     return L
+
+
+def run_plan_line(raw: Mapping, source: str, devices: int, backend: str) -> Optional[str]:
+    """The one plan line a trainer prints before it trains (``devices``: the world size), or None when no
+    plan can be made for the mapping (the trainer's own checks report the YAML's problems)."""
+    try:
+        return plan_line(plan_memory(layout_from_config(raw, source=source, devices=devices, backend=backend)))
+    except (PlanError, ValueError):
+        return None
 
 
 def plan_from_file(path: str, devices: Optional[int] = None, device_memory: Optional[str] = None,
