@@ -31,12 +31,13 @@ shards. Per device, for the stage of the pipeline that holds the most, it counts
   float32 log-softmax. With ``recompute_config.recompute`` only each layer's input is kept, plus one
   layer's full set while it is recomputed. Both numbers are shown; the total uses the YAML's setting.
   A pipeline stage holds ``min(micro_batch_num, pp)`` micro-batches in flight (1F1B).
-* **workspace**: what lives only at the peak: the gradient of the logits (float32 plus a
-  ``compute_dtype`` copy) at the start of the backward; the float32 copy of the gradients the update
-  takes (MindSpore's train step casts them to float32 to unscale and clip; torch's foreach AdamW makes
-  temporaries of the same size), which lives after the backward, when the activations are freed, so
-  only what it needs beyond the activations and the logits' gradient counts; DDP's gradient buckets (a second copy of the gradients, torch with
-  several ranks and no shard), and the collective library's buffer (:data:`HCCL_BUFFER_BYTES` on Ascend).
+* **workspace**: what lives only at the peak: the gradient of the logits (float32 plus a ``compute_dtype``
+  copy) at the start of the backward; the float32 copy of the gradients the update takes (MindSpore's train
+  step casts them to float32 to unscale and clip; torch's foreach AdamW makes temporaries of the same size),
+  which lives after the backward, when the activations are freed, so only what it needs beyond the
+  activations and the logits' gradient counts; DDP's gradient buckets (a second copy of the gradients, torch
+  with several ranks and no shard), and the collective library's buffer (:data:`HCCL_BUFFER_BYTES` on
+  Ascend).
 
 MindSpore's CPU backend reuses no memory within a step (measured: the growth of a step is several times
 what the backward needs, per layer and per token, and the next step grows by nothing); for
@@ -76,7 +77,8 @@ from glm_common.config import ChatGLM2Config
 from glm_common.names import hf_param_shapes
 
 __all__ = ["PlanError", "Layout", "MemoryPlan", "DTYPE_BYTES", "HCCL_BUFFER_BYTES", "FSDP_UNITS_IN_FLIGHT",
-           "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "BACKWARD_OUTPUTS_PER_FORWARD", "parse_size", "format_size", "layout_from_config",
+           "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "BACKWARD_OUTPUTS_PER_FORWARD", "parse_size", "format_size",
+           "layout_from_config",
            "plan_memory", "layer_activation_bytes", "layer_graph_bytes", "fixes", "format_plan", "plan_line",
            "plan_from_file", "run_plan_line", "main"]
 
@@ -232,9 +234,10 @@ def layer_activation_bytes(L: Layout, tokens: int, lora_on: Sequence[str] = (), 
 def layer_graph_bytes(L: Layout, tokens: int, lora_on: Sequence[str] = ()) -> int:
     """Bytes of every op output of one layer's forward and backward, for a runtime that reuses no memory
     within a step (MindSpore's CPU backend: its step's memory grows with the whole graph, and its pool
-    keeps it for the next step). The forward ops are those of ``mindspore_glm``'s ``GLMBlock`` (two
-    RMSNorms of three ops each (and two casts where ``layernorm_compute_type`` differs), the query/key/value projection with LoRA's three extra ops, the rotary
-    pass over queries and keys, grouped attention, SwiGLU, two residual adds); the backward makes
+    keeps it for the next step). The forward ops are those of ``mindspore_glm``'s ``GLMBlock``: two
+    RMSNorms of three ops each (two casts more where ``layernorm_compute_type`` differs), the
+    query/key/value projection with LoRA's three extra ops, the rotary pass over queries and keys,
+    grouped attention, SwiGLU, two residual adds. The backward makes
     :data:`BACKWARD_OUTPUTS_PER_FORWARD` gradient per forward output."""
     c = L.config
     cb, lb, sb = DTYPE_BYTES[L.compute_dtype], DTYPE_BYTES[L.layernorm_dtype], DTYPE_BYTES[L.softmax_dtype]

@@ -7,9 +7,10 @@ MindSpore's dynamic cluster.
 Three parts, three modules: :mod:`mindspore_glm.launch_plan` checks the arguments and plans the processes
 (the arguments, the launch modes and the files are described there), the memory plan
 (:mod:`glm_common.memory_plan`) says whether a train/finetune run's layout fits the devices before anything
-starts (one line in the plan; a plan that does not fit is refused, exit 2, unless ``--ignore-memory-plan``), and :class:`glm_common.supervisor.Supervisor` runs the processes and stops them all when one
-fails, when the launcher is told to stop and when it dies. Only the scheduler (``--scheduler TARGET``,
-started by the launcher itself) imports MindSpore; the launcher process does not.
+starts (one line in the plan; a plan that does not fit is refused, exit 2, unless ``--ignore-memory-plan``),
+and :class:`glm_common.supervisor.Supervisor` runs the processes and stops them all when one fails, when the
+launcher is told to stop and when it dies. Only the scheduler (``--scheduler TARGET``, started by the
+launcher itself) imports MindSpore; the launcher process does not.
 
 There is no ``torch_glm`` twin of this module: for PyTorch, ``torchrun`` is the launcher.
 """

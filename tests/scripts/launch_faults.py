@@ -69,7 +69,8 @@ def bad_input(tmp, name, args, expected):
                        capture_output=True, text=True, timeout=120)
     errs = [x for x in r.stderr.splitlines() if "error:" in x]
     ok = (r.returncode == 2 and any(expected in x for x in errs) and "Traceback" not in r.stderr
-          and not [f for f in os.listdir(fake) if f.endswith(".json")] and not os.path.exists(os.path.join(fake, "out")))
+          and not [f for f in os.listdir(fake) if f.endswith(".json")]
+          and not os.path.exists(os.path.join(fake, "out")))
     return ok, (errs[0] if errs else r.stderr.strip()[-200:])
 
 
