@@ -5,7 +5,7 @@
 #   bash scripts/run_distribute.sh /path/hccl_8p_01234567_10.0.0.1.json configs/glm2/run_glm2_6b_finetune.yaml '[0,8]' finetune
 #   bash scripts/run_distribute.sh - configs/tiny/run_tiny_lora.yaml '[0,2]' finetune      # CPU: no rank table
 #
-# This file checks the command line's shape and hands over to the supervisor, mindspore_glm/launch.py,
+# This file checks the command line's shape and hands over to the launcher, python -m mindspore_glm.launch,
 # which validates everything (rank table, config, range) before it starts a process, gives every rank
 # its RANK_TABLE_FILE/RANK_SIZE/RANK_ID/DEVICE_ID, working directory and log, and stops all ranks
 # when one fails or on Ctrl-C. `--help` lists the options.
@@ -13,6 +13,8 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$SCRIPT_DIR")"
+
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ -n "${PYTHON:-}" ]]; then
   :
@@ -34,7 +36,7 @@ EOF
 # --help before anything else, with the supervisor's full option list
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) usage; echo; exec "$PYTHON" "$ROOT/mindspore_glm/launch.py" --help ;;
+    -h|--help) usage; echo; exec "$PYTHON" -m mindspore_glm.launch --help ;;
     --) break ;;
   esac
 done
@@ -46,7 +48,7 @@ for arg in "$@"; do
   if (( skip_value )); then skip_value=0; continue; fi
   case "$arg" in
     --) break ;;
-    --output|--grace|--port|--master-addr|--cluster-timeout|--tail|--launcher) skip_value=1 ;;
+    --output|--grace|--port|--master-addr|--cluster-timeout|--tail|--launcher|--device-memory) skip_value=1 ;;
     --*) ;;
     *) positional=$((positional + 1)) ;;
   esac
@@ -57,5 +59,5 @@ if (( positional < 4 )); then
   exit 2
 fi
 
-# run as a file, not "-m mindspore_glm.launch": the supervisor needs no MindSpore, the package imports it
-exec "$PYTHON" "$ROOT/mindspore_glm/launch.py" "$@"
+# the launcher imports no framework (mindspore_glm imports MindSpore lazily); the ranks do
+exec "$PYTHON" -m mindspore_glm.launch "$@"

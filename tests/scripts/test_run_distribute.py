@@ -1,4 +1,4 @@
-"""scripts/run_distribute.sh and its supervisor (mindspore_glm/launch.py).
+"""scripts/run_distribute.sh: its plan (mindspore_glm/launch_plan.py) and supervisor (glm_common/supervisor.py).
 
 Supervision is tested with a stand-in worker (tests/scripts/fake_worker.py, via GLM_LAUNCH_WORKER), so
 those tests need no MindSpore; the slow test runs a real 2-rank data-parallel LoRA fine-tune on CPU
@@ -286,8 +286,9 @@ def test_msrun_launch_names_the_failed_rank_and_stops_the_rest(tmp_path):
     env["GLM_LAUNCH_WORKER"] = "python -m tests.scripts.fake_worker"
     r = _launch(["--launcher", "msrun", "-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=env)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert r.wall < 20, r.wall  # msrun alone would wait for its scheduler (60 s here)
     assert "rank 1 failed (exit code 3)" in r.stderr and "stopping msrun" in r.stderr
+    failed_at = float(r.stderr.split("rank 1 failed (exit code 3) after ")[1].split(" s")[0])
+    assert r.wall - failed_at < 12, (r.wall, failed_at)  # msrun alone would wait for its scheduler (60 s here)
     assert f"{tmp_path}/output/log/msrun/worker_1.log; its last 30 lines:" in r.stderr
     assert "  | boom: injected failure" in r.stderr
     for role in ("rank_0", "rank_1", "scheduler"):
@@ -315,6 +316,115 @@ def test_ctrl_c_stops_all_ranks(tmp_path, sig):
     assert f"{signal.Signals(sig).name} received; stopping scheduler, rank 0, rank 1" in err
     for role in ("rank_0", "rank_1", "scheduler"):
         assert not _alive(json.loads((fake / f"{role}.json").read_text())["pid"]), role
+
+
+# ------------------------------------------------------------------------------------------- memory plan
+GLM2_FT = os.path.join(ROOT, "configs", "glm2", "run_glm2_6b_finetune.yaml")
+
+
+def test_the_memory_plan_line_comes_before_the_ranks(tmp_path):
+    r = _launch(["--dry-run", "-", TINY_LORA, "[0,2)", "finetune"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if "memory plan:" in x)
+    assert "per device (no device memory given" in line and "[lora, 2 devices = dp 2 x mp 1 x pp 1" in line
+    assert r.stdout.index("memory plan:") < r.stdout.index("  scheduler")
+    t8 = _table(tmp_path / "hccl_8p.json", 8)
+    r = _launch(["--dry-run", t8, GLM2_LORA, "[0,8)", "finetune"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "of 30.00 GiB (context.max_device_memory): fits [lora, 8 devices = dp 8" in r.stdout
+    r = _launch(["--dry-run", t8, GLM2_LORA, "[0,8)", "predict", "hi"], tmp_path)  # no training: no plan
+    assert r.returncode == 0 and "memory plan" not in r.stdout
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_the_fix(tmp_path):
+    t8 = _table(tmp_path / "hccl_8p.json", 8)
+    fake = tmp_path / "fake"
+    for args in (["--dry-run"], []):
+        r = _launch([*args, t8, GLM2_FT, "[0,8)", "finetune"], tmp_path, env=_fake_env(fake))
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "does NOT fit [full, 8 devices = dp 8 x mp 1 x pp 1, optimizer shard" in r.stdout
+        assert "run_distribute: error: memory plan: " in r.stderr and "does not fit 30.00 GiB" in r.stderr
+        assert "it would fit with optimizer shard (parallel.enable_parallel_optimizer: True with " \
+               "parallel.parallel_mode: 1)" in r.stderr
+        assert "--ignore-memory-plan" in r.stderr
+        assert not list(fake.iterdir()) and not (tmp_path / "output").exists()
+    r = _launch(["--dry-run", "--device-memory", "64GB", t8, GLM2_FT, "[0,8)", "finetune"], tmp_path)
+    assert r.returncode == 0 and "of 64.00 GiB (--device-memory): fits" in r.stdout
+
+
+def test_ignore_memory_plan_starts_the_run(tmp_path):
+    cfg = yaml.safe_load(open(TINY_LORA))
+    cfg["context"]["max_device_memory"] = "0.001GB"
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    fake = tmp_path / "fake"
+    r = _launch(["-", str(small), "[0,2)", "finetune"], tmp_path, env=_fake_env(fake))
+    assert r.returncode == 2 and "does not fit 0.00 GiB (context.max_device_memory)" in r.stderr
+    assert "it would fit with" not in r.stderr and "no single change" in r.stderr
+    assert not list(fake.iterdir())
+    r = _launch(["--ignore-memory-plan", "-", str(small), "[0,2)", "finetune"], tmp_path, env=_fake_env(fake))
+    assert r.returncode == 0, r.stderr
+    assert "--ignore-memory-plan: starting although the memory plan does not fit" in r.stderr
+    assert "all 2 ranks succeeded" in r.stdout and (fake / "rank_1.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- kill -9
+def _start(args, cwd, env):
+    e = dict(os.environ, PYTHON=sys.executable, **env)
+    e.pop("GLM_DRY_RUN", None)
+    return subprocess.Popen(["bash", SCRIPT, *args], cwd=cwd, env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _tree(pid):
+    """The launcher's descendants now: ``(pids, the reaper's pid, the launch token)``."""
+    import psutil
+    kids = psutil.Process(pid).children(recursive=True)
+    reaper = [k.pid for k in kids if "--reap" in k.cmdline()]
+    token = next(k.environ()["GLM_LAUNCH_ID"] for k in kids if "GLM_LAUNCH_ID" in k.environ())
+    return [k.pid for k in kids], reaper, token
+
+
+def _kill_9_and_check(p, pids, reaper, token):
+    from glm_common.supervisor import _launch_pids
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    time.sleep(5)
+    survivors = [pid for pid in pids if _alive(pid)]
+    assert not survivors, [open(f"/proc/{x}/cmdline").read().replace("\0", " ") for x in survivors]
+    assert not _launch_pids(token)
+    assert reaper and not any(_alive(x) for x in reaper)  # the reaper swept and left
+
+
+@pytest.mark.parametrize("mode", ["cluster", "rank_table", "msrun"])
+def test_kill_9_of_the_launcher_leaves_no_rank_running(tmp_path, mode):
+    """The supervisor killed with SIGKILL (nothing to catch): after 5 s no scheduler, rank, rank's own
+    child or msrun worker of the launch is left (parent-death signal + the reaper)."""
+    fake = tmp_path / "fake"
+    env = _fake_env(fake, FAKE_SECONDS=120, FAKE_SCHED_SECONDS=120, FAKE_CHILD=1)
+    roles = ["rank_0", "rank_1", "scheduler"]
+    if mode == "cluster":
+        args = ["-", TINY_LORA, "[0,2)", "finetune"]
+    elif mode == "rank_table":
+        args = [_table(tmp_path / "hccl_2p.json", 2), GLM2_LORA, "[0,2)", "finetune"]
+        roles = roles[:2]
+    else:
+        env["GLM_LAUNCH_WORKER"] = "python -m tests.scripts.fake_worker"
+        args = ["--launcher", "msrun", "-", TINY_LORA, "[0,2)", "finetune"]
+    p = _start(args, tmp_path, env)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((fake / f"{r}.json").exists() for r in roles):
+            assert time.monotonic() < deadline and p.poll() is None, p.poll()
+            time.sleep(0.05)
+        pids, reaper, token = _tree(p.pid)
+        infos = [json.loads((fake / f"{r}.json").read_text()) for r in roles]
+        for info in infos:
+            assert info["pid"] in pids and ("child" not in info or info["child"] in pids)
+        _kill_9_and_check(p, pids, reaper, token)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------- real run
@@ -451,3 +561,34 @@ def test_two_rank_eval_and_predict_match_one_process(tmp_path):
     assert len((tmp_path / "one" / "eval_predictions.jsonl").read_text().splitlines()) == 5
     assert [json.loads(x)["query"] for x in open(tmp_path / "dp" / "predict_results.jsonl")] == texts
     assert not [p for p in os.listdir(tmp_path / "dp") if p.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_stops_a_real_two_rank_run(tmp_path):
+    """A real 2-rank data-parallel fine-tune on CPU (scheduler + 2 MindSpore ranks), the launcher killed
+    with SIGKILL mid-training: after 5 s nothing of the launch is left running."""
+    cfg = yaml.safe_load(open(_tiny_dp_config(tmp_path / "dp.yaml", 4, "dp_out")))
+    cfg["runner_config"]["epochs"] = 20  # 600 steps: minutes, unless stopped
+    (tmp_path / "dp.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    p = _start(["-", str(tmp_path / "dp.yaml"), "[0,2)", "finetune", "--", "--train_steps", "600", "--no_progress"],
+               tmp_path, {"GLOG_v": "3"})
+    try:
+        log = tmp_path / "dp_out" / "loss_log.jsonl"
+        deadline = time.monotonic() + 240
+        while not (log.exists() and log.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and p.poll() is None, p.poll()
+            time.sleep(0.2)
+        pids, reaper, token = _tree(p.pid)
+        assert len(pids) >= 4  # scheduler, 2 ranks, reaper
+        _kill_9_and_check(p, pids, reaper, token)
+        assert log.read_text().count("\n") < 600
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_launch_fault_matrix_has_no_wrong_case():
+    r = subprocess.run([sys.executable, "-m", "tests.scripts.launch_faults"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and ", wrong 0" in r.stdout, r.stdout + r.stderr[-2000:]

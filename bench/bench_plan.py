@@ -1,0 +1,170 @@
+"""The memory plan (glm_common/memory_plan.py) against the measured memory of a training step on this machine.
+
+For a mid-size ChatGLM2 (4 layers x 1024 wide, float32, batch 4 x seq 256 by default) it runs one
+training update per setup, each in a fresh process, and measures the growth of the process's peak
+resident memory over the update: the kernel's high-water mark (``VmHWM``) is reset (``/proc/self/clear_refs``
+``5``) right before the step, and the growth is ``VmHWM`` after it minus ``VmRSS`` before it. Setups:
+
+* MindSpore, the runner's GRAPH ``TrainOneStepCell`` (AdamWeightDecay, clip), full and LoRA. The graph is
+  compiled first (``Cell.compile``), so the step's growth is its runtime memory: the gradients,
+  activations and workspace of the plan (the weights and optimizer states exist before it).
+* torch (one process, as a DDP rank of one), ``torch_glm``'s optimizer with ``clip_grad_norm_``, full and
+  LoRA: AdamW creates its states in the first step, so the growth is gradients + optimizer states +
+  activations + workspace.
+
+The prediction is the plan's sum of those parts for the same layout; each pair is printed with its
+ratio. Recompute is not measured: mindspore_glm has no recompute yet.
+
+    python bench/bench_plan.py [--layers 4 --hidden 1024 --batch 4 --seq 256 --vocab 16384] [--only ms-full,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+SETUPS = ("ms-full", "ms-lora", "torch-full", "torch-lora")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def config_for(layers: int, hidden: int, vocab: int):
+    from glm_common.config import preset
+    heads = hidden // 64
+    return preset("tiny", num_layers=layers, hidden_size=hidden, ffn_hidden_size=int(hidden * 8 / 3) // 8 * 8,
+                  num_attention_heads=heads, kv_channels=64, multi_query_attention=True, multi_query_group_num=2,
+                  padded_vocab_size=vocab, seq_length=1024)
+
+
+def _weights(config) -> dict:
+    from glm_common.names import hf_param_shapes
+    rng = np.random.default_rng(0)
+    return {n: (np.ones(s, np.float32) if "layernorm" in n else rng.normal(0, 0.02, s).astype(np.float32))
+            for n, s in hf_param_shapes(config).items()}
+
+
+def _settings(config, pet):
+    from glm_common.run_config import TrainSettings
+    s = TrainSettings(config=config)
+    s.pet = {"pet_type": "lora", "r": 8, "lora_alpha": 32.0, "lora_dropout": 0.0,
+             "target_modules": ".*query_key_value"} if pet == "lora" else {"pet_type": "full"}
+    s.learning_rate, s.weight_decay = 1e-4, 0.1
+    return s
+
+
+def predicted(setup: str, config, batch: int, seq: int) -> dict:
+    from glm_common.memory_plan import Layout, plan_memory
+    backend, pet = setup.split("-")
+    L = Layout(config=config, method=pet, pet=_settings(config, pet).pet, param_dtype="float32",
+               compute_dtype="float32", layernorm_dtype="float32", softmax_dtype="float32", batch_size=batch,
+               seq_length=seq, backend="mindspore" if backend == "ms" else "torch", device_target="CPU")
+    p = plan_memory(L)
+    b = p["per_device_bytes"]
+    parts = ["gradients", "activations", "workspace"] + (["optimizer_states"] if backend == "torch" else [])
+    return {"bytes": sum(b[k] for k in parts), "parts": {k: b[k] for k in parts}}
+
+
+def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: int) -> dict:
+    """In this process: build, (compile,) one update; the growth of peak RSS over the update."""
+    backend, pet = setup.split("-")
+    config = config_for(layers, hidden, vocab)
+    ids = np.random.default_rng(1).integers(5, vocab, (batch, seq)).astype(np.int64)
+    if backend == "ms":
+        import mindspore as ms
+        from mindspore import Tensor
+        from mindspore_glm.model import ChatGLM2ForConditionalGeneration
+        from mindspore_glm.train import TrainOneStepCell, apply_pet, make_optimizer
+        ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+        model = ChatGLM2ForConditionalGeneration(config)
+        model.load_weights(_weights(config).items(), source="bench")
+        s = _settings(config, pet)
+        params = apply_pet(model, s.pet)
+        step = TrainOneStepCell(model, make_optimizer(params, s, np.full(100, 1e-4, np.float32)), s)
+        step.set_train(True)
+        t = Tensor(ids.astype(np.int32))
+        step.compile(t, t)
+        before = _status("VmRSS")
+        _reset_peak()
+        loss = float(step(t, t)[0].asnumpy())
+    else:
+        import torch
+        from torch_glm.lora import apply_pet
+        from torch_glm.model import ChatGLM2ForConditionalGeneration
+        from torch_glm.train import make_optimizer
+        torch.manual_seed(0)
+        model = ChatGLM2ForConditionalGeneration(config)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in _weights(config).items()}, strict=False)
+        s = _settings(config, pet)
+        model = apply_pet(model, s.pet)
+        model.train()
+        opt = make_optimizer(model, s)
+        params = [p for p in model.parameters() if p.requires_grad]
+        t = torch.from_numpy(ids)
+        before = _status("VmRSS")
+        _reset_peak()
+        out = model(input_ids=t, labels=t).loss
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss = float(out.item())
+    peak = _status("VmHWM")
+    return {"setup": setup, "measured": peak - before, "loss": loss}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--only", default=",".join(SETUPS), help="comma-separated setups of " + ", ".join(SETUPS))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(measure(a.child, a.layers, a.hidden, a.vocab, a.batch, a.seq)))
+        return 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x),
+               GLOG_v="3", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    config = config_for(a.layers, a.hidden, a.vocab)
+    print(f"model: {a.layers} layers x {a.hidden} (ffn {config.ffn_hidden_size}, vocab {a.vocab}), float32, "
+          f"batch {a.batch} x seq {a.seq}; growth of peak RSS over one training update")
+    print(f"{'setup':<12}{'predicted MiB':>15}{'measured MiB':>14}{'plan/measured':>15}   plan parts (MiB)")
+    rows, worst = [], 0.0
+    for setup in a.only.split(","):
+        args = [sys.executable, os.path.abspath(__file__), "--child", setup, "--layers", str(a.layers), "--hidden",
+                str(a.hidden), "--vocab", str(a.vocab), "--batch", str(a.batch), "--seq", str(a.seq)]
+        r = subprocess.run(args, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            print(f"{setup:<12} failed: {r.stderr.strip().splitlines()[-1:]}")
+            continue
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        p = predicted(setup, config, a.batch, a.seq)
+        ratio = p["bytes"] / m["measured"]
+        worst = max(worst, abs(ratio - 1))
+        parts = ", ".join(f"{k} {v / 2 ** 20:.0f}" for k, v in p["parts"].items())
+        print(f"{setup:<12}{p['bytes'] / 2 ** 20:>15.0f}{m['measured'] / 2 ** 20:>14.0f}{ratio:>15.2f}   {parts}",
+              flush=True)
+        rows.append({"setup": setup, "predicted_bytes": p["bytes"], "measured_bytes": m["measured"], "ratio": ratio})
+    print(f"largest deviation: {worst:.0%} (target <= 25%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
