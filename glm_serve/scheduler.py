@@ -132,7 +132,7 @@ class Scheduler:
                 try:
                     settings = self.settings_cls(do_sample=job.req.do_sample, temperature=job.req.temperature or 1.0,
                                                  top_p=job.req.top_p, seed=job.req.seed)
-                    first = self.decoder.add(id(job), job.prompt_ids, settings)
+                    first = self.decoder.add(id(job), job.prompt_ids, settings, job.max_tokens)
                 except Exception as e:                       # noqa: BLE001 - reported to the client
                     log.exception("prefill failed")
                     job.finished = True

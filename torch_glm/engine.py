@@ -83,9 +83,11 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------ join / leave
     @torch.no_grad()
-    def add(self, key: Hashable, prompt_ids: Sequence[int], settings: Optional[SamplingSettings] = None) -> int:
+    def add(self, key: Hashable, prompt_ids: Sequence[int], settings: Optional[SamplingSettings] = None,
+            max_new_tokens: Optional[int] = None) -> int:
         """Prefill ``prompt_ids`` alone and return the first new token; the row decodes from the next
-        :meth:`step` on. Raises ``RuntimeError`` when the batch is full, ``KeyError`` for a key in use."""
+        :meth:`step` on. ``max_new_tokens`` is accepted for the twin's sake (this cache grows as needed).
+        Raises ``RuntimeError`` when the batch is full, ``KeyError`` for a key in use."""
         if key in self.rows:
             raise KeyError(f"{key!r}: already decoding")
         if not self.free:
