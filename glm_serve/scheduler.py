@@ -52,6 +52,7 @@ class Scheduler:
         self.thread: Optional[threading.Thread] = None
         self.stopping = False
         self.steps = 0
+        self.abandoned = 0             # rows freed because their client went away
 
     # ------------------------------------------------------------------ requests
     def prepare(self, req: ChatRequest, emit: Callable) -> Job:
@@ -95,7 +96,7 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.decoder.max_batch,
-                "max_queue": self.max_queue}
+                "max_queue": self.max_queue, "decode_steps": self.steps, "abandoned": self.abandoned}
 
     # ------------------------------------------------------------------ the loop
     def start(self) -> "Scheduler":
@@ -117,6 +118,7 @@ class Scheduler:
                 for key, job in list(self.active.items()):
                     if job.cancelled:
                         self._drop(job)
+                        self.abandoned += 1
                 for job in [j for j in self.waiting if j.cancelled]:
                     self.waiting.remove(job)
                     job.finished = True
@@ -164,6 +166,7 @@ class Scheduler:
     def _token(self, job: Job, tok: int) -> None:
         if job.cancelled:
             self._drop(job)
+            self.abandoned += 1
             return
         if tok in self.eos_ids:
             self._finish(job, "stop")

@@ -89,6 +89,9 @@ class BatchDecoder:
         return [k for k in self.slots if k is not None]
 
     def _functions(self):
+        """The model's compiled ``prefill``/``decode`` (shared with its ``generate``: one compile per shape)."""
+        if self._fns is None and hasattr(self.model, "_generation_fns"):
+            self._fns = self.model._generation_fns()
         if self._fns is None:
             import mindspore as ms
             model = self.model
