@@ -1,0 +1,157 @@
+"""Loading a model, its tokenizer and its batch decoder for either backend (imported only here).
+
+``torch``: an HF ChatGLM2 directory (:class:`torch_glm.model.ChatGLM2ForConditionalGeneration`), with an
+optional adapter: a peft LoRA directory (merged into the weights for serving) or a P-tuning result
+(``prefix_encoder.safetensors``); dtype float32/float16/bfloat16; device cpu/cuda[:N].
+``mindspore``: our or mindformers' ``.ckpt`` (``config.json`` beside it) or an HF directory
+(:class:`mindspore_glm.model.ChatGLM2ForConditionalGeneration`), with an optional adapter ``.ckpt``
+holding only LoRA (rank read from its shapes, ``lora_alpha`` given) or prefix weights; device CPU/Ascend.
+The tokenizer (``tokenizer.model``) is looked up beside the model when not given.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = ["Backend", "BackendError", "load_backend", "find_tokenizer", "BACKENDS"]
+
+BACKENDS = ("torch", "mindspore")
+
+
+class BackendError(ValueError):
+    """A model, tokenizer or adapter that cannot be loaded; one line naming the path."""
+
+
+@dataclass
+class Backend:
+    name: str
+    model: Any
+    tokenizer: Any
+    decoder_cls: Any
+    settings_cls: Any
+    seq_length: int
+    model_id: str
+
+    def decoder(self, max_batch: int):
+        return self.decoder_cls(self.model, max_batch)
+
+    def solo_answer(self, query: str, history, max_new_tokens: int) -> str:
+        """The model's own greedy ``chat()`` answer (what a request must get from the server)."""
+        return self.model.chat(self.tokenizer, query, history, max_new_tokens=max_new_tokens, do_sample=False)[0]
+
+
+def find_tokenizer(model: str, tokenizer: Optional[str]) -> str:
+    if tokenizer:
+        if not os.path.isfile(tokenizer):
+            raise BackendError(f"{tokenizer}: --tokenizer: no such file (a sentencepiece tokenizer.model)")
+        return tokenizer
+    folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
+    for name in ("tokenizer.model", "ice_text.model"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise BackendError(f"{model}: no tokenizer.model beside the model; give --tokenizer PATH")
+
+
+def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adapter: Optional[str] = None,
+                 dtype: Optional[str] = None, device: Optional[str] = None, lora_alpha: float = 32.0) -> Backend:
+    """Load everything a server or chat needs; raises :class:`BackendError` (one line) for bad input."""
+    if backend not in BACKENDS:
+        raise BackendError(f"--backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if not os.path.exists(model):
+        raise BackendError(f"{model}: --model: no such file or directory")
+    if adapter and not os.path.exists(adapter):
+        raise BackendError(f"{adapter}: --adapter: no such file or directory")
+    from glm_common.tokenizer import ChatGLM2Tokenizer
+    tok = ChatGLM2Tokenizer(find_tokenizer(model, tokenizer))
+    model_id = os.path.basename(os.path.normpath(adapter or model))
+    if backend == "torch":
+        return _load_torch(model, tok, adapter, dtype, device, model_id)
+    return _load_mindspore(model, tok, adapter, dtype, device, model_id, lora_alpha)
+
+
+def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
+    from glm_common.config import ChatGLM2Config
+    from torch_glm.engine import BatchDecoder, SamplingSettings
+    from torch_glm.model import ChatGLM2ForConditionalGeneration
+    if not os.path.isdir(path):
+        raise BackendError(f"{path}: --backend torch needs an HF model directory (config.json and weights)")
+    config = ChatGLM2Config.from_hf(path)
+    prefix = None
+    if adapter:
+        prefix = adapter if adapter.endswith(".safetensors") else os.path.join(adapter, "prefix_encoder.safetensors")
+        if os.path.isfile(prefix):
+            from safetensors import safe_open
+            with safe_open(prefix, "np") as f:
+                names = list(f.keys())
+                table = [n for n in names if n.endswith("embedding.weight")]
+                if not table:
+                    raise BackendError(f"{prefix}: no prefix_encoder.embedding.weight")
+                rows = f.get_slice(table[0]).get_shape()[0]
+            config = config.replace(pre_seq_len=int(rows), prefix_projection=any(".trans." in n for n in names))
+        elif not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise BackendError(f"{adapter}: --adapter: neither a peft LoRA directory (adapter_config.json) nor a "
+                               f"P-tuning result (prefix_encoder.safetensors)")
+        else:
+            prefix = None
+    try:
+        model = ChatGLM2ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype or "float32",
+                                                                 device=device or "cpu", config=config)
+        if prefix:
+            from torch_glm.prefix import load_prefix
+            load_prefix(model, prefix)
+        elif adapter:
+            from torch_glm.lora import load_lora, merge_lora
+            model = merge_lora(load_lora(model, adapter))
+    except (OSError, ValueError) as e:
+        raise BackendError(str(e).splitlines()[0]) from None
+    model.eval()
+    return Backend("torch", model, tok, BatchDecoder, SamplingSettings, config.seq_length, model_id)
+
+
+def _load_mindspore(path, tok, adapter, dtype, device, model_id, lora_alpha) -> Backend:
+    import mindspore as ms
+    from glm_common.config import ChatGLM2Config
+    target = {"cpu": "CPU", "ascend": "Ascend", "npu": "Ascend"}.get((device or "cpu").split(":")[0].lower())
+    if target is None:
+        raise BackendError(f"--device: {device!r}; the mindspore backend runs on cpu or ascend[:N]")
+    kw = dict(mode=ms.PYNATIVE_MODE, device_target=target)
+    if target == "Ascend" and device and ":" in device:
+        kw["device_id"] = int(device.split(":")[1])
+    ms.set_context(**kw)
+    from mindspore_glm.engine import BatchDecoder, SamplingSettings
+    from mindspore_glm.model import ChatGLM2ForConditionalGeneration
+    dtypes = {}
+    if dtype and dtype != "float32":
+        dtypes = dict(param_init_type=dtype, compute_dtype=dtype)
+    try:
+        config = None
+        if adapter:
+            from convert.ms_ckpt import MSCheckpoint
+            ck = MSCheckpoint(adapter)
+            base = ChatGLM2Config.from_hf(path if os.path.isdir(path) else
+                                          os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
+            table = [n for n in ck.names if n.endswith("prefixtuning_embedding.embedding_table")]
+            lora = [n for n in ck.names if n.endswith("mindpet_delta_lora_a")]
+            if table:
+                config = base.replace(pre_seq_len=int(ck.shape(table[0])[0]) if hasattr(ck, "shape")
+                                      else int(ck.read(table[0]).shape[0]),
+                                      prefix_projection=any("dense_in" in n for n in ck.names))
+            elif not lora:
+                raise BackendError(f"{adapter}: --adapter: holds no LoRA or prefix weights")
+        model = ChatGLM2ForConditionalGeneration.from_pretrained(path, config=config, **dtypes)
+        if adapter:
+            from mindspore_glm.train import _load_ckpt
+            if lora:
+                from mindspore_glm.lora import apply_lora
+                layers = sorted({n[:-len(".mindpet_delta_lora_a")] for n in lora})
+                rank = int(ck.read(lora[0]).shape[0])
+                apply_lora(model, r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=layers)
+            _load_ckpt(model, adapter, strict=False)
+    except BackendError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BackendError(str(e).splitlines()[0]) from None
+    model.set_train(False)
+    return Backend("mindspore", model, tok, BatchDecoder, SamplingSettings, model.config.seq_length, model_id)

@@ -1,0 +1,227 @@
+"""The OpenAI wire format: request checking, ChatGLM2's prompt from ``messages``, responses, chunks, errors.
+
+Request bodies are read as plain JSON and checked here field by field, so every mistake is answered
+in OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) with a message naming the
+field. Fields of OpenAI's API that change what the model would do but that we do not implement
+(``n`` other than 1, ``logprobs``, ``tools``, penalties other than 0, ``logit_bias``,
+``response_format``) are refused with 400 rather than silently ignored; purely informational ones
+(``user``, ``metadata``, ``stream_options`` other than ``include_usage``) are accepted.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from glm_common.prompt import build_prompt
+
+__all__ = ["APIError", "ChatRequest", "parse_chat", "parse_completion", "conversation", "error_body",
+           "ROLES", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P"]
+
+ROLES = ("system", "user", "assistant")
+#: ChatGLM2's chat() defaults, used when the request leaves them out.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.8
+_REFUSED = {"n": 1, "logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None,
+            "functions": None, "function_call": None, "logit_bias": None, "response_format": None,
+            "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "echo": False, "suffix": None}
+
+
+class APIError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass
+class ChatRequest:
+    """A checked request: the prompt text and how to answer it."""
+    prompt: str
+    chat: bool                      # chat completion (answer post-processed as chat() does) or raw completion
+    stream: bool = False
+    max_tokens: Optional[int] = None
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    seed: Optional[int] = None
+    stop: list = field(default_factory=list)
+    include_usage: bool = False
+    model: str = ""
+    id: str = ""
+
+    @property
+    def do_sample(self) -> bool:
+        """Greedy when ``temperature`` is 0 (OpenAI's convention), sampling otherwise."""
+        return self.temperature > 0
+
+
+def _content(msg: dict, i: int) -> str:
+    c = msg.get("content")
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):                                  # content parts: text only
+        parts = []
+        for j, part in enumerate(c):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
+                               param=f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    if c is None and msg.get("role") == "assistant":
+        return ""
+    raise APIError(400, f"messages[{i}].content: expected a string, got {type(c).__name__}",
+                   param=f"messages[{i}].content")
+
+
+def conversation(messages: Any) -> tuple[str, list]:
+    """OpenAI ``messages`` -> ``(query, history)`` for ChatGLM2's round format.
+
+    System messages (only before the first user message) are joined and put, followed by a newline,
+    before the first user message (ChatGLM2 has no system role). Then user and assistant messages must
+    alternate, starting and ending with a user message; each user/assistant pair is one round.
+    """
+    if not isinstance(messages, list):
+        raise APIError(400, "messages: expected a list of {role, content} objects", param="messages")
+    if not messages:
+        raise APIError(400, "messages: empty conversation (give at least one user message)", param="messages")
+    system, turns = [], []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise APIError(400, f"messages[{i}]: expected an object with role and content", param=f"messages[{i}]")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                           param=f"messages[{i}].role")
+        text = _content(msg, i)
+        if role == "system":
+            if turns:
+                raise APIError(400, f"messages[{i}]: a system message must come before the first user message",
+                               param=f"messages[{i}].role")
+            system.append(text)
+            continue
+        want = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != want:
+            raise APIError(400, f"messages[{i}].role: expected {want} (user and assistant messages alternate, "
+                                f"starting with user), got {role}", param=f"messages[{i}].role")
+        turns.append(text)
+    if not turns:
+        raise APIError(400, "messages: empty conversation (only system messages; give a user message)",
+                       param="messages")
+    if len(turns) % 2 == 0:
+        raise APIError(400, f"messages[{len(messages) - 1}].role: the last message must be a user message",
+                       param=f"messages[{len(messages) - 1}].role")
+    if system:
+        turns[0] = "\n".join(system) + "\n" + turns[0]
+    history = [(turns[j], turns[j + 1]) for j in range(0, len(turns) - 1, 2)]
+    return turns[-1], history
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise APIError(400, f"{name}: expected {'an integer' if integer else 'a number'}, got {v!r}", param=name)
+    if not lo <= v <= hi:
+        raise APIError(400, f"{name}: {v} is out of range [{lo}, {hi}]", param=name)
+    return v
+
+
+def _common(body: Any, chat: bool, model_id: str) -> dict:
+    if not isinstance(body, dict):
+        raise APIError(400, "request body: expected a JSON object")
+    for key, default in _REFUSED.items():
+        if key in body and body[key] is not None and body[key] != default and body[key] is not False:
+            raise APIError(400, f"{key}: not supported by this server (only {default!r})", param=key)
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or model not in (model_id, "")):
+        raise APIError(404, f"model: {model!r} is not served here (this server serves {model_id!r})",
+                       param="model", code="model_not_found")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "stop: expected a string or a list of up to 4 strings", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, f"stream: expected true or false, got {stream!r}", param="stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise APIError(400, "stream_options: expected an object", param="stream_options")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 2 ** 31, integer=True)
+    seed = _number(body, "seed", None, -2 ** 63, 2 ** 64, integer=True)
+    return dict(chat=chat, stream=stream, max_tokens=max_tokens,
+                temperature=float(_number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2)),
+                top_p=float(_number(body, "top_p", DEFAULT_TOP_P, 0, 1)),
+                seed=None if seed is None else seed % 2 ** 63, stop=stop,
+                include_usage=bool(opts.get("include_usage", False)), model=model_id)
+
+
+def parse_chat(body: Any, model_id: str) -> ChatRequest:
+    """``POST /v1/chat/completions`` body -> :class:`ChatRequest` (or :class:`APIError`)."""
+    common = _common(body, True, model_id)
+    if "messages" not in body:
+        raise APIError(400, "messages: required", param="messages")
+    query, history = conversation(body["messages"])
+    if common["top_p"] == 0:
+        raise APIError(400, "top_p: must be greater than 0", param="top_p")
+    return ChatRequest(prompt=build_prompt(query, history), id="chatcmpl-" + uuid.uuid4().hex[:24], **common)
+
+
+def parse_completion(body: Any, model_id: str) -> ChatRequest:
+    """``POST /v1/completions`` body -> :class:`ChatRequest` over the raw ``prompt``."""
+    common = _common(body, False, model_id)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt: expected a string (one prompt per request)", param="prompt")
+    if common["top_p"] == 0:
+        raise APIError(400, "top_p: must be greater than 0", param="top_p")
+    return ChatRequest(prompt=prompt, id="cmpl-" + uuid.uuid4().hex[:24], **common)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(req: ChatRequest, text: str, finish: str, use: dict) -> dict:
+    base = {"id": req.id, "created": int(time.time()), "model": req.model, "usage": use}
+    if req.chat:
+        return {**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+             "logprobs": None}]}
+    return {**base, "object": "text_completion", "choices": [
+        {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def chunk(req: ChatRequest, created: int, text: Optional[str] = None, finish: Optional[str] = None,
+          first: bool = False, use: Optional[dict] = None) -> dict:
+    """One streamed chunk; ``use`` alone gives the final usage chunk (empty ``choices``)."""
+    base = {"id": req.id, "created": created, "model": req.model}
+    if use is not None:
+        return {**base, "object": "chat.completion.chunk" if req.chat else "text_completion",
+                "choices": [], "usage": use}
+    if req.chat:
+        delta = {} if finish else {"content": text or ""}
+        if first:
+            delta["role"] = "assistant"
+        return {**base, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    return {**base, "object": "text_completion",
+            "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}

@@ -1,0 +1,190 @@
+"""The request loop: a bounded waiting queue in front of a backend's ``BatchDecoder``.
+
+One thread owns the decoder. Each turn it drops abandoned requests (their rows are freed before the
+next decode step), admits waiting requests while rows are free (their prompt is prefilled and their
+first token chosen), runs one decode step for every active row, and hands each request its new text
+through the request's ``emit`` callback: ``("text", delta)``, then ``("done", finish_reason, usage)``,
+or ``("error", message)``. ``finish_reason`` is ``"stop"`` (end-of-sequence token or a stop string) or
+``"length"`` (``max_tokens`` reached). ``usage`` counts prompt tokens (special tokens included) and
+the answer's tokens (the end-of-sequence token not included).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable, Optional
+
+from glm_serve.protocol import APIError, ChatRequest, usage
+from glm_serve.text import TextStream
+
+__all__ = ["Job", "Scheduler"]
+
+log = logging.getLogger("glm_serve")
+
+
+class Job:
+    """One request on its way through the scheduler."""
+
+    def __init__(self, req: ChatRequest, prompt_ids: list, max_tokens: int, emit: Callable):
+        self.req, self.prompt_ids, self.max_tokens, self.emit = req, prompt_ids, max_tokens, emit
+        self.ids: list = []
+        self.text = TextStream(chat=req.chat, stop=req.stop)
+        self.cancelled = False
+        self.finished = False
+
+
+class Scheduler:
+    """``decoder``: a ``BatchDecoder`` of either backend; ``settings_cls``: that backend's
+    ``SamplingSettings``; ``seq_length``: the model's context (prompt + answer); ``max_queue``: requests
+    that may wait for a row (more are refused with 503); ``max_tokens_limit``: the largest ``max_tokens``
+    a request may ask for (and the default when it asks for none, bounded by ``seq_length``)."""
+
+    def __init__(self, decoder, tokenizer, settings_cls, seq_length: int, eos_ids, max_queue: int = 64,
+                 max_tokens_limit: int = 2048):
+        self.decoder, self.tokenizer, self.settings_cls = decoder, tokenizer, settings_cls
+        self.seq_length = int(seq_length)
+        self.eos_ids = set(eos_ids)
+        self.max_queue, self.max_tokens_limit = int(max_queue), int(max_tokens_limit)
+        self.waiting: deque = deque()
+        self.active: dict = {}
+        self.cond = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
+        self.stopping = False
+        self.steps = 0
+        self.abandoned = 0             # rows freed because their client went away
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, req: ChatRequest, emit: Callable) -> Job:
+        """Tokenize and check the lengths; raises :class:`APIError` (400) naming both numbers."""
+        ids = list(self.tokenizer.encode(req.prompt))
+        n, limit = len(ids), self.seq_length
+        if n >= limit:
+            raise APIError(400, f"the prompt has {n} tokens; the model's seq_length is {limit} (prompt and "
+                                f"answer together), so at most {limit - 1} prompt tokens fit",
+                           param="messages" if req.chat else "prompt", code="context_length_exceeded")
+        room = limit - n
+        if req.max_tokens is None:
+            max_tokens = min(self.max_tokens_limit, room)
+        else:
+            max_tokens = req.max_tokens
+            if max_tokens > self.max_tokens_limit:
+                raise APIError(400, f"max_tokens: {max_tokens} is more than this server's limit "
+                                    f"{self.max_tokens_limit} (--max-tokens); refused", param="max_tokens")
+            if max_tokens > room:
+                raise APIError(400, f"max_tokens: {max_tokens} does not fit: the prompt has {n} tokens and "
+                                    f"the model's seq_length is {limit}, so at most {room}; refused",
+                               param="max_tokens", code="context_length_exceeded")
+        return Job(req, ids, max_tokens, emit)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`APIError` 503 when the queue is full."""
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(503, f"the server is busy: {len(self.waiting)} requests are already waiting "
+                                    f"(--max-queue {self.max_queue}); retry later", type_="server_error",
+                               code="queue_full")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: free its row before the next decode step."""
+        with self.cond:
+            if not job.finished:
+                job.cancelled = True
+                self.cond.notify()
+
+    def stats(self) -> dict:
+        return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.decoder.max_batch,
+                "max_queue": self.max_queue, "decode_steps": self.steps, "abandoned": self.abandoned}
+
+    # ------------------------------------------------------------------ the loop
+    def start(self) -> "Scheduler":
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="glm-serve-scheduler", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                for key, job in list(self.active.items()):
+                    if job.cancelled:
+                        self._drop(job)
+                        self.abandoned += 1
+                for job in [j for j in self.waiting if j.cancelled]:
+                    self.waiting.remove(job)
+                    job.finished = True
+                admit = []
+                while self.waiting and self.decoder.free - len(admit) > 0:
+                    admit.append(self.waiting.popleft())
+                if self.stopping:
+                    return
+                if not self.active and not admit:
+                    self.cond.wait()
+                    continue
+            for job in admit:
+                try:
+                    settings = self.settings_cls(do_sample=job.req.do_sample, temperature=job.req.temperature or 1.0,
+                                                 top_p=job.req.top_p, seed=job.req.seed)
+                    first = self.decoder.add(id(job), job.prompt_ids, settings, job.max_tokens)
+                except Exception as e:                       # noqa: BLE001 - reported to the client
+                    log.exception("prefill failed")
+                    job.finished = True
+                    job.emit(("error", f"prefill failed: {type(e).__name__}: {e}"))
+                    continue
+                self.active[id(job)] = job
+                self._token(job, first)
+            if not self.active:
+                continue
+            try:
+                new = self.decoder.step()
+                self.steps += 1
+            except Exception as e:                           # noqa: BLE001
+                log.exception("decode step failed")
+                for job in list(self.active.values()):
+                    self._drop(job)
+                    job.emit(("error", f"decode failed: {type(e).__name__}: {e}"))
+                continue
+            for key, tok in new.items():
+                job = self.active.get(key)
+                if job is not None:
+                    self._token(job, tok)
+
+    def _drop(self, job: Job) -> None:
+        self.active.pop(id(job), None)
+        self.decoder.remove(id(job))
+        job.finished = True
+
+    def _token(self, job: Job, tok: int) -> None:
+        if job.cancelled:
+            self._drop(job)
+            self.abandoned += 1
+            return
+        if tok in self.eos_ids:
+            self._finish(job, "stop")
+            return
+        job.ids.append(tok)
+        final = len(job.ids) >= job.max_tokens
+        delta = job.text.delta(self.tokenizer.decode(job.ids), final)
+        if delta:
+            job.emit(("text", delta))
+        if job.text.stopped:
+            self._finish(job, "stop", flushed=True)
+        elif final:
+            self._finish(job, "length", flushed=True)
+
+    def _finish(self, job: Job, reason: str, flushed: bool = False) -> None:
+        if not flushed:
+            delta = job.text.delta(self.tokenizer.decode(job.ids), final=True)
+            if delta:
+                job.emit(("text", delta))
+        self._drop(job)
+        job.emit(("done", reason, usage(len(job.prompt_ids), len(job.ids))))

@@ -1,0 +1,82 @@
+"""``glm2-serve``: the OpenAI-compatible server (see :mod:`glm_serve.app`) over either backend."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["main", "build_parser", "add_model_args", "load_from_args"]
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The model flags ``glm2-serve`` and ``glm2-chat`` share."""
+    ap.add_argument("--backend", required=True, choices=("torch", "mindspore"), help="which implementation runs the model")
+    ap.add_argument("--model", required=True,
+                    help="torch: an HF ChatGLM2 directory; mindspore: a .ckpt (config.json beside it) or an HF directory")
+    ap.add_argument("--tokenizer", help="the sentencepiece tokenizer.model (default: the one beside the model)")
+    ap.add_argument("--adapter", help="torch: a peft LoRA directory (merged on load) or a P-tuning result "
+                                      "(prefix_encoder.safetensors); mindspore: a .ckpt with LoRA or prefix weights only")
+    ap.add_argument("--lora-alpha", type=float, default=32.0,
+                    help="mindspore LoRA adapters: lora_alpha of the run that trained it (its .ckpt holds no config)")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weight/compute dtype")
+    ap.add_argument("--device", default="cpu", help="torch: cpu, cuda, cuda:N; mindspore: cpu, ascend, ascend:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="glm2-serve",
+        description="Serve a ChatGLM2 model (optionally with a fine-tuned adapter) over an OpenAI-compatible "
+                    "HTTP API: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (with "
+                    "stream=true: server-sent events), GET /health, and a chat page at /. Requests that "
+                    "arrive while others decode join the running batch at the next step (up to --max-batch).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on")
+    ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and the page")
+    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    ap.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row (then 503)")
+    ap.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for (and "
+                                                                  "the default, bounded by the model's seq_length)")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (then 413)")
+    return ap
+
+
+def load_from_args(args):
+    from glm_serve.backends import load_backend
+    return load_backend(args.backend, args.model, args.tokenizer, args.adapter, args.dtype, args.device,
+                        args.lora_alpha)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, lo in (("max_batch", 1), ("max_queue", 0), ("max_tokens", 1), ("max_body_bytes", 1), ("port", 0)):
+        if getattr(args, name) < lo:
+            print(f"glm2-serve: --{name.replace('_', '-')}: must be at least {lo}", file=sys.stderr)
+            return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from glm_serve.backends import BackendError
+    print(f"glm2-serve: loading {args.model} ({args.backend}) ...", file=sys.stderr, flush=True)
+    try:
+        backend = load_from_args(args)
+    except BackendError as e:
+        print(f"glm2-serve: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from glm_serve.app import create_app
+    from glm_serve.scheduler import Scheduler
+    scheduler = Scheduler(backend.decoder(args.max_batch), backend.tokenizer, backend.settings_cls,
+                          backend.seq_length, [backend.tokenizer.eos_token_id], args.max_queue, args.max_tokens).start()
+    app = create_app(scheduler, backend.model_id, backend.name, args.api_key, args.max_body_bytes)
+    print(f"glm2-serve: {backend.model_id} on http://{args.host}:{args.port} (OpenAI base_url "
+          f"http://{args.host}:{args.port}/v1; chat page at /)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        scheduler.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

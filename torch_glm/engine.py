@@ -1,0 +1,170 @@
+"""Continuous batching over the KV cache: :class:`BatchDecoder` decodes many requests in one batch and
+admits a new request at the next decode step.
+
+A request joins with :meth:`BatchDecoder.add`: its prompt is run alone (the same prefill
+:meth:`~torch_glm.generate.GenerationMixin.generate` runs, so the first new token is the one it would
+pick) and its per-layer key/value cache is merged into the running batch cache, left-padded to the
+longest row (padding columns are masked out). :meth:`BatchDecoder.step` then runs one decode step for
+every row at once (``[B, 1]`` ids, each row its own position id, a ``[B, past + 1]`` attention mask)
+and picks each row's next token with that row's own settings (ChatGLM2's NaN/Inf guard, then
+temperature, top-k, top-p and a draw from the row's own seeded ``torch.Generator`` when sampling;
+argmax otherwise), exactly as ``generate`` does for one sequence. :meth:`BatchDecoder.remove` drops a
+finished or abandoned row at once and trims cache columns no row uses any more.
+
+The twin :mod:`mindspore_glm.engine` has the same class and methods over MindSpore's static cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Optional, Sequence
+
+import torch
+
+from torch_glm.generate import apply_temperature, apply_top_k, apply_top_p, invalid_score_processor, sample_next
+
+__all__ = ["BatchDecoder", "SamplingSettings"]
+
+
+@dataclass
+class SamplingSettings:
+    """One request's token choice: greedy unless ``do_sample``; ``seed`` makes sampling reproducible."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+
+
+class _Row:
+    __slots__ = ("pending", "position", "settings", "generator")
+
+    def __init__(self, pending: int, position: int, settings: SamplingSettings, generator):
+        self.pending, self.position, self.settings, self.generator = pending, position, settings, generator
+
+
+class BatchDecoder:
+    """Batched greedy/sampled decoding with requests joining and leaving between steps.
+
+    ``model``: a :class:`torch_glm.model.ChatGLM2ForConditionalGeneration` (LoRA merged); ``max_batch``:
+    rows decoded together. Keys are any hashable the caller picks (one per request).
+    """
+
+    def __init__(self, model, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be at least 1, got {max_batch}")
+        self.model = model
+        self.max_batch = int(max_batch)
+        self.device = model.device
+        self.keys: list = []                 # batch row order
+        self.rows: dict = {}
+        self.past = None                     # per layer (key, value) [B, g, T, hn], rows right-aligned
+        self.mask: Optional[torch.Tensor] = None   # [B, T]: 1 for a filled column, 0 for left padding
+
+    # ------------------------------------------------------------------ bookkeeping
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def free(self) -> int:
+        """Rows that can still join."""
+        return self.max_batch - len(self.keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self.rows
+
+    # ------------------------------------------------------------------ token choice
+    def _pick(self, row: _Row, scores: torch.Tensor) -> int:
+        """``scores [1, V]`` float32 -> the row's next token (as ``generate`` picks it)."""
+        s = row.settings
+        scores = invalid_score_processor(None, scores)   # the guard reads the scores only
+        if s.do_sample:
+            scores = apply_top_p(apply_top_k(apply_temperature(scores, s.temperature), s.top_k), s.top_p)
+        return int(sample_next(scores, s.do_sample, row.generator)[0])
+
+    # ------------------------------------------------------------------ join / leave
+    @torch.no_grad()
+    def add(self, key: Hashable, prompt_ids: Sequence[int], settings: Optional[SamplingSettings] = None,
+            max_new_tokens: Optional[int] = None) -> int:
+        """Prefill ``prompt_ids`` alone and return the first new token; the row decodes from the next
+        :meth:`step` on. ``max_new_tokens`` is accepted for the twin's sake (this cache grows as needed).
+        Raises ``RuntimeError`` when the batch is full, ``KeyError`` for a key in use."""
+        if key in self.rows:
+            raise KeyError(f"{key!r}: already decoding")
+        if not self.free:
+            raise RuntimeError(f"the batch is full ({self.max_batch} rows)")
+        settings = settings or SamplingSettings()
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        n = ids.shape[1]
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         position_ids=torch.arange(n, device=self.device)[None], past_key_values=None,
+                         use_cache=True, return_last_logit=True)
+        generator = None
+        if settings.do_sample and settings.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(settings.seed))
+        row = _Row(0, n, settings, generator)
+        first = self._pick(row, out.logits[:, -1].float())
+        row.pending = first
+        present = out.past_key_values
+        self._merge(present, torch.ones(1, present[0][0].shape[2], dtype=torch.long, device=self.device))
+        self.keys.append(key)
+        self.rows[key] = row
+        return first
+
+    def _merge(self, present, mask_row: torch.Tensor) -> None:
+        if self.past is None:
+            self.past, self.mask = tuple(present), mask_row
+            return
+        t, n = self.mask.shape[1], mask_row.shape[1]
+        if n < t:
+            present = tuple((_pad_left(k, t - n), _pad_left(v, t - n)) for k, v in present)
+            mask_row = _pad_left(mask_row, t - n)
+        elif n > t:
+            self.past = tuple((_pad_left(k, n - t), _pad_left(v, n - t)) for k, v in self.past)
+            self.mask = _pad_left(self.mask, n - t)
+        self.past = tuple((torch.cat([k, pk]), torch.cat([v, pv])) for (k, v), (pk, pv) in zip(self.past, present))
+        self.mask = torch.cat([self.mask, mask_row])
+
+    def remove(self, key: Hashable) -> None:
+        """Drop a row now (finished or abandoned); unknown keys are ignored."""
+        if key not in self.rows:
+            return
+        i = self.keys.index(key)
+        del self.rows[key]
+        self.keys.pop(i)
+        if not self.keys:
+            self.past = self.mask = None
+            return
+        keep = torch.tensor([j for j in range(len(self.keys) + 1) if j != i], device=self.device)
+        mask = self.mask[keep]
+        first = int(mask.any(0).long().argmax())      # columns only the dropped row used
+        self.mask = mask[:, first:]
+        self.past = tuple((k[keep, :, first:], v[keep, :, first:]) for k, v in self.past)
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def step(self) -> dict:
+        """One decode step for every row: ``{key: next token}``."""
+        if not self.keys:
+            return {}
+        rows = [self.rows[k] for k in self.keys]
+        ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)
+        mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
+                         use_cache=True, return_last_logit=True)
+        self.past, self.mask = out.past_key_values, mask
+        scores = out.logits[:, -1].float()
+        result = {}
+        for i, (key, row) in enumerate(zip(self.keys, rows)):
+            tok = self._pick(row, scores[i:i + 1])
+            row.pending, row.position = tok, row.position + 1
+            result[key] = tok
+        return result
+
+
+def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Prepend ``n`` zero columns on the sequence axis (axis 2 of a cache, axis 1 of a mask)."""
+    axis = 2 if x.dim() == 4 else 1
+    shape = list(x.shape)
+    shape[axis] = n
+    return torch.cat([x.new_zeros(shape), x], dim=axis)
