@@ -130,8 +130,6 @@ def test_no_new_import_cycle_in_convert_and_hccl():
     assert not unknown, "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in unknown)
 
 
-@pytest.mark.xfail(strict=False, reason="convert/_cli.py <-> convert/hf_layout.py: the converters' cycle, "
-                                        "being removed on the converter side")
 def test_no_import_cycle_in_convert_and_hccl():
     found = [c for c in cycles(graph()) if all(m.startswith(("convert", "hccl")) for m in c)]
     assert not found, "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in found)

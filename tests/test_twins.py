@@ -18,6 +18,7 @@ BACKENDS = ("mindspore_glm", "torch_glm")
 #: modules only one backend has (module name -> reason)
 ONE_SIDED_MODULES = {
     "launch": "the Ascend launcher (rank tables, msrun); torch runs under torchrun",
+    "launch_plan": "the Ascend launcher's process plan (rank tables, msrun); torch runs under torchrun",
     "parallel": "MindSpore's semi-auto parallel sharding plan; torch trains data-parallel with DDP",
 }
 
