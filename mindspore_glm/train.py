@@ -40,6 +40,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays, learning_rates, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
+from mindspore_glm.resume import RUN_RECORD, record_tensors, resume_checkpoint  # resume: run record, agreed step
 
 __all__ = ["TrainingError", "set_context", "init_ranks", "build_model", "is_adapter_checkpoint", "init_weights",
            "apply_pet", "eval_loss", "make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell",
@@ -98,7 +99,7 @@ def apply_pet(model, pet: dict, seed: int = 0) -> list:
 
 
 _TRAIN_STATE = ("adam_m.", "adam_v.", "global_step", "epoch_num", "step_num", "loss_scale", "scale_sense",
-                "current_iterator_step", "last_overflow_iterator_step", "learning_rate")
+                "current_iterator_step", "last_overflow_iterator_step", "learning_rate") + RUN_RECORD  # resume
 
 
 def _pet_name(name: str) -> bool:
@@ -316,8 +317,11 @@ def find_checkpoints(directory: str, prefix: str) -> list:
         if not m or m["prefix"] != prefix:
             continue
         path = os.path.join(directory, name)
-        ck = MSCheckpoint(path)
-        step = int(ck.read("step_num").reshape(-1)[0]) if "step_num" in ck else int(m["step"])
+        try:  # resume: a file that does not read (cut short by a kill) is skipped, not fatal to pruning
+            ck = MSCheckpoint(path)
+            step = int(ck.read("step_num").reshape(-1)[0]) if "step_num" in ck else int(m["step"])
+        except ValueError:
+            continue
         found.append((step, path))
     return sorted(found)
 
@@ -343,6 +347,7 @@ def save_checkpoint(step_cell: TrainOneStepCell, s: TrainSettings, rank: int, st
         yield "global_step", opt.global_step.asnumpy().astype(np.int32).reshape(1)
         yield "loss_scale", np.array([step_cell.loss_scale.asnumpy()], np.float32).reshape(1)
         yield "loss_scale_good_steps", np.array([step_cell.good_steps.asnumpy()], np.int32).reshape(1)
+        yield from record_tensors(step_cell.degree if step_cell.parallel else 1, rank)  # resume: run record, last
 
     save_ms_checkpoint(tensors(), path)
     for _, old in find_checkpoints(directory, s.ckpt_prefix)[:-max(1, s.keep_max)]:
@@ -365,7 +370,7 @@ def load_checkpoint(path: str, step_cell: TrainOneStepCell) -> int:
             if prefix + p.name not in ck:
                 raise RunConfigError(f"{path}: {prefix}{p.name}: missing (a checkpoint of another run?)")
     for name in ck.names:
-        if name in ("epoch_num", "step_num"):
+        if name in ("epoch_num", "step_num") + RUN_RECORD:  # resume: the run record is checked, not loaded
             continue
         if name not in targets:
             raise RunConfigError(f"{path}: {name}: not a parameter of this run's model")
@@ -496,12 +501,10 @@ def _train(s: TrainSettings, model, params) -> dict:
 
     ckpt_dir = _ckpt_dir(s, rank)
     step = 0
-    if s.resume:
-        found = find_checkpoints(ckpt_dir, s.ckpt_prefix)
-        if found:
-            step = load_checkpoint(found[-1][1], step_cell)
-            if rank == 0:
-                print(f"resumed from {found[-1][1]} at step {step}", file=sys.stderr)
+    if s.resume:  # resume: the newest step every rank holds complete (glm_common.resume), said in one line
+        path = resume_checkpoint(ckpt_dir, s.ckpt_prefix, per_epoch, rank, world)
+        if path:
+            step = load_checkpoint(path, step_cell)
     os.makedirs(s.output_dir, exist_ok=True)
     log_path = os.path.join(s.output_dir, "loss_log.jsonl")
     log = LossLog(log_path, enabled=rank == 0)

@@ -47,6 +47,7 @@ from glm_common.config import ConfigError
 from glm_common.run_config import RunConfigError, TrainSettings, load_run_config, settings_from_config
 from glm_common.schedules import decays, learning_rates, lr_at, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
+from torch_glm.resume import STATE_JSON, load_trainer_state, resume_checkpoint, save_trainer_state  # resume
 
 __all__ = ["TrainSettings", "RunConfigError", "load_run_config", "settings_from_config", "lr_at", "AdamWeightDecay",
            "make_optimizer", "build_model", "train", "main"]
@@ -171,7 +172,7 @@ def _ckpt_dirs(out_dir: str, prefix: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(root):
-        if name.startswith(prefix + "_step_") and os.path.isfile(os.path.join(root, name, "trainer_state.pt")):
+        if name.startswith(prefix + "_step_") and os.path.isfile(os.path.join(root, name, STATE_JSON)):
             try:
                 found.append((int(name.rsplit("_", 1)[1]), os.path.join(root, name)))
             except ValueError:
@@ -187,10 +188,8 @@ def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, ep
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, os.path.join(tmp, "trainable.safetensors"))
-    torch.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-                "pet": s.pet}, os.path.join(tmp, "trainer_state.pt"))
+    # resume: trainer state as safetensors + JSON (no pickle), with the run record (world size, rank, step)
+    save_trainer_state(tmp, optimizer, scheduler, step, epoch=epoch, batch_in_epoch=batch_in_epoch, pet=s.pet)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for _, old in _ckpt_dirs(s.output_dir, s.ckpt_prefix)[:-max(1, s.keep_max)]:
@@ -207,13 +206,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
             raise RunConfigError(f"{path}/trainable.safetensors: {name}: not a parameter of this run's model")
         with torch.no_grad():
             params[name].copy_(value)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
-    return state
+    return load_trainer_state(path, optimizer, scheduler)  # resume: safetensors + JSON, never a pickle
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -311,13 +304,11 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     step, start_epoch, skip = 0, 0, 0
     os.makedirs(s.output_dir, exist_ok=True)
     log_path = os.path.join(s.output_dir, "loss_log.jsonl")
-    if s.resume:
-        found = _ckpt_dirs(s.output_dir, s.ckpt_prefix)
-        if found:
-            state = load_checkpoint(found[-1][1], model, optimizer, scheduler)
+    if s.resume:  # resume: the newest step every rank holds complete (glm_common.resume), said in one line
+        path = resume_checkpoint(os.path.join(s.output_dir, "checkpoint"), s.ckpt_prefix, rank, world)
+        if path:
+            state = load_checkpoint(path, model, optimizer, scheduler)
             step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-            if rank == 0:
-                print(f"resumed from {found[-1][1]} at step {step}", file=sys.stderr)
     log = LossLog(log_path, enabled=rank == 0)
     log.truncate(step)  # keep the log consistent with the step we (re)start from
 
