@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make ``convert`` and ``glm_com
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from convert.ms_ckpt import CheckpointWriter, MSCheckpoint, MSCheckpointError  # noqa: E402
+from glm_common.names import is_train_state  # noqa: E402  (world_size / rank_id differ between ranks)
 from convert.strategy import (OPTIMIZER_PREFIXES, Layout, Strategy, StrategyError,  # noqa: E402
                               load_strategy)
 
@@ -60,7 +61,7 @@ class MergeError(ValueError):
 
 def is_optimizer_state(name: str) -> bool:
     """Optimizer moments (``adam_m.X``, ``adam_v.X``, ...), gradient accumulators and step counters."""
-    return name.startswith(OPTIMIZER_PREFIXES) or name in OPTIMIZER_SCALARS
+    return name.startswith(OPTIMIZER_PREFIXES) or name in OPTIMIZER_SCALARS or is_train_state(name)
 
 
 def _is_lora(name: str) -> bool:

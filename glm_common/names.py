@@ -184,11 +184,12 @@ def mindpet_to_peft(name: str, prefix: str = PEFT_PREFIX, adapter: Optional[str]
 TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accu_grads.",
                         "accumulated_grads.", "accum.")
 #: scalars optimizers, loss scaling and the training loop save next to the weights (ours:
-#: ``global_step``, ``epoch_num``, ``step_num``, ``loss_scale``, ``loss_scale_good_steps``; mindformers /
-#: MindSpore's ``scale_sense``, ``current_iterator_step``, ``last_overflow_iterator_step`` ...).
+#: ``global_step``, ``epoch_num``, ``step_num``, ``loss_scale``, ``loss_scale_good_steps`` and the run record
+#: of :mod:`glm_common.resume`, ``world_size`` and ``rank_id``, which differ between the ranks of one run;
+#: mindformers / MindSpore's ``scale_sense``, ``current_iterator_step``, ``last_overflow_iterator_step`` ...).
 TRAIN_STATE_SCALARS = ("global_step", "epoch_num", "step_num", "loss_scale", "loss_scale_good_steps",
                        "scale_sense", "current_iterator_step", "last_overflow_iterator_step", "learning_rate",
-                       "beta1_power", "beta2_power")
+                       "beta1_power", "beta2_power", "world_size", "rank_id")
 
 
 def is_train_state(name: str) -> bool:
