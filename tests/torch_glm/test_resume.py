@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT
@@ -52,8 +53,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(four_steps, tm
     if damage == "zero-length":
         (latest / "trainable.safetensors").write_bytes(b"")
     else:
-        data = (latest / "trainer_state.safetensors").read_bytes()
-        (latest / "trainer_state.safetensors").write_bytes(data[:len(data) // 2])
+        state = latest / "trainer_state.safetensors"
+        if not state.exists():   # (the pickled layout of earlier versions)
+            state = latest / "trainer_state.pt"
+        data = state.read_bytes()
+        state.write_bytes(data[:len(data) // 2])
     capsys.readouterr()
     resumed = run(cfg)["losses"]
     err = capsys.readouterr().err
@@ -76,14 +80,12 @@ class _Planted:
 
 
 def test_a_pickle_in_a_checkpoint_is_never_loaded(four_steps, tmp_path, capsys):
-    import pickle
     whole, cfg, out = _copy(four_steps, tmp_path)
     marker = tmp_path / "pwned"
     latest = out / "checkpoint" / "tiny_step_4"
-    os.remove(latest / "trainer_state.json")       # a directory in the old pickled layout ...
+    (latest / "trainer_state.json").unlink(missing_ok=True)   # a directory in the old pickled layout ...
     for step in (3, 4):                              # ... and a pickle planted beside a complete one
-        with open(out / "checkpoint" / f"tiny_step_{step}" / "trainer_state.pt", "wb") as f:
-            pickle.dump(_Planted(marker), f)
+        torch.save(_Planted(marker), out / "checkpoint" / f"tiny_step_{step}" / "trainer_state.pt")
     capsys.readouterr()
     resumed = run(cfg)["losses"]
     err = capsys.readouterr().err
