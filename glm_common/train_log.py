@@ -43,7 +43,7 @@ def read_rows(path: str, say=None, lines: bool = False) -> list:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.strip())
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 raise ValueError("not a row (a JSON object with an integer \"step\")")
         except ValueError as e:
@@ -51,7 +51,8 @@ def read_rows(path: str, say=None, lines: bool = False) -> list:
                 (say or (lambda m: print(m, file=sys.stderr)))(
                     f"{path}: line {i + 1} is cut short (the run stopped while writing it); dropped it")
                 break
-            raise LossLogError(f"{path}: line {i + 1}: {getattr(e, 'msg', None) or e}") from None
+            why = f"{e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise LossLogError(f"{path}: line {i + 1}: {why}") from None
         rows.append((row, line if line.endswith("\n") else line + "\n") if lines else row)
     return rows
 
