@@ -93,7 +93,7 @@ def test_last_row_without_newline_gets_one_on_resume(tmp_path):
 
 def test_bad_line_in_the_middle_names_file_and_line(tmp_path):
     path = _log(tmp_path, '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
-    with pytest.raises(LossLogError, match=rf"^{path}: line 2: Unterminated string starting at \(column 12\)$"):
+    with pytest.raises(LossLogError, match=rf"^{path}: line 2: Unterminated string starting at \(column 13\)$"):
         LossLog(str(path)).truncate(3)
     path = _log(tmp_path, '[1, 2]\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(LossLogError, match=r"line 1: not a row \(a JSON object with an integer \"step\"\)$"):
