@@ -20,8 +20,10 @@ What trains (``pet_config``): LoRA matrices (:mod:`mindspore_glm.lora`), the P-t
 puts them, ``<output_dir>/checkpoint/rank_<N>/<prefix>-<epoch>_<step in epoch>.ckpt``: the trainable
 weights (all weights with ``save_full_weights`` or full fine-tuning), the optimizer moments
 (``adam_m.*``, ``adam_v.*``) and ``epoch_num``, ``step_num``, ``global_step``, ``loss_scale``,
-``loss_scale_good_steps``; ``resume_training`` continues from the latest one on the same loss
-trajectory (with dropout 0: MindSpore's dropout kernels keep their random state to themselves).
+``loss_scale_good_steps`` and, last, the run record ``world_size`` / ``rank_id``; ``resume_training``
+continues on the same loss trajectory (with dropout 0: MindSpore's dropout kernels keep their random state
+to themselves) from the newest step every rank holds complete, files that do not verify skipped with a
+line saying so (:mod:`mindspore_glm.resume`).
 ``<output_dir>/loss_log.jsonl`` gets one row a step (loss, lr, loss scale, tokens/s) and
 ``loss_curve.png`` the curve.
 """
