@@ -158,6 +158,8 @@ def resume_checkpoint(checkpoint_root: str, prefix: str, rank: int, world: int) 
         print(f"rank {rank}: {line}" if world > 1 else line, file=sys.stderr)
 
     def gather(obj):
+        if torch.distributed.get_backend() == "nccl":   # all_gather_object stages through the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         out = [None] * world
         torch.distributed.all_gather_object(out, obj)
         return out
