@@ -12,9 +12,9 @@ global step (:data:`RUN_RECORD`; the MindSpore runner stores them as the ``world
    decision from the same data (:func:`agree`): the newest step every rank holds complete. When ranks
    differ, one line says which step was chosen and which ranks lack the newer ones.
 
-Without any complete checkpoint on any rank the run starts at step 0 (a fresh ``output_dir``); when some
-ranks hold complete checkpoints but no step is common to all, :class:`ResumeError` stops every rank with
-one line rather than starting over from step 0 (and pruning the checkpoints that exist).
+Without any checkpoint on any rank the run starts at step 0 (a fresh ``output_dir``); when there are
+checkpoints but none verifies, or no step is held complete by all ranks, :class:`ResumeError` stops every
+rank with one line rather than starting over from step 0 (and pruning the checkpoints that exist).
 
 Nothing here imports torch or MindSpore; the check of one checkpoint and the gather are the backends'.
 """
@@ -122,6 +122,10 @@ def agree(per_rank: list, where: str = "the checkpoint directory") -> int:
         if foreign:
             raise ResumeError(f"resume_training: the checkpoints in {where} were {foreign}; resume with the "
                               f"same number of ranks, or start without resume_training in a new output_dir")
+        bad = [f"rank {r}: {p['skipped']}" for r, p in enumerate(per_rank) if p.get("skipped")]
+        if bad:
+            raise ResumeError(f"resume_training: no checkpoint in {where} verifies ({'; '.join(bad)} skipped, "
+                              f"said above); restore one or start without resume_training in a new output_dir")
         return 0
     held = "; ".join(f"rank {r}: {_steps_text(sorted(s, reverse=True))}" for r, s in enumerate(sets))
     raise ResumeError(f"resume_training: no step is held complete by every rank ({held}) in {where}; "
@@ -135,7 +139,8 @@ def choose_resume(verified: Verified, gather: Callable[[object], list], rank: in
     ``gather(obj)``: every rank's ``obj`` in rank order, on every rank (``[obj]`` for one process). Every
     rank calls this at the same point, before it trains, so all get the same step or the same error.
     """
-    mine = {"steps": sorted(verified.paths, reverse=True), "foreign": verified.foreign[:1]}
+    mine = {"steps": sorted(verified.paths, reverse=True), "foreign": verified.foreign[:1],
+            "skipped": len(verified.skipped)}
     per_rank = gather(mine) if world > 1 else [mine]
     step = agree(per_rank, where)
     if not step:

@@ -24,6 +24,8 @@ def test_agree_refuses_to_start_over_when_no_step_is_common():
         agree([_payload(16, 15), _payload()], "ckdir")
     with pytest.raises(ResumeError, match=r"were written by a run of 4 rank\(s\), this run has 2"):
         agree([_payload(foreign=["written by a run of 4 rank(s), this run has 2"]), _payload()], "ckdir")
+    with pytest.raises(ResumeError, match=r"^resume_training: no checkpoint in ckdir verifies \(rank 1: 2 skipped, "):
+        agree([_payload(), {**_payload(), "skipped": 2}], "ckdir")
 
 
 def test_choose_resume_says_which_rank_lacks_the_newer_step():
