@@ -106,22 +106,24 @@ def load_trainer_state(directory: str, optimizer, scheduler) -> dict:
     return meta
 
 
-def candidates(checkpoint_root: str, prefix: str) -> list:
-    """``[(step, directory), ...]`` of every ``<prefix>_step_<N>`` directory under ``checkpoint_root``
-    (staging ``.tmp`` / ``.partial`` directories are not candidates)."""
-    if not os.path.isdir(checkpoint_root):
+def candidates(directory: str, prefix: str) -> list:
+    """``[(step, checkpoint directory), ...]`` of every ``<prefix>_step_<N>`` folder in ``directory``
+    (staging ``.tmp`` / ``.partial`` folders are not candidates)."""
+    if not os.path.isdir(directory):
         return []
     found = []
-    for name in os.listdir(checkpoint_root):
+    for name in os.listdir(directory):
         m = _DIR_NAME.match(name)
-        if m and m["prefix"] == prefix and os.path.isdir(os.path.join(checkpoint_root, name)):
-            found.append((int(m["step"]), os.path.join(checkpoint_root, name)))
+        if m and m["prefix"] == prefix and os.path.isdir(os.path.join(directory, name)):
+            found.append((int(m["step"]), os.path.join(directory, name)))
     return sorted(found)
 
 
-def verify_checkpoint(directory: str, step: Optional[int], world_size: int) -> dict:
-    """The JSON record of checkpoint ``directory`` after checking its files; raises
-    :class:`glm_common.resume.CheckpointInvalid` naming the file that does not verify."""
+def verify_checkpoint(path: str, step: Optional[int], world_size: int, rank: Optional[int] = None) -> dict:
+    """The JSON record of checkpoint directory ``path`` after checking its files; raises
+    :class:`glm_common.resume.CheckpointInvalid` naming the file that does not verify. ``rank`` None: any
+    writing rank (rank 0 writes for all)."""
+    directory = path
     from safetensors import safe_open
     if not os.path.isfile(os.path.join(directory, STATE_JSON)) and \
             os.path.isfile(os.path.join(directory, "trainer_state.pt")):
@@ -139,20 +141,20 @@ def verify_checkpoint(directory: str, step: Optional[int], world_size: int) -> d
         except Exception as e:  # safetensors' SafetensorError derives from Exception only
             raise CheckpointInvalid(f"{name}: {e}") from None
     meta = _read_json(os.path.join(directory, STATE_JSON))
-    check_record(meta, world_size, None, step)
+    check_record(meta, world_size, rank, step)
     for key in ("epoch", "batch_in_epoch", "optimizer", "scheduler", "numpy_rng", "python_rng"):
         if key not in meta:
             raise CheckpointInvalid(f"{STATE_JSON}: no {key!r}")
     return meta
 
 
-def resume_checkpoint(checkpoint_root: str, prefix: str, rank: int, world: int) -> Optional[str]:
+def resume_checkpoint(directory: str, prefix: str, rank: int, world: int) -> Optional[str]:
     """The checkpoint directory every rank resumes from (None: start at step 0), the same step on all.
 
     Every rank calls this at the same point (it gathers over the ranks). Skipped directories are reported
     by the rank that sees them, the agreed step by rank 0, one line each, on stderr.
     """
-    verified = verify_candidates(candidates(checkpoint_root, prefix),
+    verified = verify_candidates(candidates(directory, prefix),
                                  lambda path, step: verify_checkpoint(path, step, world))
     for line in verified.skipped:
         print(f"rank {rank}: {line}" if world > 1 else line, file=sys.stderr)
@@ -164,7 +166,7 @@ def resume_checkpoint(checkpoint_root: str, prefix: str, rank: int, world: int) 
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    decision = choose_resume(verified, gather, rank, world, where=checkpoint_root)
+    decision = choose_resume(verified, gather, rank, world, where=directory)
     if decision.line and rank == 0:
         print(decision.line, file=sys.stderr)
     return decision.path

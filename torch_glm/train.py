@@ -25,9 +25,9 @@ keys mean the same thing:
 Writes into ``output_dir``: ``loss_log.jsonl`` (one JSON object a step, eval rows too),
 ``loss_curve.png``, ``checkpoint/<prefix>_step_<N>/`` (weights that train, optimizer, scheduler,
 RNG, data position, world size, rank and step, in safetensors + JSON, no pickle: resuming continues the
-same loss trajectory from the newest step every rank holds complete, :mod:`torch_glm.resume`) and the result: ``adapter/`` (LoRA,
-a peft adapter directory), ``prefix/`` (P-tuning: ``prefix_encoder.safetensors`` + ``config.json``)
-or ``model/`` (full: HF layout). Under ``torchrun`` it trains with DDP (gloo on CPU, nccl on CUDA);
+same loss trajectory from the newest step every rank holds complete, :mod:`torch_glm.resume`) and the
+result: ``adapter/`` (LoRA, a peft adapter directory), ``prefix/`` (P-tuning:
+``prefix_encoder.safetensors`` + ``config.json``) or ``model/`` (full: HF layout). Under ``torchrun`` it trains with DDP (gloo on CPU, nccl on CUDA);
 rank 0 writes. On CUDA, ``model_config.compute_dtype`` float16/bfloat16 turns on autocast.
 """
 from __future__ import annotations
