@@ -4,14 +4,57 @@
 runner adds ``loss_scale``, ``overflow``, ``tokens_per_s``; torch adds ``grad_norm``), and
 ``{"step", "eval_loss", "rouge-1", ...}`` for evaluations. :func:`plot_losses` draws it with
 matplotlib's Agg backend.
+
+A run stopped while writing a row (killed, disk full) leaves a cut last line: :func:`read_rows` drops it
+with one line naming the file and line, and :meth:`LossLog.truncate` (resume) rewrites the file without
+it. Any other line that is not a JSON object with a ``step`` is a :class:`LossLogError` naming the file
+and line.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional
 
-__all__ = ["LossLog", "plot_losses", "summary_line"]
+from glm_common.run_config import RunConfigError
+
+__all__ = ["LossLog", "LossLogError", "read_rows", "plot_losses", "summary_line"]
+
+
+class LossLogError(RunConfigError):
+    """A loss log line that is not a row (and not a cut last line); one line naming the file and line."""
+
+
+def read_rows(path: str, say=None, lines: bool = False) -> list:
+    """The rows of the JSONL loss log at ``path`` (``[]`` when absent).
+
+    A last line that does not parse (a row cut short by a kill or a full disk) is dropped and reported
+    through ``say`` (default: a line on stderr) naming the file and line; a bad line elsewhere raises
+    :class:`LossLogError`. ``lines``: ``(row, text of its line)`` pairs instead of rows.
+    """
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.readlines()
+    last = max((i for i, line in enumerate(text) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(text):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.strip())
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row (a JSON object with an integer \"step\")")
+        except ValueError as e:
+            if i == last:
+                (say or (lambda m: print(m, file=sys.stderr)))(
+                    f"{path}: line {i + 1} is cut short (the run stopped while writing it); dropped it")
+                break
+            why = f"{e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise LossLogError(f"{path}: line {i + 1}: {why}") from None
+        rows.append((row, line if line.endswith("\n") else line + "\n") if lines else row)
+    return rows
 
 
 class LossLog:
@@ -27,10 +70,7 @@ class LossLog:
         """Keep the rows with ``step <= step`` (all rows go when ``step`` is 0), atomically."""
         if not self.enabled:
             return
-        rows = []
-        if step and os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        rows = [line for r, line in read_rows(self.path, lines=True) if r["step"] <= step] if step else []
         with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(rows)
         os.replace(self.path + ".tmp", self.path)
@@ -42,10 +82,7 @@ class LossLog:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def rows(self) -> list:
-        if not os.path.isfile(self.path):
-            return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_rows(self.path)
 
 
 def plot_losses(log_path: str, png_path: str) -> Optional[str]:
@@ -53,8 +90,7 @@ def plot_losses(log_path: str, png_path: str) -> Optional[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(log_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(log_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train:

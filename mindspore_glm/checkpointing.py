@@ -1,11 +1,12 @@
 """Training checkpoints in MindSpore: mindformers' ``.ckpt`` files with the optimizer and loss-scale state.
 
 The twin of ``torch_glm/checkpointing.py`` (the formats differ: mindformers' ``.ckpt`` here, a folder
-with ``trainable.safetensors`` and ``trainer_state.pt`` there). Files go where mindformers puts them,
+with ``trainable.safetensors`` and ``trainer_state.safetensors`` + ``.json`` there). Files go where mindformers puts them,
 ``<output_dir>/checkpoint/rank_<N>/<prefix>-<epoch>_<step in epoch>.ckpt``: the trainable weights (all
 weights with ``save_full_weights`` or full fine-tuning), the optimizer moments and the training-state
 scalars of :data:`glm_common.names.TRAIN_STATE_SCALARS` (``epoch_num``, ``step_num``, ``global_step``,
-``loss_scale``, ``loss_scale_good_steps``). Reading and writing go through :mod:`convert.ms_ckpt`.
+``loss_scale``, ``loss_scale_good_steps``) and, last, the run record ``world_size`` / ``rank_id`` that
+resuming checks (:mod:`mindspore_glm.resume`). Reading and writing go through :mod:`convert.ms_ckpt`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from mindspore import Tensor
 
 from convert.ms_ckpt import MSCheckpoint, MSCheckpointError, save_ms_checkpoint
 from glm_common.names import MS_ADAM_MOMENTS, is_pet_name, is_train_state
+from glm_common.resume import RUN_RECORD
 from glm_common.run_config import RunConfigError, TrainSettings
+from mindspore_glm.resume import record_tensors
 from mindspore_glm.train_step import TrainOneStepCell
 
 __all__ = ["checkpoint_dir", "find_checkpoints", "save_checkpoint", "load_checkpoint", "is_adapter_checkpoint",
@@ -60,8 +63,11 @@ def find_checkpoints(directory: str, prefix: str) -> list:
         if not m or m["prefix"] != prefix:
             continue
         path = os.path.join(directory, name)
-        ck = MSCheckpoint(path)
-        step = int(ck.read("step_num").reshape(-1)[0]) if "step_num" in ck else int(m["step"])
+        try:  # a file that does not read (cut short by a kill) is skipped, not fatal to pruning
+            ck = MSCheckpoint(path)
+            step = int(ck.read("step_num").reshape(-1)[0]) if "step_num" in ck else int(m["step"])
+        except ValueError:
+            continue
         found.append((step, path))
     return sorted(found)
 
@@ -86,6 +92,7 @@ def save_checkpoint(step_cell: TrainOneStepCell, s: TrainSettings, rank: int, st
         yield "global_step", opt.global_step.asnumpy().astype(np.int32).reshape(1)
         yield "loss_scale", np.array([step_cell.loss_scale.asnumpy()], np.float32).reshape(1)
         yield "loss_scale_good_steps", np.array([step_cell.good_steps.asnumpy()], np.int32).reshape(1)
+        yield from record_tensors(step_cell.degree if step_cell.parallel else 1, rank)  # the run record, last
 
     save_ms_checkpoint(tensors(), path)
     for _, old in find_checkpoints(directory, s.ckpt_prefix)[:-max(1, s.keep_max)]:
@@ -107,7 +114,7 @@ def load_checkpoint(path: str, step_cell: TrainOneStepCell) -> int:
             if prefix + p.name not in ck:
                 raise RunConfigError(f"{path}: {prefix}{p.name}: missing (a checkpoint of another run?)")
     for name in ck.names:
-        if name in ("epoch_num", "step_num"):
+        if name in ("epoch_num", "step_num") + RUN_RECORD:  # the run record is checked on resume, not loaded
             continue
         if name not in targets:
             raise RunConfigError(f"{path}: {name}: not a parameter of this run's model")

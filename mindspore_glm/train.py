@@ -20,8 +20,10 @@ What trains (``pet_config``): LoRA matrices (:mod:`mindspore_glm.lora`), the P-t
 puts them, ``<output_dir>/checkpoint/rank_<N>/<prefix>-<epoch>_<step in epoch>.ckpt``: the trainable
 weights (all weights with ``save_full_weights`` or full fine-tuning), the optimizer moments
 (``adam_m.*``, ``adam_v.*``) and ``epoch_num``, ``step_num``, ``global_step``, ``loss_scale``,
-``loss_scale_good_steps``; ``resume_training`` continues from the latest one on the same loss
-trajectory (with dropout 0: MindSpore's dropout kernels keep their random state to themselves).
+``loss_scale_good_steps`` and, last, the run record ``world_size`` / ``rank_id``; ``resume_training``
+continues on the same loss trajectory (with dropout 0: MindSpore's dropout kernels keep their random state
+to themselves) from the newest step every rank holds complete, files that do not verify skipped with a
+line saying so (:mod:`mindspore_glm.resume`).
 ``<output_dir>/loss_log.jsonl`` gets one row a step (loss, lr, loss scale, tokens/s) and
 ``loss_curve.png`` the curve.
 """
@@ -44,12 +46,12 @@ from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
 from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, total_updates, train_features,
                                  updates_per_epoch)
-from mindspore_glm.checkpointing import (checkpoint_dir, find_checkpoints, load_checkpoint, load_weights,
-                                         save_checkpoint)
+from mindspore_glm.checkpointing import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from mindspore_glm.data import make_dataset
 from mindspore_glm.evaluate import eval_loss, evaluate
 from mindspore_glm.lora import apply_pet
 from mindspore_glm.model import ChatGLM2ForConditionalGeneration
+from mindspore_glm.resume import resume_checkpoint
 from mindspore_glm.train_step import TrainOneStepCell, make_optimizer
 
 __all__ = ["TrainingError", "init_ranks", "build_model", "train_data", "train", "set_context", "init_weights"]
@@ -194,12 +196,10 @@ def _train(s: TrainSettings, model, params) -> dict:
 
     ckpt_dir = checkpoint_dir(s, rank)
     step = 0
-    if s.resume:
-        found = find_checkpoints(ckpt_dir, s.ckpt_prefix)
-        if found:
-            step = load_checkpoint(found[-1][1], step_cell)
-            if rank == 0:
-                print(f"resumed from {found[-1][1]} at step {step}", file=sys.stderr)
+    if s.resume:  # the newest step every rank holds complete (glm_common.resume), said in one line
+        path = resume_checkpoint(ckpt_dir, s.ckpt_prefix, per_epoch, rank, world)
+        if path:
+            step = load_checkpoint(path, step_cell)
     os.makedirs(s.output_dir, exist_ok=True)
     log_path = os.path.join(s.output_dir, "loss_log.jsonl")
     log = LossLog(log_path, enabled=rank == 0)

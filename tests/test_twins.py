@@ -28,7 +28,8 @@ _HF = "the HF/transformers/peft interface torch users call (MindSpore has no tra
 _PREFIX = "P-tuning layout: mindpet's prefix encoder (top-level prefix_encoder.*, [2L, B, g, P, hn] out) vs HF's transformer.prefix_encoder ([B, P, kv] out)"
 _PEFT = "LoRA layer: mindpet's in-place low-rank parameters on our Linear (MindSpore) vs peft's wrapper model (torch)"
 _CELLS = "GRAPH-mode train-step cells (loss scale, accumulation buffers, overflow check in the graph); torch's step is eager autograd"
-_CKPT = "checkpoint formats: mindformers' .ckpt with optimizer moments (MindSpore) vs a trainable.safetensors + trainer_state.pt folder (torch)"
+_CKPT = "checkpoint formats: mindformers' .ckpt with optimizer moments (MindSpore) vs a trainable.safetensors + trainer_state.safetensors/.json folder (torch)"
+_PER_EPOCH = "MindSpore's checkpoint names carry <epoch>_<step in epoch> (mindformers'), so the global step needs the updates per epoch; torch's names carry the global step"
 _DATA = "framework data containers: MindSpore GeneratorDataset vs torch DataLoader (both over glm_common.data.Batcher)"
 
 #: ``(module, qualified name)`` -> reason: the names/signatures allowed to differ. A qualified name ending
@@ -95,6 +96,11 @@ ALLOWED = {
     ("checkpointing", "trainable_state"): _CKPT,
     ("checkpointing", "base_model"): "torch's model may sit in peft and DDP wrappers; MindSpore's never does",
     ("checkpointing", "load_weights"): "MindSpore loads base or adapter weights from a .ckpt; torch from HF folders (from_pretrained) and peft",
+    # resume
+    ("resume", "record_tensors"): _CKPT + "; MindSpore's run record is two int32 scalars at the end of the .ckpt",
+    ("resume", "STATE_JSON"): _CKPT, ("resume", "STATE_TENSORS"): _CKPT, ("resume", "WEIGHTS"): _CKPT,
+    ("resume", "save_trainer_state"): _CKPT, ("resume", "load_trainer_state"): _CKPT,
+    ("resume", "candidates"): _PER_EPOCH, ("resume", "resume_checkpoint"): _PER_EPOCH,
     # train
     ("train", "init_weights"): "MindSpore's cells are created with zeros and drawn here from the seed; torch modules initialise themselves",
     ("train", "set_context"): "mindspore.set_context (device, GRAPH/PYNATIVE); torch picks a device per tensor",

@@ -2,18 +2,17 @@
 
 The twin of ``mindspore_glm/checkpointing.py`` (the formats differ: here a folder
 ``<output_dir>/checkpoint/<prefix>_step_<N>/`` holding ``trainable.safetensors`` (safetensors) and
-``trainer_state.pt`` (optimizer, scheduler, RNG, data position: resuming continues the same loss
-trajectory); there mindformers' ``.ckpt``). The result of a run is ``adapter/`` (LoRA, a peft adapter
+``trainer_state.safetensors`` + ``trainer_state.json`` (optimizer, scheduler, RNG, data position and the
+run record: world size, rank, step; no pickle, :mod:`torch_glm.resume`), so resuming continues the same
+loss trajectory; there mindformers' ``.ckpt``). The result of a run is ``adapter/`` (LoRA, a peft adapter
 directory), ``prefix/`` (P-tuning: ``prefix_encoder.safetensors`` + ``config.json``) or ``model/`` (full:
 HF layout). Every folder is written through :func:`glm_common.fsutil.atomic_dir`: nothing half-written.
 """
 from __future__ import annotations
 
 import os
-import random
 import shutil
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -22,6 +21,7 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from torch_glm.lora import save_lora
 from torch_glm.model import ChatGLM2ForConditionalGeneration
 from torch_glm.prefix import prefix_state_dict
+from torch_glm.resume import STATE_JSON, load_trainer_state, save_trainer_state
 
 __all__ = ["checkpoint_dir", "find_checkpoints", "save_checkpoint", "load_checkpoint", "save_result",
            "trainable_state", "base_model"]
@@ -51,7 +51,7 @@ def find_checkpoints(directory: str, prefix: str) -> list:
         return []
     found = []
     for name in os.listdir(directory):
-        if name.startswith(prefix + "_step_") and os.path.isfile(os.path.join(directory, name, "trainer_state.pt")):
+        if name.startswith(prefix + "_step_") and os.path.isfile(os.path.join(directory, name, STATE_JSON)):
             try:
                 found.append((int(name.rsplit("_", 1)[1]), os.path.join(directory, name)))
             except ValueError:
@@ -67,10 +67,7 @@ def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, ep
     with atomic_dir(final) as tmp:
         save_file({k: v.contiguous() for k, v in trainable_state(model).items()},
                   os.path.join(tmp, "trainable.safetensors"))
-        torch.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                    "python_rng": random.getstate(), "pet": s.pet}, os.path.join(tmp, "trainer_state.pt"))
+        save_trainer_state(tmp, optimizer, scheduler, step, epoch=epoch, batch_in_epoch=batch_in_epoch, pet=s.pet)
     for _, old in find_checkpoints(root, s.ckpt_prefix)[:-max(1, s.keep_max)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -85,13 +82,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
             raise RunConfigError(f"{path}/trainable.safetensors: {name}: not a parameter of this run's model")
         with torch.no_grad():
             params[name].copy_(value)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
-    return state
+    return load_trainer_state(path, optimizer, scheduler)  # safetensors + JSON, never a pickle
 
 
 def save_result(model, s: TrainSettings, out_dir: str) -> str:

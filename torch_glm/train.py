@@ -29,9 +29,10 @@ keys mean the same thing:
 
 Writes into ``output_dir``: ``loss_log.jsonl`` (one JSON object a step, eval rows too),
 ``loss_curve.png``, ``checkpoint/<prefix>_step_<N>/`` (weights that train, optimizer, scheduler,
-RNG, data position: resuming continues the same loss trajectory) and the result: ``adapter/`` (LoRA,
-a peft adapter directory), ``prefix/`` (P-tuning: ``prefix_encoder.safetensors`` + ``config.json``)
-or ``model/`` (full: HF layout). Under ``torchrun`` it trains with DDP (gloo on CPU, nccl on CUDA);
+RNG, data position, world size, rank and step, in safetensors + JSON, no pickle: resuming continues the
+same loss trajectory from the newest step every rank holds complete, :mod:`torch_glm.resume`) and the
+result: ``adapter/`` (LoRA, a peft adapter directory), ``prefix/`` (P-tuning:
+``prefix_encoder.safetensors`` + ``config.json``) or ``model/`` (full: HF layout). Under ``torchrun`` it trains with DDP (gloo on CPU, nccl on CUDA);
 rank 0 writes. On CUDA, ``model_config.compute_dtype`` float16/bfloat16 turns on autocast.
 """
 from __future__ import annotations
@@ -52,12 +53,12 @@ from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
 from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, total_updates, train_features,
                                  updates_per_epoch)
-from torch_glm.checkpointing import (base_model, checkpoint_dir, find_checkpoints, load_checkpoint, save_checkpoint,
-                                     save_result)
+from torch_glm.checkpointing import base_model, checkpoint_dir, load_checkpoint, save_checkpoint, save_result
 from torch_glm.data import make_dataloader
 from torch_glm.evaluate import eval_loss, evaluate
 from torch_glm.lora import apply_pet
 from torch_glm.model import ChatGLM2ForConditionalGeneration
+from torch_glm.resume import resume_checkpoint
 from torch_glm.train_step import AdamWeightDecay, make_optimizer
 
 __all__ = ["TrainingError", "init_ranks", "build_model", "train_data", "train"]
@@ -149,13 +150,11 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
     step, start_epoch, skip = 0, 0, 0
     os.makedirs(s.output_dir, exist_ok=True)
     log_path = os.path.join(s.output_dir, "loss_log.jsonl")
-    if s.resume:
-        found = find_checkpoints(checkpoint_dir(s, rank), s.ckpt_prefix)
-        if found:
-            state = load_checkpoint(found[-1][1], model, optimizer, scheduler)
+    if s.resume:  # the newest step every rank holds complete (glm_common.resume), said in one line
+        path = resume_checkpoint(checkpoint_dir(s, rank), s.ckpt_prefix, rank, world)
+        if path:
+            state = load_checkpoint(path, model, optimizer, scheduler)
             step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-            if rank == 0:
-                print(f"resumed from {found[-1][1]} at step {step}", file=sys.stderr)
     log = LossLog(log_path, enabled=rank == 0)
     log.truncate(step)  # keep the log consistent with the step we (re)start from
 

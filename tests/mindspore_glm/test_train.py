@@ -10,7 +10,8 @@ import pytest
 import mindspore as ms
 
 from glm_common.run_config import RunConfigWarning, load_run_config, settings_from_config
-from mindspore_glm.train import TrainingError, build_model, find_checkpoints, train
+from mindspore_glm.checkpointing import find_checkpoints
+from mindspore_glm.train import TrainingError, build_model, train
 from tests.conftest import ADGEN_DIR, ROOT, TINY_MODEL
 
 CONFIGS = {"full": "finetune", "lora": "lora", "ptuning2": "ptuning2"}
