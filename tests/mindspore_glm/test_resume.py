@@ -39,7 +39,7 @@ def test_damaged_checkpoints_and_cut_log_line_fall_back_with_a_line_each(tmp_pat
     resumed = train(settings(cfg))["losses"]
     err = capsys.readouterr().err
     assert f"skipping checkpoint {ckdir / 'tiny-1_4.ckpt'}: empty file (0 bytes)\n" in err, err
-    assert f"skipping checkpoint {ckdir / 'tiny-1_3.ckpt'}: truncated checkpoint (a value ends at byte" in err
+    assert f"skipping checkpoint {ckdir / 'tiny-1_3.ckpt'}: truncated checkpoint (" in err, err  # ms_ckpt's line
     assert f"resuming from {ckdir / 'tiny-1_2.ckpt'} at step 2\n" in err
     assert f"{log}: line 4 is cut short (the run stopped while writing it); dropped it" in err
     assert resumed == whole[2:]
