@@ -47,6 +47,7 @@ from glm_common.config import ConfigError
 from glm_common.run_config import RunConfigError, TrainSettings, load_run_config, settings_from_config
 from glm_common.schedules import decays, learning_rates, lr_at, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
+from torch_glm import parallel as _parallel  # [fsdp]
 
 __all__ = ["TrainSettings", "RunConfigError", "load_run_config", "settings_from_config", "lr_at", "AdamWeightDecay",
            "make_optimizer", "build_model", "train", "main"]
@@ -302,7 +303,10 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     model = build_model(s, device) if model is None else model
     model.train()
     train_model = model
-    if world > 1:
+    fsdp = _parallel.fsdp_requested(s, world)  # [fsdp]
+    if fsdp:  # [fsdp]
+        _parallel.shard_model(model, s, device)  # [fsdp]
+    elif world > 1:  # [fsdp] (was: if world > 1:)
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.startswith("cuda") else None)
     optimizer = make_optimizer(model, s)
@@ -314,7 +318,7 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     if s.resume:
         found = _ckpt_dirs(s.output_dir, s.ckpt_prefix)
         if found:
-            state = load_checkpoint(found[-1][1], model, optimizer, scheduler)
+            state = (_parallel.load_checkpoint if fsdp else load_checkpoint)(found[-1][1], model, optimizer, scheduler)  # [fsdp]
             step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
             if rank == 0:
                 print(f"resumed from {found[-1][1]} at step {step}", file=sys.stderr)
@@ -329,6 +333,7 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     first_loss = last_loss = None
     tokens_done, t0 = 0, time.perf_counter()
     losses: list[float] = []
+    state_mem = None  # [fsdp]
     epoch = start_epoch
     while step < total and epoch < s.epochs:
         loader.sampler.set_epoch(epoch)
@@ -340,7 +345,7 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
                 break
             batch = {n: v.to(device) for n, v in batch.items()}
             sync = (micro + 1) == s.grad_accum
-            ctx = train_model.no_sync() if world > 1 and not sync else _null()
+            ctx = train_model.no_sync() if world > 1 and not sync and not fsdp else _null()  # [fsdp]
             with ctx, torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=use_amp):
                 loss = train_model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
             scaled = loss / s.grad_accum
@@ -360,6 +365,7 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
                 scaler.update()
             else:
                 optimizer.step()
+            state_mem = state_mem or _parallel.state_bytes(model, optimizer)  # [fsdp]
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -375,26 +381,36 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
             losses.append(step_loss)
             if rank == 0:
                 row = {"step": step, "epoch": epoch, "loss": round(step_loss, 6), "lr": lr,
-                       "grad_norm": round(float(grad_norm), 6), "tokens": tokens_done * world,
+                       "grad_norm": round(_parallel.grad_norm_value(grad_norm), 6), "tokens": tokens_done * world,
                        "time": round(time.perf_counter() - t0, 3)}
                 log.write(row)
                 bar.update(1)
                 if step % max(1, s.print_every) == 0:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-                if s.save_steps and step % s.save_steps == 0:
+                if s.save_steps and step % s.save_steps == 0 and not fsdp:  # [fsdp]
                     save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)
-                if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0:
+                if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0 and not fsdp:  # [fsdp]
                     _log_eval(model, s, tokenizer, device, step, log_path)
+            if fsdp and s.save_steps and step % s.save_steps == 0:  # [fsdp] collective
+                _parallel.save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)  # [fsdp]
+            if fsdp and s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0:  # [fsdp]
+                _log_eval(model, s, tokenizer, device, step, log_path if rank == 0 else None)  # [fsdp]
         epoch += 1
         skip = 0
     bar.close()
     elapsed = time.perf_counter() - t0
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "losses": losses,
                "tokens_per_s": tokens_done * world / elapsed if elapsed > 0 else 0.0, "log": log_path}
+    summary["memory"] = _parallel.memory_report(state_mem, device)  # [fsdp]
+    if fsdp and s.do_eval:  # [fsdp] collective: every rank evaluates
+        summary["eval"] = _log_eval(model, s, tokenizer, device, step, log_path if rank == 0 else None)  # [fsdp]
+    if fsdp:  # [fsdp] collective: every rank gathers, rank 0 writes
+        summary["result"] = _parallel.save_result(model, s, s.output_dir)  # [fsdp]
     if rank == 0:
-        if s.do_eval:
+        if s.do_eval and not fsdp:  # [fsdp]
             summary["eval"] = _log_eval(model, s, tokenizer, device, step, log_path)
-        summary["result"] = save_result(model, s, s.output_dir)
+        if not fsdp:  # [fsdp]
+            summary["result"] = save_result(model, s, s.output_dir)
         summary["plot"] = plot_losses(log_path, os.path.join(s.output_dir, "loss_curve.png"))
         print(summary_line(step, first_loss, last_loss, summary["tokens_per_s"], elapsed,
                            result=summary["result"]), file=sys.stderr)
@@ -406,8 +422,9 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
 
 def _log_eval(model, s, tokenizer, device, step, log_path) -> dict:
     result = evaluate(model, s, tokenizer, device)
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in result.items()}}) + "\n")
+    if log_path:  # [fsdp] None on the other ranks
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in result.items()}}) + "\n")
     return result
 
 
