@@ -49,7 +49,7 @@ from glm_common.names import is_derived_buffer
 from glm_common.run_config import RunConfigError, TrainSettings
 
 __all__ = ["fsdp_requested", "mixed_precision_policy", "shard_model", "is_sharded", "state_bytes",
-           "peak_memory_bytes", "memory_report", "gather_trainable", "iter_full_state", "write_consolidated", "save_result",
+           "peak_memory_bytes", "reset_peak_memory", "memory_report", "gather_trainable", "iter_full_state", "write_consolidated", "save_result",
            "save_checkpoint", "load_checkpoint", "grad_norm_value", "DCP_METADATA"]
 
 #: the file DCP writes beside the shards; marks a sharded checkpoint
@@ -137,10 +137,31 @@ def state_bytes(model, optimizer=None) -> dict:
     return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
 
 
+def reset_peak_memory(device: str = "cpu") -> None:
+    """Start a new peak for :func:`peak_memory_bytes` (CUDA's counters; on Linux, the process's resident
+    high-water mark through ``/proc/self/clear_refs``)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: str = "cpu") -> int:
-    """Peak memory of this process: CUDA's max allocated bytes, or the peak resident set size on CPU."""
+    """Peak memory of this process since :func:`reset_peak_memory` (or its start): CUDA's max allocated
+    bytes, or the peak resident set size on CPU (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
     if str(device).startswith("cuda"):
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
