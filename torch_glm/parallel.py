@@ -94,7 +94,12 @@ def shard_model(model, s: TrainSettings, device: str, mesh=None):
     first when ``param_init_type`` is float32 and the model was loaded in another dtype.
     """
     from torch.distributed.fsdp import fully_shard
+    if s.pet["pet_type"] == "qlora":
+        raise RunConfigError(f"{s.source}: parallel.enable_parallel_optimizer: qlora's 4-bit weights are not "
+                             f"sharded; use pet_type lora, or data parallel (enable_parallel_optimizer: False)")
     base = _base(model)
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(str(device).split(":")[0], (dist.get_world_size(),))

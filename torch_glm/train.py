@@ -28,6 +28,8 @@ RNG, data position: resuming continues the same loss trajectory) and the result:
 a peft adapter directory), ``prefix/`` (P-tuning: ``prefix_encoder.safetensors`` + ``config.json``)
 or ``model/`` (full: HF layout). Under ``torchrun`` it trains with DDP (gloo on CPU, nccl on CUDA);
 rank 0 writes. On CUDA, ``model_config.compute_dtype`` float16/bfloat16 turns on autocast.
+With ``parallel.enable_parallel_optimizer: True`` under ``torchrun`` it shards parameters, gradients and
+optimizer states with FSDP2 instead (:mod:`torch_glm.parallel`: DCP checkpoints, streamed ``model/``).
 """
 from __future__ import annotations
 
@@ -201,6 +203,8 @@ def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, ep
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
+    if os.path.isfile(os.path.join(path, _parallel.DCP_METADATA)):  # [fsdp]
+        raise RunConfigError(f"{path}: a sharded checkpoint: resume it under torchrun with parallel.enable_parallel_optimizer")  # [fsdp]
     weights = load_file(os.path.join(path, "trainable.safetensors"))
     params = dict(model.named_parameters())
     for name, value in weights.items():
