@@ -49,8 +49,9 @@ from glm_common.names import is_derived_buffer
 from glm_common.run_config import RunConfigError, TrainSettings
 
 __all__ = ["fsdp_requested", "mixed_precision_policy", "shard_model", "is_sharded", "state_bytes",
-           "peak_memory_bytes", "reset_peak_memory", "memory_report", "gather_trainable", "iter_full_state", "write_consolidated", "save_result",
-           "save_checkpoint", "load_checkpoint", "grad_norm_value", "DCP_METADATA"]
+           "peak_memory_bytes", "reset_peak_memory", "memory_report", "gather_trainable", "iter_full_state",
+           "write_consolidated", "save_result", "save_checkpoint", "load_checkpoint", "grad_norm_value",
+           "DCP_METADATA"]
 
 #: the file DCP writes beside the shards; marks a sharded checkpoint
 DCP_METADATA = ".metadata"

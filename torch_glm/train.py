@@ -204,7 +204,8 @@ def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, ep
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
     if os.path.isfile(os.path.join(path, _parallel.DCP_METADATA)):  # [fsdp]
-        raise RunConfigError(f"{path}: a sharded checkpoint: resume it under torchrun with parallel.enable_parallel_optimizer")  # [fsdp]
+        raise RunConfigError(f"{path}: a sharded checkpoint: resume it under torchrun with "  # [fsdp]
+                             f"parallel.enable_parallel_optimizer")  # [fsdp]
     weights = load_file(os.path.join(path, "trainable.safetensors"))
     params = dict(model.named_parameters())
     for name, value in weights.items():
@@ -322,7 +323,8 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     if s.resume:
         found = _ckpt_dirs(s.output_dir, s.ckpt_prefix)
         if found:
-            state = (_parallel.load_checkpoint if fsdp else load_checkpoint)(found[-1][1], model, optimizer, scheduler)  # [fsdp]
+            loader_of = _parallel.load_checkpoint if fsdp else load_checkpoint  # [fsdp]
+            state = loader_of(found[-1][1], model, optimizer, scheduler)  # [fsdp] (was: load_checkpoint(...))
             step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
             if rank == 0:
                 print(f"resumed from {found[-1][1]} at step {step}", file=sys.stderr)
@@ -334,6 +336,7 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
     scaler = torch.amp.GradScaler("cuda") if use_amp and s.compute_dtype == "float16" else None
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=step, desc="train", disable=not (s.progress and rank == 0), dynamic_ncols=True)
+    _parallel.reset_peak_memory(device)  # [fsdp] summary["memory"]: the training loop's peak
     first_loss = last_loss = None
     tokens_done, t0 = 0, time.perf_counter()
     losses: list[float] = []

@@ -1,8 +1,9 @@
 """One forward + backward of a seeded ChatGLM2 sharded with FSDP2 (run it under torchrun).
 
-Rank 0 writes ``grads.npz`` (every gradient gathered to full size) and ``probe.json`` (loss and every
-rank's peak memory above what it held before the forward pass). ``--recompute`` turns on per-block activation checkpointing as
-``recompute_config.recompute`` does in a run YAML. Used by tests/torch_glm/test_fsdp.py.
+Rank 0 writes ``grads.npz`` (every gradient gathered to full size) and ``probe.json`` (loss and
+every rank's peak memory above what it held before the forward pass). ``--recompute`` turns on
+per-block activation checkpointing as ``recompute_config.recompute`` does in a run YAML.
+Used by tests/torch_glm/test_fsdp.py.
 
     torchrun --standalone --nproc_per_node 2 tests/torch_glm/fsdp_probe.py --out DIR [--recompute]
 """
