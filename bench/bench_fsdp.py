@@ -55,7 +55,10 @@ def one_run(sharded: bool, a) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_fsdp_") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "torch_glm.train", "--config", run_yaml(tmp, sharded, a), "--no_progress"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": ROOT, "MALLOC_ARENA_MAX": "2"}
+        # a fixed glibc mmap threshold: freed tensors give their pages back, so the resident peak
+        # follows the live tensors rather than the allocator's history
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": ROOT, "MALLOC_ARENA_MAX": "2",
+               "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode:
             sys.exit(f"error: {'FSDP' if sharded else 'DDP'} run failed: {proc.stderr.strip().splitlines()[-1]}")

@@ -25,7 +25,9 @@ from tests.conftest import TINY_MODEL
 from tests.torch_glm.test_train import run_config
 
 STEPS = 20
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+# glibc's adaptive mmap threshold keeps the pages of freed tensors in its heap, so the resident set would
+# measure the allocator's history; a fixed threshold gives every tensor's pages back when it is freed
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
 PROBE = os.path.join(os.path.dirname(__file__), "fsdp_probe.py")
 
 
@@ -35,10 +37,17 @@ def torchrun(args, nproc=2, timeout=600, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
 
 
-def write_config(tmp, pet="full", sharded=True, batch=2, accum=1, epochs=5, save_steps=5, lr=1e-3, **model):
+def write_config(tmp, pet="full", sharded=True, batch=2, accum=1, epochs=5, save_steps=5, lr=1e-3, evals=0,
+                 **model):
     """The tiny-model run of tests/torch_glm/test_train.py (16 ADGEN rows, 4 a global batch: 20 steps in
-    5 epochs); LoRA without dropout (the ranks draw their own dropout masks)."""
+    5 epochs); LoRA without dropout (the ranks draw their own dropout masks); ``evals``: evaluate that
+    many rows every 10 steps."""
     cfg = run_config(tmp, pet, lr, rows=16, epochs=epochs)
+    if evals:
+        cfg.update(do_eval=True, eval_step_interval=10)
+        cfg["eval_dataset"] = {"data_loader": {"dataset_dir": cfg["train_dataset"]["data_loader"]["dataset_dir"]},
+                               "max_source_length": 32, "max_target_length": 8, "num_samples": evals,
+                               "batch_size": 2}
     cfg["runner_config"].update(batch_size=batch, gradient_accumulation_steps=accum)
     cfg["train_dataset"]["batch_size"] = batch
     cfg["parallel"] = {"enable_parallel_optimizer": sharded}
@@ -66,9 +75,9 @@ def train_cli(path, nproc, extra=(), timeout=600):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def losses(out_dir):
+def losses(out_dir, key="loss"):
     rows = [json.loads(r) for r in open(os.path.join(out_dir, "loss_log.jsonl"), encoding="utf-8")]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def load_dir(path):
@@ -90,12 +99,12 @@ def key_bias(name, config):
     return slice(q, q + config["multi_query_group_num"] * config["kv_channels"])
 
 
-def pair(tmp_path_factory, name, pet):
+def pair(tmp_path_factory, name, pet, evals=0):
     """One process (batch 2 x 2 accumulated) and 2 sharded ranks (batch 2 each): summaries + output dirs."""
     one = tmp_path_factory.mktemp(f"{name}_one")
     two = tmp_path_factory.mktemp(f"{name}_fsdp")
-    s1 = train_cli(write_config(one, pet, sharded=False, batch=2, accum=2), 1)
-    s2 = train_cli(write_config(two, pet, sharded=True, batch=2, accum=1), 2)
+    s1 = train_cli(write_config(one, pet, sharded=False, batch=2, accum=2, evals=evals), 1)
+    s2 = train_cli(write_config(two, pet, sharded=True, batch=2, accum=1, evals=evals), 2)
     return {"one": (s1, one / "out"), "two": (s2, two / "out")}
 
 
@@ -118,11 +127,16 @@ def assert_half_state(runs):
 # ---------------------------------------------------------------------------------------- full fine-tuning
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    return pair(tmp_path_factory, "full", "full")
+    return pair(tmp_path_factory, "full", "full", evals=4)
 
 
 def test_full_fine_tuning_matches_one_process(full):
     assert_same_losses(full)
+    # evaluation runs sharded too (every rank takes part in each forward); rank 0 logs it
+    a, b = losses(full["one"][1], "eval_loss"), losses(full["two"][1], "eval_loss")
+    assert sorted(a) == sorted(b) == [10, 20]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * a[step], (step, a[step], b[step])
     assert_half_state(full)
     config = json.loads((TINY_MODEL / "config.json").read_text())
     a, b = load_dir(full["one"][1] / "model"), load_dir(full["two"][1] / "model")
