@@ -25,8 +25,8 @@ a bad value raises :class:`RunConfigError` naming the file and the key's path):
   ``weight_decay``, ``learning_rate``;
 * ``callbacks``: ``MFLossMonitor`` (``per_print_times``), ``CheckpointMonitor`` (``prefix``,
   ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``save_full_weights``);
-* ``use_parallel``, ``parallel.{parallel_mode, gradients_mean, enable_parallel_optimizer}``, ``parallel_config.{data_parallel,
-  model_parallel, pipeline_stage, micro_batch_num, vocab_emb_dp}``;
+* ``use_parallel``, ``parallel.{parallel_mode, gradients_mean, enable_parallel_optimizer}``,
+  ``parallel_config.{data_parallel, model_parallel, pipeline_stage, micro_batch_num, vocab_emb_dp}``;
 * ``processor.tokenizer.{type, vocab_file}``, ``metric.type`` (``ADGENMetric``);
 * ``recompute_config.recompute``.
 """

@@ -388,7 +388,8 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
             losses.append(step_loss)
             if rank == 0:
                 row = {"step": step, "epoch": epoch, "loss": round(step_loss, 6), "lr": lr,
-                       "grad_norm": round(_parallel.grad_norm_value(grad_norm), 6), "tokens": tokens_done * world,
+                       "grad_norm": round(_parallel.grad_norm_value(grad_norm), 6),  # [fsdp] (was: float(grad_norm))
+                       "tokens": tokens_done * world,
                        "time": round(time.perf_counter() - t0, 3)}
                 log.write(row)
                 bar.update(1)
@@ -396,7 +397,8 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if s.save_steps and step % s.save_steps == 0 and not fsdp:  # [fsdp]
                     save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)
-                if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0 and not fsdp:  # [fsdp]
+                # [fsdp] next line: "and not fsdp" added
+                if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0 and not fsdp:
                     _log_eval(model, s, tokenizer, device, step, log_path)
             if fsdp and s.save_steps and step % s.save_steps == 0:  # [fsdp] collective
                 _parallel.save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)  # [fsdp]
@@ -410,7 +412,8 @@ def train(s: TrainSettings, device: Optional[str] = None, model=None) -> dict:
                "tokens_per_s": tokens_done * world / elapsed if elapsed > 0 else 0.0, "log": log_path}
     summary["memory"] = _parallel.memory_report(state_mem, device)  # [fsdp]
     if fsdp and s.do_eval:  # [fsdp] collective: every rank evaluates
-        summary["eval"] = _log_eval(model, s, tokenizer, device, step, log_path if rank == 0 else None)  # [fsdp]
+        # [fsdp] every rank evaluates, rank 0 writes
+        summary["eval"] = _log_eval(model, s, tokenizer, device, step, log_path if rank == 0 else None)
     if fsdp:  # [fsdp] collective: every rank gathers, rank 0 writes
         summary["result"] = _parallel.save_result(model, s, s.output_dir)  # [fsdp]
     if rank == 0:
