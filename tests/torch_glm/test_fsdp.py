@@ -40,7 +40,7 @@ def torchrun(args, nproc=2, timeout=600, **kw):
 def write_config(tmp, pet="full", sharded=True, batch=2, accum=1, epochs=5, save_steps=5, lr=1e-3, evals=0,
                  **model):
     """The tiny-model run of tests/torch_glm/test_train.py (16 ADGEN rows, 4 a global batch: 20 steps in
-    5 epochs); LoRA without dropout (the ranks draw their own dropout masks); ``evals``: evaluate that
+    5 epochs); LoRA and the prefix without dropout (the ranks draw their own dropout masks); ``evals``: evaluate that
     many rows every 10 steps."""
     cfg = run_config(tmp, pet, lr, rows=16, epochs=epochs)
     if evals:
@@ -53,6 +53,8 @@ def write_config(tmp, pet="full", sharded=True, batch=2, accum=1, epochs=5, save
     cfg["parallel"] = {"enable_parallel_optimizer": sharded}
     if pet == "lora":
         cfg["model"]["model_config"]["pet_config"]["lora_dropout"] = 0.0
+    if pet == "ptuning2":
+        cfg["model"]["model_config"]["pet_config"]["dropout_prob"] = 0.0
     if save_steps:
         cfg["callbacks"].append({"type": "CheckpointMonitor", "save_checkpoint_steps": save_steps,
                                  "keep_checkpoint_max": 4})
