@@ -108,7 +108,9 @@ def apply_pet(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
         return apply_lora(model, settings["r"], settings["lora_alpha"], settings["lora_dropout"],
                           settings["target_modules"])
     if kind == "ptuning2":
-        return apply_ptuning(model)
+        model = apply_ptuning(model)
+        model.transformer.prefix_dropout.p = float(settings.get("dropout_prob", 0.1))  # as mindspore_glm's
+        return model
     if kind == "qlora":
         return apply_qlora(model, settings["r"], settings["lora_alpha"], settings["lora_dropout"],
                            settings["target_modules"])
