@@ -7,7 +7,11 @@ fine-tuning, float32. Rounds alternate the order (DDP FSDP, FSDP DDP, ...) so a 
 shared machine moves both runs of a round; the ratios quoted are the medians of the per-round ratios.
 
 Per rank, from the trainer's summary: tokens/s (training loop only), parameter + gradient + optimizer
-bytes (local shards, after the first update) and the peak resident memory of the training loop.
+bytes (local shards, after the first update) and the peak resident memory of the training loop. Beside
+them, the memory plan of the same YAML (:mod:`glm_common.memory_plan`, torch engine, 2 devices): its
+weights + gradients + optimizer states against the measured parameter + gradient + optimizer bytes (the
+ratio measured/plan), and its per-device total against the measured peak (on CPU the peak also holds the
+Python and torch runtime, which the plan does not count).
 
     python bench/bench_fsdp.py [--rounds 2] [--steps 6] [--layers 4] [--hidden 512]
 """
@@ -51,10 +55,21 @@ def run_yaml(tmp: str, sharded: bool, a) -> str:
     return path
 
 
+def plan_of(path: str) -> dict:
+    """The memory plan of the run YAML ``path`` on 2 torch ranks (DDP, or FSDP2 with the optimizer shard)."""
+    from glm_common.memory_plan import layout_from_config, plan_memory
+    from glm_common.run_config import load_run_config
+    p = plan_memory(layout_from_config(load_run_config(path), source=path, devices=2, backend="torch"))
+    b = p["per_device_bytes"]
+    return {"state": b["weights"] + b["gradients"] + b["optimizer_states"], "total": p["total_bytes"]}
+
+
 def one_run(sharded: bool, a) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_fsdp_") as tmp:
+        path = run_yaml(tmp, sharded, a)
+        plan = plan_of(path)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "torch_glm.train", "--config", run_yaml(tmp, sharded, a), "--no_progress"]
+               "torch_glm.train", "--config", path, "--no_progress"]
         # a fixed glibc mmap threshold: freed tensors give their pages back, so the resident peak
         # follows the live tensors rather than the allocator's history
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": ROOT, "MALLOC_ARENA_MAX": "2",
@@ -62,7 +77,7 @@ def one_run(sharded: bool, a) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode:
             sys.exit(f"error: {'FSDP' if sharded else 'DDP'} run failed: {proc.stderr.strip().splitlines()[-1]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "plan": plan}
 
 
 def main(argv=None) -> int:
@@ -78,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads a rank")
     a = ap.parse_args(argv)
     speed, peak, state = [], [], []
+    vs_plan = {"DDP": [], "FSDP": []}
     for r in range(a.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
         got = {sharded: one_run(sharded, a) for sharded in order}
@@ -90,10 +106,20 @@ def main(argv=None) -> int:
               f"parameter+gradient+optimizer bytes a rank {state[-1]:.3f} "
               f"(DDP {max(m['state_bytes']['total'] for m in ddp['memory']) / 2**20:.1f} MiB, "
               f"FSDP {max(m['state_bytes']['total'] for m in fsdp['memory']) / 2**20:.1f} MiB)", file=sys.stderr)
+        for name, run in (("DDP", ddp), ("FSDP", fsdp)):
+            got = max(m["state_bytes"]["total"] for m in run["memory"])
+            vs_plan[name].append(got / run["plan"]["state"])
+            print(f"  {name} plan vs measured a rank: parameter+gradient+optimizer {run['plan']['state'] / 2**20:.1f} "
+                  f"MiB planned, {got / 2**20:.1f} MiB measured (x{vs_plan[name][-1]:.3f}); total "
+                  f"{run['plan']['total'] / 2**20:.1f} MiB planned, peak resident "
+                  f"{max(m['peak_bytes'] for m in run['memory']) / 2**20:.1f} MiB measured (runtime included)",
+                  file=sys.stderr)
     print(json.dumps({"model": f"{a.layers} x {a.hidden} (ffn {a.ffn})", "ranks": 2, "steps": a.steps,
                       "tokens_per_s_fsdp_over_ddp": round(float(np.median(speed)), 3),
                       "peak_memory_per_rank_fsdp_over_ddp": round(float(np.median(peak)), 3),
-                      "state_bytes_per_rank_fsdp_over_ddp": round(float(np.median(state)), 3)}))
+                      "state_bytes_per_rank_fsdp_over_ddp": round(float(np.median(state)), 3),
+                      "state_bytes_measured_over_plan_ddp": round(float(np.median(vs_plan["DDP"])), 3),
+                      "state_bytes_measured_over_plan_fsdp": round(float(np.median(vs_plan["FSDP"])), 3)}))
     return 0
 
 
