@@ -39,6 +39,10 @@ BENCHES = [
      "hf_to_ms.py on a random fp16 ChatGLM2-6B checkpoint in the release's .bin layout vs cp of the same bytes "
      "and vs loading the whole model",
      "peak RSS < 2 GiB; wall time <= 1.5x cp"),
+    ("fsdp", "bench_fsdp.py", ["--rounds", "2"], ["--rounds", "4", "--steps", "10"],
+     "torch_glm under torchrun, 2 CPU ranks: FSDP2 (parallel.enable_parallel_optimizer) vs DDP, tokens/s, peak "
+     "memory and parameter+gradient+optimizer bytes a rank",
+     "state bytes a rank ~0.5x DDP's; peak memory a rank < DDP's; report tokens/s"),
     ("merge", "bench_merge.py", ["--layers", "1"], ["--layers", "4"],
      "merge_shards.py vs mindspore.transform_checkpoints on mp=4 shards of full-width ChatGLM2-6B layers",
      "report wall time and peak RSS beside transform_checkpoints"),

@@ -25,8 +25,8 @@ a bad value raises :class:`RunConfigError` naming the file and the key's path):
   ``weight_decay``, ``learning_rate``;
 * ``callbacks``: ``MFLossMonitor`` (``per_print_times``), ``CheckpointMonitor`` (``prefix``,
   ``save_checkpoint_steps``, ``keep_checkpoint_max``, ``save_full_weights``);
-* ``use_parallel``, ``parallel.{parallel_mode, gradients_mean}``, ``parallel_config.{data_parallel,
-  model_parallel, pipeline_stage, micro_batch_num, vocab_emb_dp}``;
+* ``use_parallel``, ``parallel.{parallel_mode, gradients_mean, enable_parallel_optimizer}``,
+  ``parallel_config.{data_parallel, model_parallel, pipeline_stage, micro_batch_num, vocab_emb_dp}``;
 * ``processor.tokenizer.{type, vocab_file}``, ``metric.type`` (``ADGENMetric``);
 * ``recompute_config.recompute``.
 """
@@ -130,6 +130,8 @@ class TrainSettings:
     pipeline_stage: int = 1
     micro_batch_num: int = 1
     vocab_emb_dp: bool = True
+    #: shard parameters, gradients and optimizer states over the ranks (torch: FSDP2 under torchrun)
+    enable_parallel_optimizer: bool = False
     num_workers: int = 0
     progress: bool = True
     #: dotted paths of the keys that mean nothing here (warned once by settings_from_config)
@@ -445,6 +447,7 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     if s.parallel_mode not in (0, 1):
         r.fail("parallel.parallel_mode", f"expected 0 (data parallel) or 1 (semi-auto), got {s.parallel_mode}")
     s.gradients_mean = r.bool("parallel.gradients_mean", True)
+    s.enable_parallel_optimizer = r.bool("parallel.enable_parallel_optimizer", False)
     s.data_parallel = r.int("parallel_config.data_parallel", 1, lo=1)
     s.model_parallel = r.int("parallel_config.model_parallel", 1, lo=1)
     s.pipeline_stage = r.int("parallel_config.pipeline_stage", 1, lo=1)

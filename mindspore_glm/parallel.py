@@ -11,8 +11,9 @@ semi-auto-parallel propagation gives it.
 line naming the field. :func:`apply_sharding` writes the strategies onto the operators of a model;
 :func:`sharding_plan` lists them (name -> strategy) for logs and tests.
 
-No torch twin: operator-level sharding strategies are MindSpore's semi-auto parallel; the torch backend
-runs data parallel through torchrun/DDP (``torch_glm/train.py``).
+The torch twin, ``torch_glm/parallel.py``, shards parameters, gradients and optimizer states over the
+data parallel ranks with FSDP2 (``parallel.enable_parallel_optimizer``); operator-level sharding
+strategies are MindSpore's semi-auto parallel alone.
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def _parallel_init(s: TrainSettings) -> tuple:
         raise RunConfigError(f"{s.source}: parallel.parallel_mode: only 0 (data parallel) is run by this runner")
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=s.gradients_mean,
-                                 device_num=world)
+                                 device_num=world, enable_parallel_optimizer=s.enable_parallel_optimizer)
     return rank, world
 
 

@@ -26,6 +26,10 @@ from torch_glm.resume import STATE_JSON, load_trainer_state, save_trainer_state
 __all__ = ["checkpoint_dir", "find_checkpoints", "save_checkpoint", "load_checkpoint", "save_result",
            "trainable_state", "base_model"]
 
+#: the file ``torch.distributed.checkpoint`` writes beside its shards: marks a sharded (FSDP2) checkpoint
+#: of :func:`torch_glm.parallel.save_checkpoint`
+DCP_METADATA = ".metadata"
+
 
 def base_model(model) -> ChatGLM2ForConditionalGeneration:
     """The ChatGLM2ForConditionalGeneration inside a peft and/or DDP wrapper."""
@@ -74,7 +78,11 @@ def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, ep
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Load the trainable weights, optimizer, scheduler and RNG states of ``path``; return its trainer state."""
+    """Load the trainable weights, optimizer, scheduler and RNG states of ``path``; return its trainer state.
+    A sharded checkpoint (FSDP2, :data:`DCP_METADATA`) is refused with one line."""
+    if os.path.isfile(os.path.join(path, DCP_METADATA)):
+        raise RunConfigError(f"{path}: a sharded checkpoint: resume it under torchrun with "
+                             f"parallel.enable_parallel_optimizer")
     weights = load_file(os.path.join(path, "trainable.safetensors"))
     params = dict(model.named_parameters())
     for name, value in weights.items():

@@ -3,6 +3,10 @@ and the console command ``glm2-train``): fine-tuning with :func:`torch_glm.train
 
 The twin of ``mindspore_glm/run.py`` (mindformers' ``run_mindformer.py`` shape, ``glm2-run``); it reads
 the same run YAML (:mod:`glm_common.run_config`). Each flag overrides its YAML key.
+
+Before training, rank 0 prints the run's memory plan line (:func:`glm_common.memory_plan.run_plan_line`,
+the torch engine: DDP, or FSDP2 full shard with ``parallel.enable_parallel_optimizer``) for the world size
+``torchrun`` gives; ``python -m torch_glm.plan`` prints the whole plan.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import os
 import sys
 
 from glm_common.config import ConfigError
+from glm_common.memory_plan import run_plan_line
 from glm_common.run_config import RunConfigError, load_run_config, settings_from_config
 from glm_common.training import TrainingError
 from torch_glm.train import train
@@ -37,7 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no_progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        s = settings_from_config(load_run_config(args.config), source=args.config)
+        raw = load_run_config(args.config)
+        s = settings_from_config(raw, source=args.config)
     except (RunConfigError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,6 +55,10 @@ def main(argv=None) -> int:
             setattr(s, attr, getattr(args, key))
     s.resume = s.resume or args.resume
     s.progress = not args.no_progress
+    if os.environ.get("RANK", "0") == "0":
+        line = run_plan_line(raw, args.config, int(os.environ.get("WORLD_SIZE", "1")), "torch")
+        if line:
+            print(line, file=sys.stderr, flush=True)
     try:
         out = train(s, device=args.device)
     except (RunConfigError, ConfigError) as e:

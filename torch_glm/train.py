@@ -34,6 +34,9 @@ same loss trajectory from the newest step every rank holds complete, :mod:`torch
 result: ``adapter/`` (LoRA, a peft adapter directory), ``prefix/`` (P-tuning:
 ``prefix_encoder.safetensors`` + ``config.json``) or ``model/`` (full: HF layout). Under ``torchrun`` it trains with DDP (gloo on CPU, nccl on CUDA);
 rank 0 writes. On CUDA, ``model_config.compute_dtype`` float16/bfloat16 turns on autocast.
+With ``parallel.enable_parallel_optimizer: True`` under ``torchrun`` it shards parameters, gradients and
+optimizer states with FSDP2 instead (:mod:`torch_glm.parallel`: DCP checkpoints, streamed ``model/``);
+then every rank takes part in checkpoints, evaluation and the result (collectives), rank 0 writes the log.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, to
 from torch_glm.checkpointing import base_model, checkpoint_dir, load_checkpoint, save_checkpoint, save_result
 from torch_glm.data import make_dataloader
 from torch_glm.evaluate import eval_loss, evaluate
+from torch_glm import parallel as _parallel
 from torch_glm.lora import apply_pet
 from torch_glm.model import ChatGLM2ForConditionalGeneration
 from torch_glm.resume import resume_checkpoint
@@ -142,7 +146,10 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
         model, params = build_model(s, device)
     model.train()
     train_model = model
-    if world > 1:
+    fsdp = _parallel.fsdp_requested(s, world)
+    if fsdp:
+        _parallel.shard_model(model, s, device)
+    elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.startswith("cuda") else None)
     optimizer = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], s, lrs)
@@ -153,7 +160,7 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
     if s.resume:  # the newest step every rank holds complete (glm_common.resume), said in one line
         path = resume_checkpoint(checkpoint_dir(s, rank), s.ckpt_prefix, rank, world)
         if path:
-            state = load_checkpoint(path, model, optimizer, scheduler)
+            state = (_parallel.load_checkpoint if fsdp else load_checkpoint)(path, model, optimizer, scheduler)
             step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
     log = LossLog(log_path, enabled=rank == 0)
     log.truncate(step)  # keep the log consistent with the step we (re)start from
@@ -162,6 +169,8 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
     amp_dtype = getattr(torch, s.compute_dtype) if use_amp else None
     scaler = torch.amp.GradScaler("cuda") if use_amp and s.compute_dtype == "float16" else None
     bar = tqdm(total=total, initial=step, desc="train", disable=not (s.progress and rank == 0), dynamic_ncols=True)
+    _parallel.reset_peak_memory(device)  # summary["memory"]: the training loop's peak
+    state_mem = None
     first_loss = last_loss = None
     tokens_done, t0 = 0, time.perf_counter()
     losses: list[float] = []
@@ -176,7 +185,7 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
                 break
             batch = {n: v.to(device) for n, v in batch.items()}
             sync = (micro + 1) == s.grad_accum
-            ctx = train_model.no_sync() if world > 1 and not sync else _null()
+            ctx = train_model.no_sync() if world > 1 and not sync and not fsdp else _null()
             with ctx, torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=use_amp):
                 loss = train_model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
             scaled = loss / s.grad_accum
@@ -196,6 +205,7 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
                 scaler.update()
             else:
                 optimizer.step()
+            state_mem = state_mem or _parallel.state_bytes(model, optimizer)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -211,26 +221,36 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
             losses.append(step_loss)
             if rank == 0:
                 row = {"step": step, "epoch": epoch, "loss": round(step_loss, 6), "lr": lr,
-                       "grad_norm": round(float(grad_norm), 6), "tokens": tokens_done * world,
+                       "grad_norm": round(_parallel.grad_norm_value(grad_norm), 6), "tokens": tokens_done * world,
                        "time": round(time.perf_counter() - t0, 3)}
                 log.write(row)
                 bar.update(1)
                 if step % max(1, s.print_every) == 0:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-                if s.save_steps and step % s.save_steps == 0:
+                if s.save_steps and step % s.save_steps == 0 and not fsdp:
                     save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)
-                if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0:
+                if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0 and not fsdp:
                     _log_eval(model, s, tokenizer, step, log)
+            if fsdp and s.save_steps and step % s.save_steps == 0:  # collective: every rank writes its shards
+                _parallel.save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)
+            if fsdp and s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0:
+                _log_eval(model, s, tokenizer, step, log)  # collective; the log writes on rank 0 only
         epoch += 1
         skip = 0
     bar.close()
     elapsed = time.perf_counter() - t0
     summary = {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "losses": losses,
                "tokens_per_s": tokens_done * world / elapsed if elapsed > 0 else 0.0, "log": log_path}
-    if rank == 0:
+    summary["memory"] = _parallel.memory_report(state_mem, device)
+    if fsdp:  # collective: every rank evaluates and gathers, rank 0 writes
         if s.do_eval:
             summary["eval"] = _log_eval(model, s, tokenizer, step, log)
-        summary["result"] = save_result(model, s, s.output_dir)
+        summary["result"] = _parallel.save_result(model, s, s.output_dir)
+    if rank == 0:
+        if s.do_eval and not fsdp:
+            summary["eval"] = _log_eval(model, s, tokenizer, step, log)
+        if not fsdp:
+            summary["result"] = save_result(model, s, s.output_dir)
         summary["plot"] = plot_losses(log_path, os.path.join(s.output_dir, "loss_curve.png"))
         print(summary_line(step, first_loss, last_loss, summary["tokens_per_s"], elapsed,
                            result=summary["result"]), file=sys.stderr)

@@ -23,17 +23,37 @@ def masked_max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------- torch
-def torch_step(model, batch: dict, keys=BATCH_KEYS) -> tuple[np.ndarray, float, dict]:
-    """One forward + backward in torch: logits, loss and the gradient of every trainable parameter
-    under its HF name (peft's ``base_model.model.`` prefix and ``.default`` adapter name removed)."""
+def torch_device() -> str:
+    """Where the torch side of the parity suite computes: ``PARITY_TORCH_DEVICE``, else CUDA when a GPU
+    is present (float32 matmuls without TF32), else the CPU."""
+    import os
     import torch
+    device = os.environ.get("PARITY_TORCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
+def torch_step(model, batch: dict, keys=BATCH_KEYS) -> tuple[np.ndarray, float, dict]:
+    """One forward + backward in torch (on :func:`torch_device`; the model is moved there and back, so
+    callers keep a CPU model with its gradients): logits, loss and the gradient of every trainable
+    parameter under its HF name (peft's ``base_model.model.`` prefix and ``.default`` adapter name removed)."""
+    import torch
+    device = torch_device()
+    home = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
-    ids, mask, pos, labels = (torch.as_tensor(batch[k]) for k in keys)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
-    out.loss.backward()
-    grads = {hf_name(n): p.grad.detach().float().numpy().copy() for n, p in model.named_parameters()
+    model.to(device)
+    try:
+        ids, mask, pos, labels = (torch.as_tensor(batch[k]).to(device) for k in keys)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
+        out.loss.backward()
+        logits, loss = out.logits.detach().float().cpu().numpy(), out.loss.item()
+    finally:
+        model.to(home)
+    grads = {hf_name(n): p.grad.detach().float().cpu().numpy().copy() for n, p in model.named_parameters()
              if p.requires_grad}
-    return out.logits.detach().float().numpy(), out.loss.item(), grads
+    return logits, loss, grads
 
 
 def hf_name(name: str) -> str:
