@@ -1,6 +1,7 @@
 """Serving a fine-tuned adapter: a peft LoRA directory (torch) and a MindSpore LoRA ``.ckpt`` (the same
 adapter converted by ``convert/adapters.py peft-to-ms``) are merged on load and answer as the unmerged
-model's own greedy ``chat()`` (peft's model for torch; the MindSpore model with the adapter applied)."""
+model's own greedy ``chat()`` (peft's model for torch; the MindSpore model with the adapter applied, which
+must answer as peft's); a P-tuning prefix ``.ckpt`` (``prefix-to-ms``) answers as the torch P-tuning model."""
 import subprocess
 import sys
 
@@ -78,4 +79,33 @@ def test_mindspore_lora_adapter(tmp_path):
     assert want != plain                                        # the adapter changes the answer
     # the independent implementation: peft's own model answers the same
     assert want == peft_model.chat(b.tokenizer, QUERY, max_new_tokens=n, do_sample=False)[0]
+    assert _served_answer(b, n) == want
+
+
+@pytest.mark.slow
+def test_mindspore_prefix_adapter(tmp_path):
+    """A P-tuning v2 prefix as a MindSpore ``.ckpt`` (``convert/adapters.py prefix-to-ms``) over its base
+    model answers as the torch P-tuning model's own greedy ``chat()``."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from tests.conftest import TINY_PTUNING_MODEL
+    from torch_glm.model import ChatGLM2ForConditionalGeneration
+    n = 12
+    weights = load_file(str(TINY_PTUNING_MODEL / "model.safetensors"))
+    base = tmp_path / "base"                      # the P-tuning model's base: its weights, no prefix
+    base.mkdir()
+    save_file({k: v for k, v in weights.items() if "prefix_encoder" not in k}, str(base / "model.safetensors"))
+    config = json.loads((TINY_PTUNING_MODEL / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "pre_seq_len": None}))
+    subprocess.run([sys.executable, "convert/adapters.py", "prefix-to-ms", "--hf", str(TINY_PTUNING_MODEL),
+                    "--output", str(tmp_path / "prefix.ckpt")], check=True, capture_output=True, cwd=str(ROOT))
+    b = load_backend("mindspore", str(base), str(TOKENIZER_MODEL), adapter=str(tmp_path / "prefix.ckpt"))
+    assert b.model.pre_seq_len == config["pre_seq_len"]
+    ref = ChatGLM2ForConditionalGeneration.from_pretrained(TINY_PTUNING_MODEL).eval()
+    want = ref.chat(b.tokenizer, QUERY, max_new_tokens=n, do_sample=False)[0]
+    plain = ChatGLM2ForConditionalGeneration.from_pretrained(base).chat(b.tokenizer, QUERY, max_new_tokens=n,
+                                                                       do_sample=False)[0]
+    assert want != plain                          # the prefix changes the answer
     assert _served_answer(b, n) == want
