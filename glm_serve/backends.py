@@ -76,8 +76,6 @@ def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adap
 
 def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
     from glm_common.config import ChatGLM2Config
-    from torch_glm.engine import BatchDecoder, SamplingSettings
-    from torch_glm.model import ChatGLM2ForConditionalGeneration
     if not os.path.isdir(path):
         raise BackendError(f"{path}: --backend torch needs an HF model directory (config.json and weights)")
     config = ChatGLM2Config.from_hf(path)
@@ -98,6 +96,8 @@ def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
                                f"P-tuning result (prefix_encoder.safetensors)")
         else:
             prefix = None
+    from torch_glm.engine import BatchDecoder, SamplingSettings        # torch only once the input checked out
+    from torch_glm.model import ChatGLM2ForConditionalGeneration
     try:
         model = ChatGLM2ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype or "float32",
                                                                  device=device or "cpu", config=config)

@@ -109,3 +109,23 @@ def test_mindspore_prefix_adapter(tmp_path):
                                                                        do_sample=False)[0]
     assert want != plain                          # the prefix changes the answer
     assert _served_answer(b, n) == want
+
+
+def test_mindspore_bad_adapter_is_one_line(tmp_path):
+    """A ``.ckpt`` without LoRA/prefix weights, or a LoRA ``.ckpt`` whose pet_config lacks ``lora_alpha``:
+    a :class:`~glm_serve.backends.BackendError` naming the file (before any model is built)."""
+    import numpy as np
+
+    from convert.ms_ckpt import save_ms_checkpoint
+    from glm_serve.backends import BackendError
+    (tmp_path / "config.json").write_bytes((TINY_MODEL / "config.json").read_bytes())
+    base = save_ms_checkpoint([("transformer.output_layer.weight", np.zeros((2, 2), np.float32))],
+                              tmp_path / "base.ckpt")          # never loaded: the adapter is refused first
+    save_ms_checkpoint([("transformer.output_layer.weight", np.zeros((2, 2), np.float32))], tmp_path / "w.ckpt")
+    with pytest.raises(BackendError, match=r"w\.ckpt: --adapter: holds no LoRA or prefix weights"):
+        load_backend("mindspore", base, str(TOKENIZER_MODEL), adapter=str(tmp_path / "w.ckpt"))
+    save_ms_checkpoint([("transformer.encoder.layers.0.self_attention.query_key_value.mindpet_delta_lora_a",
+                         np.zeros((4, 8), np.float32))], tmp_path / "lora.ckpt")
+    (tmp_path / "lora_pet_config.yaml").write_text("pet_config:\n  pet_type: lora\n  lora_rank: 4\n")
+    with pytest.raises(BackendError, match=r"lora_pet_config\.yaml: pet_config\.lora_alpha: missing"):
+        load_backend("mindspore", base, str(TOKENIZER_MODEL), adapter=str(tmp_path / "lora.ckpt"))
