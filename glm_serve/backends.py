@@ -5,7 +5,9 @@ optional adapter: a peft LoRA directory (merged into the weights for serving) or
 (``prefix_encoder.safetensors``); dtype float32/float16/bfloat16; device cpu/cuda[:N].
 ``mindspore``: our or mindformers' ``.ckpt`` (``config.json`` beside it) or an HF directory
 (:class:`mindspore_glm.model.ChatGLM2ForConditionalGeneration`), with an optional adapter ``.ckpt``
-holding only LoRA (rank read from its shapes, ``lora_alpha`` given) or prefix weights; device CPU/Ascend.
+holding only LoRA or prefix weights (LoRA: rank read from its shapes, ``lora_alpha`` given or read from
+the ``<name>_pet_config.yaml`` that ``convert/adapters.py peft-to-ms`` writes beside it; merged into the
+weights on load, as torch's); device CPU/Ascend.
 The tokenizer (``tokenizer.model``) is looked up beside the model when not given.
 """
 from __future__ import annotations
@@ -55,7 +57,8 @@ def find_tokenizer(model: str, tokenizer: Optional[str]) -> str:
 
 
 def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adapter: Optional[str] = None,
-                 dtype: Optional[str] = None, device: Optional[str] = None, lora_alpha: float = 32.0) -> Backend:
+                 dtype: Optional[str] = None, device: Optional[str] = None,
+                 lora_alpha: Optional[float] = None) -> Backend:
     """Load everything a server or chat needs; raises :class:`BackendError` (one line) for bad input."""
     if backend not in BACKENDS:
         raise BackendError(f"--backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -73,8 +76,6 @@ def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adap
 
 def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
     from glm_common.config import ChatGLM2Config
-    from torch_glm.engine import BatchDecoder, SamplingSettings
-    from torch_glm.model import ChatGLM2ForConditionalGeneration
     if not os.path.isdir(path):
         raise BackendError(f"{path}: --backend torch needs an HF model directory (config.json and weights)")
     config = ChatGLM2Config.from_hf(path)
@@ -95,6 +96,8 @@ def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
                                f"P-tuning result (prefix_encoder.safetensors)")
         else:
             prefix = None
+    from torch_glm.engine import BatchDecoder, SamplingSettings        # torch only once the input checked out
+    from torch_glm.model import ChatGLM2ForConditionalGeneration
     try:
         model = ChatGLM2ForConditionalGeneration.from_pretrained(path, torch_dtype=dtype or "float32",
                                                                  device=device or "cpu", config=config)
@@ -135,23 +138,39 @@ def _load_mindspore(path, tok, adapter, dtype, device, model_id, lora_alpha) -> 
             table = [n for n in ck.names if n.endswith("prefixtuning_embedding.embedding_table")]
             lora = [n for n in ck.names if n.endswith("mindpet_delta_lora_a")]
             if table:
-                config = base.replace(pre_seq_len=int(ck.shape(table[0])[0]) if hasattr(ck, "shape")
-                                      else int(ck.read(table[0]).shape[0]),
+                config = base.replace(pre_seq_len=int(ck.info(table[0])[0][0]),
                                       prefix_projection=any("dense_in" in n for n in ck.names))
             elif not lora:
                 raise BackendError(f"{adapter}: --adapter: holds no LoRA or prefix weights")
+            elif lora_alpha is None:
+                lora_alpha = _pet_lora_alpha(adapter)
         model = ChatGLM2ForConditionalGeneration.from_pretrained(path, config=config, **dtypes)
         if adapter:
-            from mindspore_glm.train import _load_ckpt
+            from mindspore_glm.checkpointing import load_weights
             if lora:
-                from mindspore_glm.lora import apply_lora
+                from mindspore_glm.lora import apply_lora, merge_lora
                 layers = sorted({n[:-len(".mindpet_delta_lora_a")] for n in lora})
-                rank = int(ck.read(lora[0]).shape[0])
+                rank = int(ck.info(lora[0])[0][0])
                 apply_lora(model, r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=layers)
-            _load_ckpt(model, adapter, strict=False)
+            load_weights(model, adapter, strict=False)
+            if lora:
+                merge_lora(model)
     except BackendError:
         raise
     except (OSError, ValueError, RuntimeError) as e:
         raise BackendError(str(e).splitlines()[0]) from None
     model.set_train(False)
     return Backend("mindspore", model, tok, BatchDecoder, SamplingSettings, model.config.seq_length, model_id)
+
+
+def _pet_lora_alpha(adapter: str) -> float:
+    """``lora_alpha`` of a MindSpore LoRA ``.ckpt``: from the ``<name>_pet_config.yaml`` beside it (what
+    ``convert/adapters.py peft-to-ms`` writes), else mindformers' default 32."""
+    pet = os.path.splitext(adapter)[0] + "_pet_config.yaml"
+    if not os.path.isfile(pet):
+        return 32.0
+    from convert.adapters import read_pet_config
+    try:
+        return float(read_pet_config(pet)["lora_alpha"])
+    except (KeyError, TypeError, ValueError):              # ConversionError is a ValueError
+        raise BackendError(f"{pet}: pet_config.lora_alpha: missing or not a number (or give --lora-alpha)") from None

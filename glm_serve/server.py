@@ -16,8 +16,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokenizer", help="the sentencepiece tokenizer.model (default: the one beside the model)")
     ap.add_argument("--adapter", help="torch: a peft LoRA directory (merged on load) or a P-tuning result "
                                       "(prefix_encoder.safetensors); mindspore: a .ckpt with LoRA or prefix weights only")
-    ap.add_argument("--lora-alpha", type=float, default=32.0,
-                    help="mindspore LoRA adapters: lora_alpha of the run that trained it (its .ckpt holds no config)")
+    ap.add_argument("--lora-alpha", type=float, default=None,
+                    help="mindspore LoRA adapters: lora_alpha of the run that trained it (its .ckpt holds no config; "
+                         "default: from the <name>_pet_config.yaml beside it, else 32)")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weight/compute dtype")
     ap.add_argument("--device", default="cpu", help="torch: cpu, cuda, cuda:N; mindspore: cpu, ascend, ascend:N")
 

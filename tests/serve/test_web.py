@@ -1,6 +1,7 @@
 """The chat page in headless Chromium (Debian's ``chromium``), driven over the DevTools protocol on a pipe:
 type a message, the streamed answer appears and equals ``chat()``'s greedy answer; a second turn
-carries the history; a screenshot goes to ``docs/serve_chat.png`` (shown in the README)."""
+carries the history; a screenshot is taken (a PNG is checked), and written to ``docs/serve_chat.png`` (shown
+in the README) only with ``GLM_UPDATE_SCREENSHOTS=1`` (else to the test's temporary folder)."""
 import base64
 import json
 import os
@@ -82,7 +83,7 @@ class DevTools:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def test_page_streams_an_answer(torch_backend):
+def test_page_streams_an_answer(torch_backend, tmp_path):
     b = torch_backend
     n = 20
     first, hist = b.model.chat(b.tokenizer, "你好", max_new_tokens=n, do_sample=False)
@@ -105,9 +106,13 @@ def test_page_streams_an_answer(torch_backend):
                 got = browser.js("[...document.querySelectorAll('.assistant')].pop().textContent")
                 assert got == want
             assert browser.js("document.querySelectorAll('.user').length") == 2
-            shot = browser.call("Page.captureScreenshot", format="png")["data"]
-            (ROOT / "docs").mkdir(exist_ok=True)
-            (ROOT / "docs" / "serve_chat.png").write_bytes(base64.b64decode(shot))
+            shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+            assert shot.startswith(b"\x89PNG\r\n\x1a\n")
+            if os.environ.get("GLM_UPDATE_SCREENSHOTS") == "1":
+                (ROOT / "docs").mkdir(exist_ok=True)
+                (ROOT / "docs" / "serve_chat.png").write_bytes(shot)
+            else:
+                (tmp_path / "serve_chat.png").write_bytes(shot)
             browser.js("document.getElementById('clear').click()")
             assert browser.js("document.querySelectorAll('.msg').length") == 0
         finally:
