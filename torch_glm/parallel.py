@@ -322,7 +322,15 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
                              f"with {state.get('world_size')} ranks (the data position and RNG streams are per rank)")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    try:  # the shards' non-tensor items load as plain data only (never a pickle's code)
+        dcp.load(sd, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    except dcp.api.CheckpointException as e:
+        why = [ln.strip() for f in e.failures.values() for ln in str(f[0] if isinstance(f, tuple) else f).splitlines()
+               if ln.strip()]
+        why = why[0].split(". ")[0] if why else str(e).splitlines()[0]
+        if why.startswith("Weights only load failed"):
+            why += ": an item is a pickle of more than plain data, never run"
+        raise RunConfigError(f"{path}: its DCP shards do not load ({why})") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=_state_options())
     return load_trainer_state(path, None, scheduler, rank)
