@@ -111,6 +111,11 @@ ALLOWED = {
     ("resume", "record_tensors"): _CKPT + "; MindSpore's run record is two int32 scalars at the end of the .ckpt",
     ("resume", "STATE_JSON"): _CKPT, ("resume", "STATE_TENSORS"): _CKPT, ("resume", "WEIGHTS"): _CKPT,
     ("resume", "save_trainer_state"): _CKPT, ("resume", "load_trainer_state"): _CKPT,
+    ("resume", "rng_state"): _CKPT, ("resume", "set_rng_state"): _CKPT,
+    ("resume", "DCP_METADATA"): "torch's sharded (FSDP2) checkpoints are torch.distributed.checkpoint's; MindSpore's sharded runs write per-rank .ckpt",
+    ("resume", "SafeReader"): "DCP's metadata reader without running a pickle's code (torch only: DCP)",
+    ("resume", "SafeLoadPlanner"): "DCP's load planner without running a pickle's code (torch only: DCP)",
+    ("resume", "check_dcp"): "verification of a DCP (FSDP2) checkpoint (torch only: DCP)",
     ("resume", "candidates"): _PER_EPOCH, ("resume", "resume_checkpoint"): _PER_EPOCH,
     # train
     ("train", "init_weights"): "MindSpore's cells are created with zeros and drawn here from the seed; torch modules initialise themselves",

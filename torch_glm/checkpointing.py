@@ -21,14 +21,10 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from torch_glm.lora import save_lora
 from torch_glm.model import ChatGLM2ForConditionalGeneration
 from torch_glm.prefix import prefix_state_dict
-from torch_glm.resume import STATE_JSON, load_trainer_state, save_trainer_state
+from torch_glm.resume import DCP_METADATA, STATE_JSON, load_trainer_state, save_trainer_state
 
 __all__ = ["checkpoint_dir", "find_checkpoints", "save_checkpoint", "load_checkpoint", "save_result",
            "trainable_state", "base_model"]
-
-#: the file ``torch.distributed.checkpoint`` writes beside its shards: marks a sharded (FSDP2) checkpoint
-#: of :func:`torch_glm.parallel.save_checkpoint`
-DCP_METADATA = ".metadata"
 
 
 def base_model(model) -> ChatGLM2ForConditionalGeneration:

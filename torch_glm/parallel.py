@@ -19,8 +19,9 @@ sharding) trains with PyTorch's own FSDP2 (:func:`torch.distributed.fsdp.fully_s
 
 Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`): ``torch.distributed.checkpoint`` (DCP)
 writes every rank's shards of the trainable weights and their optimizer states in parallel
-(``__R_0.distcp`` + ``.metadata``), plus ``trainer_state.pt`` (step, data position, scheduler, every
-rank's RNG). A checkpoint resumes onto the same number of ranks (the same loss trajectory); another
+(``__R_0.distcp`` + ``.metadata``), plus ``trainer_state.safetensors`` + ``trainer_state.json`` (step,
+data position, scheduler, every rank's RNG, the run record: world size, rank, step; no pickle,
+:mod:`torch_glm.resume`, which also reads DCP's files without running a pickle's code). A checkpoint resumes onto the same number of ranks (the same loss trajectory); another
 rank count is refused with one line (the data position and RNG streams are per rank).
 
 The result of a full fine-tuning run (:func:`write_consolidated`) is an HF directory (safetensors
@@ -35,19 +36,20 @@ helpers), safetensors through ``convert.hf_layout.write_hf_checkpoint``.
 from __future__ import annotations
 
 import os
-import random
 import resource
 import shutil
 import sys
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from glm_common.fsutil import atomic_dir
 from glm_common.run_config import RunConfigError, TrainSettings
 from torch_glm.checkpointing import DCP_METADATA, base_model, checkpoint_dir, find_checkpoints
+from glm_common.resume import CheckpointInvalid
+from torch_glm.resume import (STATE_JSON, SafeLoadPlanner, SafeReader, _read_json, check_dcp, load_trainer_state,
+                              rng_state, save_trainer_state)
 
 __all__ = ["fsdp_requested", "mixed_precision_policy", "shard_model", "is_sharded", "state_bytes",
            "peak_memory_bytes", "reset_peak_memory", "memory_report", "gather_trainable", "iter_full_state",
@@ -274,7 +276,7 @@ def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, ep
     """Write ``checkpoint/<prefix>_step_<step>/`` with DCP (collective); keep ``keep_checkpoint_max``.
 
     Every rank writes its shards of the trainable weights and optimizer states; rank 0 adds
-    ``trainer_state.pt`` and renames the staging directory once all ranks are done.
+    ``trainer_state.safetensors`` + ``trainer_state.json`` (every rank's RNG) and renames the staging directory once all ranks are done.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -288,13 +290,11 @@ def save_checkpoint(model, optimizer, scheduler, s: TrainSettings, step: int, ep
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    rng = {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
-    rngs = [None] * world
-    dist.all_gather_object(rngs, rng)
+    rngs = [None] * world   # gathered in memory between this run's ranks, stored as safetensors + JSON
+    dist.all_gather_object(rngs, rng_state())
     if rank == 0:
-        torch.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "scheduler": scheduler.state_dict(),
-                    "world_size": world, "rng": rngs, "pet": s.pet, "format": "dcp"},
-                   os.path.join(tmp, "trainer_state.pt"))
+        save_trainer_state(tmp, None, scheduler, step, rngs=rngs, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                           pet=s.pet, format="dcp")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in find_checkpoints(root, s.ckpt_prefix)[:-max(1, s.keep_max)]:
@@ -312,18 +312,25 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     if not os.path.isfile(os.path.join(path, DCP_METADATA)):
         raise RunConfigError(f"{path}: not a sharded checkpoint (written by a data parallel run); resume it "
                              f"without parallel.enable_parallel_optimizer")
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    try:
+        state = _read_json(os.path.join(path, STATE_JSON))   # JSON: the trainer state is never a pickle
+        check_dcp(path)
+    except CheckpointInvalid as e:
+        raise RunConfigError(f"{path}: {e}") from None
     if state.get("world_size") != world:
         raise RunConfigError(f"{path}: written by {state.get('world_size')} ranks, this run has {world}: resume "
                              f"with {state.get('world_size')} ranks (the data position and RNG streams are per rank)")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
+    try:  # the shards' non-tensor items load as plain data only (never a pickle's code)
+        dcp.load(sd, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    except dcp.api.CheckpointException as e:
+        why = [ln.strip() for f in e.failures.values() for ln in str(f[0] if isinstance(f, tuple) else f).splitlines()
+               if ln.strip()]
+        why = why[0].split(". ")[0] if why else str(e).splitlines()[0]
+        if why.startswith("Weights only load failed"):
+            why += ": an item is a pickle of more than plain data, never run"
+        raise RunConfigError(f"{path}: its DCP shards do not load ({why})") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=_state_options())
-    scheduler.load_state_dict(state["scheduler"])
-    mine = state["rng"][rank]
-    torch.set_rng_state(mine["torch_rng"])
-    np.random.set_state(mine["numpy_rng"])
-    random.setstate(mine["python_rng"])
-    return state
+    return load_trainer_state(path, None, scheduler, rank)
