@@ -130,6 +130,7 @@ def build_model(s: TrainSettings, adapter: str = ""):
     a ``.ckpt``, which may hold LoRA/prefix weights too; random when empty), then ``adapter`` (a checkpoint
     holding only LoRA/prefix weights, e.g. of a LoRA run) over them. Returns ``(model, trainable params)``."""
     from mindspore_glm.model import ChatGLM2ForConditionalGeneration
+    from mindspore_glm.parallel import configure_model
     if s.pet["pet_type"] == "qlora":
         raise RunConfigError(f"{s.source}: pet_config.pet_type: qlora needs CUDA (torch_glm); use lora here")
     path = s.load_checkpoint
@@ -147,6 +148,7 @@ def build_model(s: TrainSettings, adapter: str = ""):
             init_weights(model, s.seed)
     if adapter:
         _load_ckpt(model, adapter, strict=False)
+    configure_model(model, s)
     return model, params
 
 
@@ -215,6 +217,8 @@ class TrainOneStepCell(nn.Cell):
         self.network = _LossCell(model)
         self.optimizer = optimizer
         self.weights = optimizer.parameters
+        from mindspore_glm.parallel import pipeline_network
+        self.network, self.pipeline_reducer = pipeline_network(self.network, self.weights, s)
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
         self.loss_scale = Parameter(Tensor(np.float32(s.loss_scale_value)), name="loss_scale")
         self.good_steps = Parameter(Tensor(np.int32(0)), name="loss_scale_good_steps")
@@ -247,6 +251,8 @@ class TrainOneStepCell(nn.Cell):
             for a in self.accu_grads:
                 grads = ops.depend(grads, ops.assign(a, ops.zeros_like(a)))
             loss = ops.depend(loss, ops.assign(self.accu_loss, ops.zeros_like(self.accu_loss)))
+        if self.pipeline_reducer is not None:
+            grads = self.pipeline_reducer(grads)
         if self.parallel:
             grads = self.reducer(grads)
             loss = self.allreduce(loss) / self.degree
@@ -394,13 +400,10 @@ def _parallel_init(s: TrainSettings) -> tuple:
     """``(rank, world size)``; with ``use_parallel`` initialise mindspore.communication and data parallel."""
     if not s.use_parallel:
         return 0, 1
-    from mindspore.context import ParallelMode
+    from mindspore_glm.parallel import check_scaleout, init_parallel
+    check_scaleout(s)
     rank, world = init_ranks(s)
-    if s.parallel_mode != 0:
-        raise RunConfigError(f"{s.source}: parallel.parallel_mode: only 0 (data parallel) is run by this runner")
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=s.gradients_mean,
-                                 device_num=world)
+    init_parallel(s, world, rank)
     return rank, world
 
 
@@ -467,6 +470,8 @@ def _train(s: TrainSettings, model, params) -> dict:
     from tqdm.auto import tqdm
     from glm_common.tokenizer import ChatGLM2Tokenizer
     from mindspore_glm.data import make_dataset
+    from mindspore_glm.parallel import check_scaleout
+    check_scaleout(s)
     rank, world = _parallel_init(s)
     ms.set_seed(s.seed)
     np.random.seed(s.seed)
@@ -475,8 +480,10 @@ def _train(s: TrainSettings, model, params) -> dict:
     if feats["input_ids"].shape[1] > s.config.seq_length:
         raise RunConfigError(f"{s.source}: model.model_config.seq_length: {s.config.seq_length} is less than "
                              f"max_source_length + max_target_length + 1 = {feats['input_ids'].shape[1]}")
+    from mindspore_glm.parallel import dataset_split, semi_auto
+    ds_rank, ds_world, ds_batch = dataset_split(s, rank, world)
     try:
-        ds = make_dataset(feats, s.batch_size, shuffle=s.shuffle, seed=s.data_seed, rank=rank, world_size=world,
+        ds = make_dataset(feats, ds_batch, shuffle=s.shuffle, seed=s.data_seed, rank=ds_rank, world_size=ds_world,
                           drop_remainder=s.drop_remainder, padding=s.padding)
     except ValueError as e:
         raise RunConfigError(f"{s.source}: runner_config.batch_size: {e}") from None
@@ -490,7 +497,7 @@ def _train(s: TrainSettings, model, params) -> dict:
         model, params = build_model(s)
     model.set_train(True)
     optimizer = make_optimizer(params, s, lrs)
-    step_cell = TrainOneStepCell(model, optimizer, s, parallel=world > 1)
+    step_cell = TrainOneStepCell(model, optimizer, s, parallel=world > 1 and not semi_auto(s))
     step_cell.set_train(True)
     step_fn = step_cell
 
@@ -524,7 +531,7 @@ def _train(s: TrainSettings, model, params) -> dict:
                 break
             if micro == 0:
                 t_step, n_tok = time.perf_counter(), 0
-            n_tok += int(input_ids.size) * world
+            n_tok += int(input_ids.size) * ds_world
             batch = (Tensor(input_ids.astype(np.int32)), Tensor(labels.astype(np.int32)))
             micro += 1
             if micro < s.grad_accum:
