@@ -278,8 +278,11 @@ def _global_batch(s) -> int:
 
 
 def check_scaleout(s, world: Optional[int] = None) -> None:
-    """Every scale-out key of ``s`` checked before anything is built (one line naming the key)."""
+    """Every scale-out key of ``s`` checked before anything is built (one line naming the key). ``world``:
+    the number of ranks (default: the launcher's ``RANK_SIZE``, when set)."""
     src = s.source
+    if world is None and os.environ.get("RANK_SIZE", "").isdigit():
+        world = int(os.environ["RANK_SIZE"])
     sc = s.scaleout or {}
     if not semi_auto(s):
         if s.use_parallel and (s.model_parallel > 1 or s.pipeline_stage > 1):
