@@ -42,6 +42,9 @@ BENCHES = [
     ("merge", "bench_merge.py", ["--layers", "1"], ["--layers", "4"],
      "merge_shards.py vs mindspore.transform_checkpoints on mp=4 shards of full-width ChatGLM2-6B layers",
      "report wall time and peak RSS beside transform_checkpoints"),
+    ("recompute", "bench_recompute.py", ["--layers", "2", "--seq", "256"], [],
+     "peak RSS of a MindSpore GRAPH training step with recompute_config.recompute vs without, same batches",
+     "lower with recompute; losses and gradient norms equal"),
 ]
 
 
