@@ -18,9 +18,10 @@ What a run YAML's scale-out keys become (read by :mod:`glm_common.parallel_keys`
 * :func:`configure_model`: the operator strategies of :func:`sharding_plan` (:func:`apply_sharding`), each
   layer's ``pipeline_stage`` and communication-fusion group (mindformers' layer settings:
   ``gradient_aggregation_group`` groups for the optimizer's fusion), ``Cell.recompute`` per layer with
-  ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``, ``recompute_slice_activation`` (recompute
-  also works in single-device and data-parallel runs, GRAPH mode), and ``use_flash_attention`` through
-  ``FlashAttentionScore`` on Ascend;
+  ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``, ``recompute_slice_activation`` (also in
+  single-device and data-parallel runs, GRAPH mode; on CPU the gradients are the same but MindSpore's CPU
+  runtime measured a higher peak with it, see ``bench/bench_recompute.py``), and ``use_flash_attention``
+  through ``FlashAttentionScore`` on Ascend;
 * :func:`pipeline_network`: pipeline stages run ``micro_batch_num`` micro-batches through
   ``mindspore.parallel.nn.PipelineCell``, gradients accumulated by ``PipelineGradReducer``.
 
