@@ -46,6 +46,9 @@ BENCHES = [
      "memory plan (glm_common/memory_plan.py) vs measured peak-memory growth of one training update, MindSpore "
      "GRAPH and torch, full and LoRA, 4 x 1024 model",
      "plan within 25% of measured"),
+    ("recompute", "bench_recompute.py", ["--layers", "2", "--seq", "256"], [],
+     "peak RSS of a MindSpore GRAPH training step with recompute_config.recompute vs without, same batches",
+     "lower with recompute; losses and gradient norms equal"),
 ]
 
 

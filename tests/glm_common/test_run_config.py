@@ -46,6 +46,7 @@ def test_unknown_keys_are_warned_once():
     cfg["train_dataset"]["num_parallel_workers"] = 8
     cfg["callbacks"].append({"type": "SummaryMonitor", "summary_dir": "x"})
     cfg["model"]["model_config"]["checkpoint_name_or_path"] = "glm2_6b"
+    cfg["parallel"]["enable_alltoall"] = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s = settings_from_config(cfg, "run.yaml")
@@ -54,10 +55,11 @@ def test_unknown_keys_are_warned_once():
     text = str(ours[0].message)
     for key in ("profile", "context.save_graphs", "train_dataset.num_parallel_workers",
                 "callbacks[2] (type 'SummaryMonitor')", "model.model_config.checkpoint_name_or_path",
-                "parallel.full_batch"):
+                "parallel.enable_alltoall"):
         assert key in text and key in s.ignored
     # honoured keys are not listed
-    for key in ("lr_schedule.warmup_steps", "runner_wrapper.scale_sense", "callbacks[1].prefix", "seed"):
+    for key in ("lr_schedule.warmup_steps", "runner_wrapper.scale_sense", "callbacks[1].prefix", "seed",
+                "parallel.full_batch", "parallel.enable_parallel_optimizer"):
         assert key not in text
 
 
