@@ -1,13 +1,15 @@
-"""Recompute on CPU: peak memory of a MindSpore GRAPH training step with and without ``recompute_config.recompute``.
+"""Recompute on CPU: peak memory of a MindSpore GRAPH training step without recompute, with
+``recompute_config.recompute`` (every GLMBlock) and with ``recompute_config.select_recompute: True`` (each
+layer's MLP only).
 
 Each side runs in its own fresh process (peak RSS is per process): it builds the model (random weights
 from one seed, the same in both), the runner's ``TrainOneStepCell`` (full fine-tuning, AdamWeightDecay,
-clipping) with ``mindspore_glm.parallel.configure_model`` marking every GLMBlock ``Cell.recompute()`` or
-not, and runs training steps on the same batches. The step is compiled first (compilation memory is not
+clipping) with ``mindspore_glm.parallel.configure_model`` marking every GLMBlock ``Cell.recompute()``,
+only the MLPs, or nothing, and runs training steps on the same batches. The step is compiled first (compilation memory is not
 the step's), freed heap is returned to the OS, and the RSS is sampled every 2 ms while the steps run: it
 reports the RSS before the steps, their peak RSS, the growth of the peak over the steps, the process's
 peak RSS including compilation (``getrusage``), the losses and the gradient norms. Printed side by
-side: the ratio of the growth with recompute to the growth without, and the largest relative difference
+side: the ratio of each recompute side's growth (and peak) to the plain side's, and the largest relative difference
 of the losses and gradient norms (recompute changes memory, not numbers).
 
     python bench/bench_recompute.py [--layers 4] [--hidden 256] [--seq 512] [--batch 8] [--steps 1]
@@ -43,7 +45,11 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(layers: int, hidden: int, seq: int, batch: int, steps: int, recompute: bool) -> dict:
+SIDES = {"plain": "without recompute", "recompute": "recompute (every layer)",
+         "select": "select_recompute (the MLPs)"}
+
+
+def child(layers: int, hidden: int, seq: int, batch: int, steps: int, side: str) -> dict:
     """One side, in this process: ``{rss_before, peak, growth, losses, norms}`` (bytes)."""
     warnings.simplefilter("ignore")
     import mindspore as ms
@@ -56,7 +62,9 @@ def child(layers: int, hidden: int, seq: int, batch: int, steps: int, recompute:
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     cfg = config_for(layers, hidden, seq)
     s = TrainSettings(config=cfg)
-    s.gradient_checkpointing = recompute
+    s.gradient_checkpointing = side == "recompute"
+    if side == "select":
+        s.scaleout = {"recompute": {"select_recompute": ("mlp",)}}
     s.learning_rate, s.weight_decay = 1e-4, 0.0
     model = ChatGLM2ForConditionalGeneration(cfg)
     init_weights(model, 0)
@@ -93,10 +101,10 @@ def child(layers: int, hidden: int, seq: int, batch: int, steps: int, recompute:
 
 
 def measure(layers=4, hidden=256, seq=512, batch=8, steps=1) -> dict:
-    """Both sides, each in a fresh process: ``{"plain": ..., "recompute": ...}``."""
+    """The three sides, each in a fresh process: ``{"plain": ..., "recompute": ..., "select": ...}``."""
     out = {}
-    for name, flag in (("plain", False), ("recompute", True)):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "1" if flag else "0", "--layers", str(layers),
+    for name in SIDES:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--layers", str(layers),
                "--hidden", str(hidden), "--seq", str(seq), "--batch", str(batch), "--steps", str(steps)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, GLOG_v="3"))
         if res.returncode != 0:
@@ -117,25 +125,27 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--child", choices=("0", "1"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=tuple(SIDES), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child is not None:
-        print(json.dumps(child(a.layers, a.hidden, a.seq, a.batch, a.steps, a.child == "1")))
+        print(json.dumps(child(a.layers, a.hidden, a.seq, a.batch, a.steps, a.child)))
         return 0
     print(f"recompute, MindSpore GRAPH train step on CPU: {a.layers} layers x {a.hidden} wide, batch {a.batch} x seq "
           f"{a.seq}, {a.steps} steps, each side in its own process", file=sys.stderr)
     m = measure(a.layers, a.hidden, a.seq, a.batch, a.steps)
-    p, r = m["plain"], m["recompute"]
+    p = m["plain"]
     gb = 2 ** 30
     print("| | RSS before the steps (GiB) | peak RSS during the steps (GiB) | growth (GiB) | process peak with compile (GiB) |")
     print("| --- | --- | --- | --- | --- |")
-    for name, d in (("without recompute", p), ("with recompute", r)):
-        print(f"| {name} | {d['rss_before'] / gb:.3f} | {d['peak'] / gb:.3f} | {d['growth'] / gb:.3f} | "
+    for name, label in SIDES.items():
+        d = m[name]
+        print(f"| {label} | {d['rss_before'] / gb:.3f} | {d['peak'] / gb:.3f} | {d['growth'] / gb:.3f} | "
               f"{d['max_rss'] / gb:.3f} |")
-    print(f"peak growth ratio (recompute / plain): {r['growth'] / p['growth']:.3f}; peak RSS ratio: "
-          f"{r['peak'] / p['peak']:.3f}")
-    print(f"largest relative difference: losses {rel(r['losses'], p['losses']):.2e}, gradient norms "
-          f"{rel(r['norms'], p['norms']):.2e}")
+    for name in ("recompute", "select"):
+        r = m[name]
+        print(f"{SIDES[name]} / plain: peak growth ratio {r['growth'] / p['growth']:.3f}, peak RSS ratio "
+              f"{r['peak'] / p['peak']:.3f}; largest relative difference: losses {rel(r['losses'], p['losses']):.2e}, "
+              f"gradient norms {rel(r['norms'], p['norms']):.2e}")
     return 0
 
 

@@ -11,18 +11,42 @@ auto-parallel context, sharding strategies, pipeline stages and recompute flags:
 * ``parallel_config.gradient_aggregation_group`` (the optimizer's communication fusion groups, as
   mindformers' layer settings use it);
 * ``recompute_config``: ``recompute``, ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``,
-  ``recompute_slice_activation``.
+  ``recompute_slice_activation``, ``select_recompute`` (``True``: the MLP of every layer; or a list of
+  names of a layer's cells, regular expressions matched whole, e.g. ``["mlp"]``; used when ``recompute``
+  is False).
 
-Keys that have no meaning for this model (``enable_alltoall``, ``expert_parallel``,
-``select_recompute``: this model's attention and MLP are whole layers, recomputed by ``recompute``) are
-left unread, so they land in the run's one "ignored" warning.
+Keys that have no meaning for this model (``enable_alltoall``, ``expert_parallel``) are left unread, so
+they land in the run's one "ignored" warning.
 """
 from __future__ import annotations
 
-__all__ = ["SEARCH_MODES", "read_parallel_keys", "device_ignored"]
+__all__ = ["SEARCH_MODES", "SELECT_RECOMPUTE_DEFAULT", "read_parallel_keys", "device_ignored"]
 
 #: MindSpore's ``search_mode`` values (auto parallel; semi-auto uses only the strategies given)
 SEARCH_MODES = ("recursive_programming", "sharding_propagation", "dynamic_programming")
+#: the cells of a layer ``select_recompute: True`` recomputes: the MLP, whose activations (the 2 x ffn wide
+#: projection and its SwiGLU) are a layer's largest; measured by bench/bench_recompute.py on CPU
+SELECT_RECOMPUTE_DEFAULT = ("mlp",)
+
+
+def _select_recompute(r) -> tuple:
+    import re
+    raw = r.raw("recompute_config.select_recompute", False)
+    if raw is None or raw is False:
+        return ()
+    if raw is True:
+        return SELECT_RECOMPUTE_DEFAULT
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, (list, tuple)) or not raw or not all(isinstance(x, str) and x for x in raw):
+        r.fail("recompute_config.select_recompute", f"expected True/False or a list of cell names of a layer "
+                                                    f"(e.g. [mlp]), got {raw!r}")
+    for x in raw:
+        try:
+            re.compile(x)
+        except re.error as e:
+            r.fail("recompute_config.select_recompute", f"{x!r} is not a regular expression ({e})")
+    return tuple(raw)
 
 
 def read_parallel_keys(r) -> dict:
@@ -53,6 +77,7 @@ def read_parallel_keys(r) -> dict:
         "mp_comm_recompute": r.bool("recompute_config.mp_comm_recompute", True),
         "parallel_optimizer_comm_recompute": r.bool("recompute_config.parallel_optimizer_comm_recompute", False),
         "recompute_slice_activation": r.bool("recompute_config.recompute_slice_activation", False),
+        "select_recompute": _select_recompute(r),
     }
     return out
 

@@ -20,7 +20,9 @@ What a run YAML's scale-out keys become (read by :mod:`glm_common.parallel_keys`
   ``gradient_aggregation_group`` groups for the optimizer's fusion), ``Cell.recompute`` per layer with
   ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``, ``recompute_slice_activation`` (also in
   single-device and data-parallel runs, GRAPH mode; on CPU the gradients are the same but MindSpore's CPU
-  runtime measured a higher peak with it, see ``bench/bench_recompute.py``), and ``use_flash_attention``
+  runtime measured a higher peak with it, see ``bench/bench_recompute.py``), or, with ``select_recompute``,
+  ``Cell.recompute`` on the named cells of each layer only (``True``: the MLPs, whose activations are a
+  layer's largest; the one recompute that lowered the measured CPU peak), and ``use_flash_attention``
   through ``FlashAttentionScore`` on Ascend;
 * :func:`pipeline_network`: pipeline stages run ``micro_batch_num`` micro-batches through
   ``mindspore.parallel.nn.PipelineCell``, gradients accumulated by ``PipelineGradReducer``.
@@ -44,7 +46,7 @@ from glm_common.config import ChatGLM2Config
 
 __all__ = ["ParallelConfig", "RecomputeConfig", "ParallelError", "check_parallel", "check_scaleout",
            "sharding_plan", "apply_sharding", "kv_repeat", "layer_stages", "apply_layer_settings",
-           "apply_recompute", "recompute_flags", "pipeline_stage_map", "operator_strategies", "context_kwargs",
+           "apply_recompute", "recompute_flags", "select_recompute_flags", "pipeline_stage_map", "operator_strategies", "context_kwargs",
            "init_parallel", "configure_model", "pipeline_network", "strategy_file", "dataset_split",
            "semi_auto", "COLUMN_PARALLEL", "ROW_PARALLEL"]
 
@@ -89,6 +91,8 @@ class RecomputeConfig:
     mp_comm_recompute: bool = True
     parallel_optimizer_comm_recompute: bool = False
     recompute_slice_activation: bool = False
+    #: names of a layer's cells (regular expressions, matched whole) recomputed when ``recompute`` is False
+    select_recompute: tuple = ()
 
     @classmethod
     def from_settings(cls, s) -> "RecomputeConfig":
@@ -202,15 +206,35 @@ def layer_stages(num_layers: int, pipeline_stage: int) -> list:
 
 def apply_recompute(model, rc: RecomputeConfig) -> list:
     """``Cell.recompute`` on every GLMBlock when ``rc.recompute``: the backward pass recomputes a layer's
-    activations instead of keeping them (GRAPH mode; any device). Returns the layers marked."""
-    if not rc.recompute:
-        return []
+    activations instead of keeping them (GRAPH mode; any device). Without it, ``rc.select_recompute`` marks
+    the cells of each layer whose names (relative to the layer, e.g. ``mlp``) match one of its patterns.
+    Returns the cells marked."""
+    import re
+    kw = dict(mp_comm_recompute=rc.mp_comm_recompute,
+              parallel_optimizer_comm_recompute=rc.parallel_optimizer_comm_recompute,
+              recompute_slice_activation=rc.recompute_slice_activation)
     layers = list(model.transformer.encoder.layers)
-    for layer in layers:
-        layer.recompute(mp_comm_recompute=rc.mp_comm_recompute,
-                        parallel_optimizer_comm_recompute=rc.parallel_optimizer_comm_recompute,
-                        recompute_slice_activation=rc.recompute_slice_activation)
-    return layers
+    if rc.recompute:
+        for layer in layers:
+            layer.recompute(**kw)
+        return layers
+    marked = []
+    for layer in layers if rc.select_recompute else ():
+        for name, cell in layer.cells_and_names():
+            if name and any(re.fullmatch(p, name) for p in rc.select_recompute):
+                cell.recompute(**kw)
+                marked.append(cell)
+    return marked
+
+
+def select_recompute_flags(model) -> list:
+    """Paths of the cells inside the layers marked ``Cell.recompute`` by ``select_recompute``."""
+    out = []
+    for i, layer in enumerate(model.transformer.encoder.layers):
+        for name, cell in layer.cells_and_names():
+            if name and getattr(cell, "_has_config_recompute", False):
+                out.append(f"transformer.encoder.layers.{i}.{name}")
+    return out
 
 
 def apply_layer_settings(model, parallel: ParallelConfig, rc: RecomputeConfig) -> None:
@@ -351,7 +375,7 @@ def init_parallel(s, world: int, rank: int = 0) -> dict:
 def configure_model(model, s) -> dict:
     """Put the run's scale-out on a built model: fused attention (Ascend), and under semi-auto parallel the
     sharding strategies and pipeline stages; per-layer recompute in every mode. Returns what was done."""
-    done = {"recompute": [], "plan": None, "flash_attention": False}
+    done = {"recompute": [], "select_recompute": [], "plan": None, "flash_attention": False}
     if s.options.use_flash_attention and s.device_target == "Ascend":
         for layer in model.transformer.encoder.layers:
             layer.self_attention.flash_attention = _flash_op(model.config)
@@ -365,6 +389,7 @@ def configure_model(model, s) -> dict:
     else:
         apply_recompute(model, rc)
     done["recompute"] = [n for n, on in recompute_flags(model).items() if on]
+    done["select_recompute"] = select_recompute_flags(model)
     return done
 
 

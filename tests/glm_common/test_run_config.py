@@ -116,3 +116,22 @@ def test_broken_yaml_names_the_line(tmp_path):
         load_run_config(str(path))
     with pytest.raises(RunConfigError, match="no such file"):
         load_run_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("value,expected", [(True, ("mlp",)), (False, ()), (["mlp", "self_attention"],
+                                                                           ("mlp", "self_attention"))])
+def test_select_recompute_is_read(value, expected):
+    cfg = copy.deepcopy(read("lora"))
+    cfg["recompute_config"] = {"recompute": False, "select_recompute": value}
+    s = quiet(cfg)
+    assert s.scaleout["recompute"]["select_recompute"] == expected
+    assert not any("select_recompute" in k for k in s.ignored)
+
+
+@pytest.mark.parametrize("value", [3, ["mlp", 4], ["mlp("]])
+def test_bad_select_recompute_names_the_key(value):
+    cfg = copy.deepcopy(read("lora"))
+    cfg["recompute_config"] = {"select_recompute": value}
+    with pytest.raises(RunConfigError) as err:
+        quiet(cfg, "run.yaml")
+    assert str(err.value).startswith("run.yaml: recompute_config.select_recompute:") and "\n" not in str(err.value)

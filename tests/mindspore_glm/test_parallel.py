@@ -298,7 +298,8 @@ class _Grads(ms.nn.Cell):
 
 
 def test_recompute_gradients_equal():
-    """GRAPH mode: every GLMBlock recomputed gives the gradients of the plain model (<= 1e-6 relative)."""
+    """GRAPH mode: every GLMBlock recomputed, or only each layer's MLP (``select_recompute: True``), gives
+    the gradients of the plain model (<= 1e-6 relative)."""
     from glm_common.run_config import TrainSettings
     cfg = ChatGLM2Config.from_hf(TINY_MODEL)
     rng = np.random.default_rng(0)
@@ -307,16 +308,22 @@ def test_recompute_gradients_equal():
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         grads = {}
-        for flag in (False, True):
+        for flag in (False, True, "select"):
             model = ChatGLM2ForConditionalGeneration.from_pretrained(TINY_MODEL)
             s = TrainSettings(config=cfg)
-            s.gradient_checkpointing = flag
-            assert len(configure_model(model, s)["recompute"]) == (cfg.num_layers if flag else 0)
+            s.gradient_checkpointing = flag is True
+            if flag == "select":
+                s.scaleout = {"recompute": {"select_recompute": ("mlp",)}}
+            done = configure_model(model, s)
+            assert len(done["recompute"]) == (cfg.num_layers if flag is True else 0)
+            assert done["select_recompute"] == ([f"transformer.encoder.layers.{i}.mlp" for i in range(cfg.num_layers)]
+                                                if flag == "select" else [])
             grads[flag] = [g.asnumpy() for g in _Grads(model)(ids, ids)]
     finally:
         ms.set_context(mode=mode)
-    for a, b in zip(grads[True], grads[False]):
-        assert np.abs(a - b).max() <= 1e-6 * max(np.abs(b).max(), 1e-12)
+    for side in (True, "select"):
+        for a, b in zip(grads[side], grads[False]):
+            assert np.abs(a - b).max() <= 1e-6 * max(np.abs(b).max(), 1e-12)
 
 
 def test_layer_stages_formula():
