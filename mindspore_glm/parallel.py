@@ -228,11 +228,17 @@ def apply_recompute(model, rc: RecomputeConfig) -> list:
 
 
 def select_recompute_flags(model) -> list:
-    """Paths of the cells inside the layers marked ``Cell.recompute`` by ``select_recompute``."""
+    """Paths of the cells inside the layers marked ``Cell.recompute`` by ``select_recompute`` (a layer
+    recomputed whole marks all its cells: it is :func:`recompute_flags`' and is left out here)."""
     out = []
     for i, layer in enumerate(model.transformer.encoder.layers):
+        if getattr(layer, "_has_config_recompute", False):
+            continue
+        top: list = []                     # a marked cell marks its own cells too: name the outermost
         for name, cell in layer.cells_and_names():
-            if name and getattr(cell, "_has_config_recompute", False):
+            if name and getattr(cell, "_has_config_recompute", False) and \
+                    not any(name.startswith(t + ".") for t in top):
+                top.append(name)
                 out.append(f"transformer.encoder.layers.{i}.{name}")
     return out
 
