@@ -88,12 +88,13 @@ def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: i
         import mindspore as ms
         from mindspore import Tensor
         from mindspore_glm.model import ChatGLM2ForConditionalGeneration
-        from mindspore_glm.train import TrainOneStepCell, apply_pet, make_optimizer
+        from mindspore_glm.lora import apply_pet
+        from mindspore_glm.train_step import TrainOneStepCell, make_optimizer
         ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
         model = ChatGLM2ForConditionalGeneration(config)
         model.load_weights(_weights(config).items(), source="bench")
         s = _settings(config, pet)
-        params = apply_pet(model, s.pet)
+        model, params = apply_pet(model, s.pet)
         step = TrainOneStepCell(model, make_optimizer(params, s, np.full(100, 1e-4, np.float32)), s)
         step.set_train(True)
         t = Tensor(ids.astype(np.int32))
@@ -105,15 +106,15 @@ def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: i
         import torch
         from torch_glm.lora import apply_pet
         from torch_glm.model import ChatGLM2ForConditionalGeneration
-        from torch_glm.train import make_optimizer
+        from torch_glm.train_step import make_optimizer
         torch.manual_seed(0)
         model = ChatGLM2ForConditionalGeneration(config)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in _weights(config).items()}, strict=False)
         s = _settings(config, pet)
-        model = apply_pet(model, s.pet)
+        model, params = apply_pet(model, s.pet)
         model.train()
-        opt = make_optimizer(model, s)
-        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], s,
+                             np.full(100, 1e-4, np.float32))
         t = torch.from_numpy(ids)
         before = _status("VmRSS")
         _reset_peak()

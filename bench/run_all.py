@@ -50,6 +50,10 @@ BENCHES = [
      "memory plan (glm_common/memory_plan.py) vs measured peak-memory growth of one training update, MindSpore "
      "GRAPH and torch, full and LoRA, 4 x 1024 model",
      "plan within 25% of measured"),
+    ("recompute", "bench_recompute.py", ["--layers", "2", "--seq", "256"], [],
+     "peak RSS of a MindSpore GRAPH training step: no recompute vs recompute_config.recompute (every layer) vs "
+     "select_recompute (the MLPs), same batches",
+     "lower with select_recompute; losses and gradient norms equal"),
 ]
 
 

@@ -28,7 +28,7 @@ a bad value raises :class:`RunConfigError` naming the file and the key's path):
 * ``use_parallel``, ``parallel.{parallel_mode, gradients_mean, enable_parallel_optimizer}``,
   ``parallel_config.{data_parallel, model_parallel, pipeline_stage, micro_batch_num, vocab_emb_dp}``;
 * ``processor.tokenizer.{type, vocab_file}``, ``metric.type`` (``ADGENMetric``);
-* ``recompute_config.recompute``.
+* ``recompute_config.recompute``; the other scale-out keys: :mod:`glm_common.parallel_keys`.
 """
 from __future__ import annotations
 
@@ -134,6 +134,8 @@ class TrainSettings:
     enable_parallel_optimizer: bool = False
     num_workers: int = 0
     progress: bool = True
+    #: the scale-out keys (:func:`glm_common.parallel_keys.read_parallel_keys`)
+    scaleout: dict = field(default_factory=dict)
     #: dotted paths of the keys that mean nothing here (warned once by settings_from_config)
     ignored: list = field(default_factory=list)
 
@@ -457,6 +459,9 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     if str(metric).lower() != "adgenmetric":
         r.fail("metric.type", f"only ADGENMetric (rouge-1/2/l, bleu-4) is available, got {metric!r}")
     s.gradient_checkpointing = r.bool("recompute_config.recompute", False)
+    from glm_common.parallel_keys import device_ignored, read_parallel_keys
+    s.scaleout = read_parallel_keys(r)
+    ignored.extend(device_ignored(s))
     s.ignored = r.unread() + ignored
     if warn and s.ignored:
         warnings.warn(f"{source}: keys that mean nothing here, ignored: {', '.join(s.ignored)}",

@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 from mindspore import Tensor
+from mindspore.communication import get_group_size
 
 from convert.ms_ckpt import MSCheckpoint, MSCheckpointError, save_ms_checkpoint
 from glm_common.names import MS_ADAM_MOMENTS, is_pet_name, is_train_state
@@ -92,7 +93,7 @@ def save_checkpoint(step_cell: TrainOneStepCell, s: TrainSettings, rank: int, st
         yield "global_step", opt.global_step.asnumpy().astype(np.int32).reshape(1)
         yield "loss_scale", np.array([step_cell.loss_scale.asnumpy()], np.float32).reshape(1)
         yield "loss_scale_good_steps", np.array([step_cell.good_steps.asnumpy()], np.int32).reshape(1)
-        yield from record_tensors(step_cell.degree if step_cell.parallel else 1, rank)  # the run record, last
+        yield from record_tensors(get_group_size() if s.use_parallel else 1, rank)  # the run record, last
 
     save_ms_checkpoint(tensors(), path)
     for _, old in find_checkpoints(directory, s.ckpt_prefix)[:-max(1, s.keep_max)]:

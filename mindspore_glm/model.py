@@ -255,6 +255,11 @@ class SelfAttention(nn.Cell):
         self.rope_swap = pair_swap_matrix(self.head_dim)
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm = ops.BatchMatMul()
+        # set by mindspore_glm.parallel: copies of each key/value group (np/g when model_parallel does not
+        # divide g, so the heads shard evenly) and MindSpore's fused attention (Ascend, no prefix/cache)
+        self.kv_repeat = 1
+        self.use_flash_attention = False
+        self.flash_attention = None
 
     def construct(self, x, cos, sin, mask_bias, prefix_kv=None, kv_cache=None, slot=None):
         b, s, _ = x.shape
@@ -281,15 +286,27 @@ class SelfAttention(nn.Cell):
             k = ops.select(slot, k, kv_cache[0])
             v = ops.select(slot, v, kv_cache[1])
         kl = k.shape[2]
+        if self.use_flash_attention and prefix_kv is None and kv_cache is None:
+            # FlashAttentionScore: [B, np, S, hn] queries (already scaled), [B, g, K, hn] keys/values, mask 1 = hidden
+            hidden = ops.cast(mask_bias < 0, ms.uint8)
+            ctx = self.flash_attention(q, k, v, None, None, None, hidden)[3]
+            ctx = ops.reshape(ops.transpose(ops.cast(ctx, self.compute_dtype), (0, 2, 1, 3)), (b, s, np_ * hn))
+            return self.dense(ctx), (k, v)
+        gk, kr, vr = g, k, v
+        if self.kv_repeat > 1:
+            # model parallel wider than the groups: every head reads its own copy of its group
+            gk = g * self.kv_repeat
+            kr = ops.reshape(ops.broadcast_to(ops.expand_dims(k, 2), (b, g, self.kv_repeat, kl, hn)), (b, gk, kl, hn))
+            vr = ops.reshape(ops.broadcast_to(ops.expand_dims(v, 2), (b, g, self.kv_repeat, kl, hn)), (b, gk, kl, hn))
         # query heads h read group h // (np/g): group them so keys/values are never repeated
-        qg = ops.reshape(q, (b, g, (np_ // g) * s, hn))
-        scores = self.bmm_t(qg, k)                           # [B, g, (np/g)*S, K]
+        qg = ops.reshape(q, (b, gk, (np_ // gk) * s, hn))
+        scores = self.bmm_t(qg, kr)                          # [B, g, (np/g)*S, K]
         scores = ops.reshape(ops.cast(scores, self.softmax_compute_type), (b, np_, s, kl))
         scores = scores + ops.cast(mask_bias, self.softmax_compute_type)
         # the softmax over 2-D rows: its CPU kernels (forward and gradient) are several times faster than on 4-D
         probs = ops.softmax(ops.reshape(scores, (-1, kl)), -1)
-        probs = ops.reshape(ops.cast(probs, self.compute_dtype), (b, g, (np_ // g) * s, kl))
-        ctx = ops.reshape(self.bmm(probs, v), (b, np_, s, hn))
+        probs = ops.reshape(ops.cast(probs, self.compute_dtype), (b, gk, (np_ // gk) * s, kl))
+        ctx = ops.reshape(self.bmm(probs, vr), (b, np_, s, hn))
         ctx = ops.reshape(ops.transpose(ctx, (0, 2, 1, 3)), (b, s, np_ * hn))
         return self.dense(ctx), (k, v)
 

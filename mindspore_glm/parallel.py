@@ -1,34 +1,62 @@
-"""Data and model parallel sharding for the MindSpore ChatGLM2, in one place.
+"""Scale-out of the MindSpore ChatGLM2 through MindSpore's own parallel engine, in one place.
 
 The split pattern is mindformers' glm2: ``query_key_value`` and ``dense_h_to_4h`` split their weight on
 the output axis (column parallel), ``dense`` and ``dense_4h_to_h`` on the input axis (row parallel, the
 partial sums are all-reduced), the embedding and the ``output_layer`` on the vocabulary axis (or the
 embedding is replicated with ``vocab_emb_dp``), attention shards its batch by ``data_parallel`` and its
-key/value groups by ``model_parallel``. Every other operator takes the strategy MindSpore's
-semi-auto-parallel propagation gives it.
+heads by ``model_parallel`` (key/value groups when ``model_parallel`` divides them, else each head reads
+its own copy of its group). Every other operator takes the strategy MindSpore's semi-auto-parallel
+propagation gives it.
 
-:func:`check_parallel` validates the sizes before anything is built or compiled; each failure is one
-line naming the field. :func:`apply_sharding` writes the strategies onto the operators of a model;
-:func:`sharding_plan` lists them (name -> strategy) for logs and tests.
+What a run YAML's scale-out keys become (read by :mod:`glm_common.parallel_keys`):
 
-The torch twin, ``torch_glm/parallel.py``, shards parameters, gradients and optimizer states over the
-data parallel ranks with FSDP2 (``parallel.enable_parallel_optimizer``); operator-level sharding
-strategies are MindSpore's semi-auto parallel alone.
+* :func:`context_kwargs` / :func:`init_parallel`: ``mindspore.set_auto_parallel_context`` with
+  ``parallel_mode`` (0 ``data_parallel``, 1 ``semi_auto_parallel``), ``device_num``, ``full_batch``,
+  ``search_mode``, ``loss_repeated_mean``, ``gradients_mean``, ``pipeline_stages``,
+  ``enable_parallel_optimizer`` with ``parallel_optimizer_config``, and ``strategy_ckpt_config.save_file``
+  (``<output_dir>/strategy/ckpt_strategy_rank_<rank>.ckpt``, where mindformers writes it);
+* :func:`configure_model`: the operator strategies of :func:`sharding_plan` (:func:`apply_sharding`), each
+  layer's ``pipeline_stage`` and communication-fusion group (mindformers' layer settings:
+  ``gradient_aggregation_group`` groups for the optimizer's fusion), ``Cell.recompute`` per layer with
+  ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``, ``recompute_slice_activation`` (also in
+  single-device and data-parallel runs, GRAPH mode; on CPU the gradients are the same but MindSpore's CPU
+  runtime measured a higher peak with it, see ``bench/bench_recompute.py``), or, with ``select_recompute``,
+  ``Cell.recompute`` on the named cells of each layer only (``True``: the MLPs, whose activations are a
+  layer's largest; the one recompute that lowered the measured CPU peak), and ``use_flash_attention``
+  through ``FlashAttentionScore`` on Ascend;
+* :func:`pipeline_network`: pipeline stages run ``micro_batch_num`` micro-batches through
+  ``mindspore.parallel.nn.PipelineCell``, gradients accumulated by ``PipelineGradReducer``.
+
+:func:`check_scaleout` and :func:`check_parallel` validate everything before a model is built or a graph
+compiled; each failure is one line naming the key. Semi-auto parallel compiles only on Ascend (or GPU):
+on CPU :func:`check_scaleout` stops ``parallel_mode: 1`` with ``use_parallel`` and says so, and the same
+YAML with ``use_parallel: False`` trains on one device.
+
+No sharding or collective code of our own: strategies, redistribution, gradient reduction, optimizer
+shard, pipelines and recompute are MindSpore's. The torch twin, ``torch_glm/parallel.py``, is
+another engine: FSDP2 shards parameters, gradients and optimizer states over the data-parallel ranks
+(``parallel.enable_parallel_optimizer``); operator-level strategies are MindSpore's alone.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 from glm_common.config import ChatGLM2Config
 
-__all__ = ["ParallelConfig", "ParallelError", "check_parallel", "sharding_plan", "apply_sharding",
-           "COLUMN_PARALLEL", "ROW_PARALLEL"]
+__all__ = ["ParallelConfig", "RecomputeConfig", "ParallelError", "check_parallel", "check_scaleout",
+           "sharding_plan", "apply_sharding", "kv_repeat", "layer_stages", "apply_layer_settings",
+           "apply_recompute", "recompute_flags", "select_recompute_flags", "pipeline_stage_map", "operator_strategies", "context_kwargs",
+           "init_parallel", "configure_model", "pipeline_network", "strategy_file", "dataset_split",
+           "semi_auto", "COLUMN_PARALLEL", "ROW_PARALLEL"]
 
 #: layers whose weight ``[out, in]`` is split on the output axis
 COLUMN_PARALLEL = ("self_attention.query_key_value", "mlp.dense_h_to_4h")
 #: layers whose weight is split on the input axis
 ROW_PARALLEL = ("self_attention.dense", "mlp.dense_4h_to_h")
+
+_MODES = {0: "data_parallel", 1: "semi_auto_parallel"}
 
 
 class ParallelError(ValueError):
@@ -44,18 +72,53 @@ class ParallelConfig:
     pipeline_stage: int = 1
     vocab_emb_dp: bool = True
     micro_batch_num: int = 1
+    gradient_aggregation_group: int = 4
 
     @property
     def device_num(self) -> int:
         return self.data_parallel * self.model_parallel * self.pipeline_stage
 
+    @classmethod
+    def from_settings(cls, s) -> "ParallelConfig":
+        return cls(s.data_parallel, s.model_parallel, s.pipeline_stage, s.vocab_emb_dp, s.micro_batch_num,
+                   (s.scaleout or {}).get("gradient_aggregation_group", 4))
+
+
+@dataclass
+class RecomputeConfig:
+    """mindformers' ``recompute_config`` keys that MindSpore's ``Cell.recompute`` has."""
+
+    recompute: bool = False
+    mp_comm_recompute: bool = True
+    parallel_optimizer_comm_recompute: bool = False
+    recompute_slice_activation: bool = False
+    #: names of a layer's cells (regular expressions, matched whole) recomputed when ``recompute`` is False
+    select_recompute: tuple = ()
+
+    @classmethod
+    def from_settings(cls, s) -> "RecomputeConfig":
+        rc = dict((s.scaleout or {}).get("recompute") or {})
+        rc["recompute"] = bool(s.gradient_checkpointing)
+        return cls(**rc)
+
+
+def kv_repeat(config: ChatGLM2Config, model_parallel: int) -> int:
+    """Copies of each key/value group the attention makes: 1 when ``model_parallel`` divides the groups,
+    else ``heads / groups`` (each head its own copy, so the heads shard evenly)."""
+    if config.kv_groups % model_parallel == 0:
+        return 1
+    return config.num_attention_heads // config.kv_groups
+
 
 def check_parallel(config: ChatGLM2Config, parallel: ParallelConfig, batch_size: Optional[int] = None,
                    device_num: Optional[int] = None, source: str = "parallel_config") -> ParallelConfig:
-    """Fail early, with one line, when ``parallel`` cannot shard a model of ``config``."""
+    """Fail early, with one line, when ``parallel`` cannot shard a model of ``config``.
+
+    ``batch_size``: the global batch of one optimizer update (every data-parallel replica's micro-batches)."""
     dp, mp, pp = parallel.data_parallel, parallel.model_parallel, parallel.pipeline_stage
     for name, value in (("data_parallel", dp), ("model_parallel", mp), ("pipeline_stage", pp),
-                        ("micro_batch_num", parallel.micro_batch_num)):
+                        ("micro_batch_num", parallel.micro_batch_num),
+                        ("gradient_aggregation_group", parallel.gradient_aggregation_group)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ParallelError(f"{source}.{name}: must be a positive integer, got {value!r}")
     if device_num is not None and parallel.device_num != device_num:
@@ -65,9 +128,9 @@ def check_parallel(config: ChatGLM2Config, parallel: ParallelConfig, batch_size:
         raise ParallelError(f"{source}.pipeline_stage: {pp} stages for {config.num_layers} layers")
     if pp > 1 and parallel.micro_batch_num < pp:
         raise ParallelError(f"{source}.micro_batch_num: {parallel.micro_batch_num} is less than pipeline_stage {pp}")
-    sizes = [("num_attention_heads", config.num_attention_heads), ("kv_groups (multi_query_group_num)",
-             config.kv_groups), ("ffn_hidden_size", config.ffn_hidden_size),
-             ("padded_vocab_size", config.padded_vocab_size), ("hidden_size", config.hidden_size)]
+    sizes = [("num_attention_heads", config.num_attention_heads), ("ffn_hidden_size", config.ffn_hidden_size),
+             ("padded_vocab_size", config.padded_vocab_size), ("hidden_size", config.hidden_size),
+             ("query_key_value width", config.qkv_size)]
     for name, value in sizes:
         if value % mp:
             raise ParallelError(f"{source}.model_parallel: {mp} does not divide {name} {value}")
@@ -84,20 +147,29 @@ def sharding_plan(config: ChatGLM2Config, parallel: ParallelConfig) -> dict:
     """``{operator: strategy}`` for one layer and the model ends (the strategies :func:`apply_sharding` sets).
 
     Linear inputs are ``x [tokens, in]`` and ``weight [out, in]`` (``transpose_b``); attention matmuls
-    see ``[B, g, rows, hn]``.
+    see ``[B, groups (x kv_repeat), rows, hn]``; fused attention ``q [B, np, S, hn]``, ``k, v [B, g, K, hn]``
+    and the mask ``[B, 1, S, K]``.
     """
     dp, mp = parallel.data_parallel, parallel.model_parallel
+    kv_mp = mp if config.kv_groups % mp == 0 else 1
     plan = {
         "transformer.embedding.gather": ((1, 1), (dp, 1)) if parallel.vocab_emb_dp else ((mp, 1), (dp, 1)),
         "transformer.output_layer.matmul": ((dp, 1), (mp, 1)),
         "self_attention.scores (q @ k.T)": ((dp, mp, 1, 1), (dp, mp, 1, 1)),
         "self_attention.context (probs @ v)": ((dp, mp, 1, 1), (dp, mp, 1, 1)),
+        "self_attention.flash_attention": ((dp, mp, 1, 1), (dp, kv_mp, 1, 1), (dp, kv_mp, 1, 1), (dp, 1, 1, 1)),
     }
     for name in COLUMN_PARALLEL:
         plan[f"{name}.matmul"] = ((dp, 1), (mp, 1))
     for name in ROW_PARALLEL:
         plan[f"{name}.matmul"] = ((dp, mp), (1, mp))
     return plan
+
+
+def _flash_op(config: ChatGLM2Config):
+    from mindspore.ops.operations.nn_ops import FlashAttentionScore
+    # queries come pre-scaled (the plain path's rounding), so scale_value 1
+    return FlashAttentionScore(head_num=config.num_attention_heads, scale_value=1.0, input_layout="BNSD")
 
 
 def apply_sharding(model, parallel: ParallelConfig, batch_size: Optional[int] = None,
@@ -108,6 +180,7 @@ def apply_sharding(model, parallel: ParallelConfig, batch_size: Optional[int] = 
 
     check_parallel(model.config, parallel, batch_size, device_num)
     plan = sharding_plan(model.config, parallel)
+    repeat = kv_repeat(model.config, parallel.model_parallel)
     t = model.transformer
     t.embedding.gather = ops.Gather().shard(plan["transformer.embedding.gather"])
     t.output_layer.matmul.shard(plan["transformer.output_layer.matmul"])
@@ -119,4 +192,239 @@ def apply_sharding(model, parallel: ParallelConfig, batch_size: Optional[int] = 
         mlp.dense_4h_to_h.matmul.shard(plan["mlp.dense_4h_to_h.matmul"])
         attn.bmm_t.shard(plan["self_attention.scores (q @ k.T)"])
         attn.bmm.shard(plan["self_attention.context (probs @ v)"])
+        attn.kv_repeat = repeat
+        if attn.flash_attention is not None:
+            attn.flash_attention.shard(plan["self_attention.flash_attention"])
     return plan
+
+
+def layer_stages(num_layers: int, pipeline_stage: int) -> list:
+    """The pipeline stage of each layer, as mindformers assigns them (``(layers + 1) // stages`` layers a
+    stage, the rest on the last): the embedding is on stage 0, the final norm and ``output_layer`` on the last."""
+    per = max((num_layers + 1) // pipeline_stage, 1)
+    return [min(i // per, pipeline_stage - 1) for i in range(num_layers)]
+
+
+def apply_recompute(model, rc: RecomputeConfig) -> list:
+    """``Cell.recompute`` on every GLMBlock when ``rc.recompute``: the backward pass recomputes a layer's
+    activations instead of keeping them (GRAPH mode; any device). Without it, ``rc.select_recompute`` marks
+    the cells of each layer whose names (relative to the layer, e.g. ``mlp``) match one of its patterns.
+    Returns the cells marked."""
+    import re
+    kw = dict(mp_comm_recompute=rc.mp_comm_recompute,
+              parallel_optimizer_comm_recompute=rc.parallel_optimizer_comm_recompute,
+              recompute_slice_activation=rc.recompute_slice_activation)
+    layers = list(model.transformer.encoder.layers)
+    if rc.recompute:
+        for layer in layers:
+            layer.recompute(**kw)
+        return layers
+    marked = []
+    for layer in layers if rc.select_recompute else ():
+        for name, cell in layer.cells_and_names():
+            if name and any(re.fullmatch(p, name) for p in rc.select_recompute):
+                cell.recompute(**kw)
+                marked.append(cell)
+    return marked
+
+
+def select_recompute_flags(model) -> list:
+    """Paths of the cells inside the layers marked ``Cell.recompute`` by ``select_recompute`` (a layer
+    recomputed whole marks all its cells: it is :func:`recompute_flags`' and is left out here)."""
+    out = []
+    for i, layer in enumerate(model.transformer.encoder.layers):
+        if getattr(layer, "_has_config_recompute", False):
+            continue
+        top: list = []                     # a marked cell marks its own cells too: name the outermost
+        for name, cell in layer.cells_and_names():
+            if name and getattr(cell, "_has_config_recompute", False) and \
+                    not any(name.startswith(t + ".") for t in top):
+                top.append(name)
+                out.append(f"transformer.encoder.layers.{i}.{name}")
+    return out
+
+
+def apply_layer_settings(model, parallel: ParallelConfig, rc: RecomputeConfig) -> None:
+    """Each layer's ``pipeline_stage`` and optimizer communication-fusion group (mindformers' layer settings),
+    the model ends' stages, and per-layer recompute."""
+    t = model.transformer
+    n, pp = model.config.num_layers, parallel.pipeline_stage
+    stages = layer_stages(n, pp)
+    group_len = max((n + 1) // parallel.gradient_aggregation_group, 1)
+    for i, layer in enumerate(t.encoder.layers):
+        layer.pipeline_stage = stages[i]
+        layer.set_comm_fusion(2 if pp > 1 else i // group_len + 1)
+    t.embedding.pipeline_stage = 0
+    t.encoder.final_layernorm.pipeline_stage = pp - 1
+    t.output_layer.pipeline_stage = pp - 1
+    if getattr(model, "pre_seq_len", 0):
+        model.prefix_encoder.pipeline_stage = 0
+    apply_recompute(model, rc)
+
+
+def recompute_flags(model) -> dict:
+    """``{layer name: bool}``: whether MindSpore will recompute the layer (``Cell.recompute`` was set)."""
+    return {f"transformer.encoder.layers.{i}": bool(getattr(layer, "_has_config_recompute", False))
+            for i, layer in enumerate(model.transformer.encoder.layers)}
+
+
+def pipeline_stage_map(model) -> dict:
+    """``{cell name: pipeline stage}`` as MindSpore will read them."""
+    t = model.transformer
+    out = {"transformer.embedding": t.embedding.pipeline_stage}
+    out.update({f"transformer.encoder.layers.{i}": layer.pipeline_stage for i, layer in enumerate(t.encoder.layers)})
+    out["transformer.encoder.final_layernorm"] = t.encoder.final_layernorm.pipeline_stage
+    out["transformer.output_layer"] = t.output_layer.pipeline_stage
+    return out
+
+
+def operator_strategies(model) -> dict:
+    """``{operator path: in_strategy}`` of every operator of the model that has a strategy set."""
+    from mindspore.ops.primitive import Primitive
+    out = {}
+    for name, cell in model.cells_and_names():
+        for attr, value in vars(cell).items():
+            if isinstance(value, Primitive) and value.in_strategy is not None:
+                out[f"{name}.{attr}" if name else attr] = value.in_strategy
+        for attr, value in getattr(cell, "_primitives", {}).items():
+            if value is not None and getattr(value, "in_strategy", None) is not None:
+                out[f"{name}.{attr}" if name else attr] = value.in_strategy
+    return out
+
+
+# ---------------------------------------------------------------------------------------- run settings
+def semi_auto(s) -> bool:
+    """Whether ``s`` runs semi-auto parallel (``use_parallel`` with ``parallel.parallel_mode: 1``)."""
+    return bool(s.use_parallel) and s.parallel_mode == 1
+
+
+def strategy_file(s, rank: int) -> str:
+    """Where this rank's strategy file goes: ``<output_dir>/strategy/ckpt_strategy_rank_<rank>.ckpt``
+    (mindformers' place; ``convert/merge_shards.py --strategy <output_dir>/strategy`` reads the folder)."""
+    return os.path.join(s.output_dir, "strategy", f"ckpt_strategy_rank_{rank}.ckpt")
+
+
+def _global_batch(s) -> int:
+    micro = s.micro_batch_num if s.pipeline_stage > 1 else 1
+    return s.batch_size * s.data_parallel * micro
+
+
+def check_scaleout(s, world: Optional[int] = None) -> None:
+    """Every scale-out key of ``s`` checked before anything is built (one line naming the key). ``world``:
+    the number of ranks (default: the launcher's ``RANK_SIZE``, when set)."""
+    src = s.source
+    if world is None and os.environ.get("RANK_SIZE", "").isdigit():
+        world = int(os.environ["RANK_SIZE"])
+    sc = s.scaleout or {}
+    if not semi_auto(s):
+        if s.use_parallel and (s.model_parallel > 1 or s.pipeline_stage > 1):
+            raise ParallelError(f"{src}: parallel.parallel_mode: 0 (data parallel) cannot run parallel_config."
+                                f"{'model_parallel' if s.model_parallel > 1 else 'pipeline_stage'} > 1; use 1 "
+                                "(semi-auto)")
+        return
+    if s.device_target == "CPU":
+        raise ParallelError(f"{src}: parallel.parallel_mode: 1 (semi-auto parallel) needs Ascend devices "
+                            "(context.device_target: Ascend, the Ascend software stack and a rank table); on "
+                            "CPU set use_parallel: False to train the same YAML on one device")
+    parallel = ParallelConfig.from_settings(s)
+    if (parallel.model_parallel > 1 or parallel.pipeline_stage > 1) and not sc.get("full_batch", False):
+        raise ParallelError(f"{src}: parallel.full_batch: must be True with model_parallel or pipeline_stage > 1 "
+                            "(every rank reads the whole batch; the strategies split it)")
+    if parallel.pipeline_stage > 1 and s.grad_accum > 1:
+        raise ParallelError(f"{src}: runner_config.gradient_accumulation_steps: {s.grad_accum} with pipeline_stage "
+                            f"{parallel.pipeline_stage}; use parallel_config.micro_batch_num instead")
+    batch = _global_batch(s) if sc.get("full_batch", False) else None
+    try:
+        check_parallel(s.config, parallel, batch, world, source=f"{src}: parallel_config")
+    except ParallelError as e:
+        if "does not divide batch_size" in str(e):
+            raise ParallelError(f"{e} (runner_config.batch_size {s.batch_size} per replica)") from None
+        raise
+
+
+def dataset_split(s, rank: int, world: int) -> tuple:
+    """``(shard index, shard count, batch size)`` of the dataset a rank reads: with ``full_batch`` every rank
+    reads the whole global batch (``batch_size x data_parallel x micro_batch_num``) and the strategies split it;
+    otherwise each rank its own ``batch_size`` rows."""
+    if semi_auto(s) and (s.scaleout or {}).get("full_batch", False):
+        return 0, 1, _global_batch(s)
+    return rank, world, s.batch_size
+
+
+def context_kwargs(s, world: int, rank: int = 0) -> dict:
+    """The ``mindspore.set_auto_parallel_context`` arguments of a run (``use_parallel`` only)."""
+    sc = s.scaleout or {}
+    kw = dict(parallel_mode=_MODES[s.parallel_mode], device_num=world, gradients_mean=s.gradients_mean)
+    if s.parallel_mode == 1:
+        kw.update(full_batch=sc.get("full_batch", False), search_mode=sc.get("search_mode", "sharding_propagation"),
+                  loss_repeated_mean=sc.get("loss_repeated_mean", True), pipeline_stages=s.pipeline_stage,
+                  strategy_ckpt_config={"save_file": strategy_file(s, rank),
+                                        "only_trainable_params": sc.get("only_trainable_params", False)})
+    if sc.get("enable_parallel_optimizer", False) and s.device_target != "CPU":
+        kw["enable_parallel_optimizer"] = True
+        kw["parallel_optimizer_config"] = {
+            "gradient_accumulation_shard": sc.get("gradient_accumulation_shard", False),
+            "parallel_optimizer_threshold": sc.get("parallel_optimizer_threshold", 64),
+            "optimizer_weight_shard_size": sc.get("optimizer_weight_shard_size", -1)}
+    return kw
+
+
+def init_parallel(s, world: int, rank: int = 0) -> dict:
+    """Set MindSpore's auto-parallel context for ``s`` (after ``mindspore.communication.init``); return it."""
+    import mindspore as ms
+    check_scaleout(s, world)
+    kw = context_kwargs(s, world, rank)
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(**kw)
+    return kw
+
+
+def configure_model(model, s) -> dict:
+    """Put the run's scale-out on a built model: fused attention (Ascend), and under semi-auto parallel the
+    sharding strategies and pipeline stages; per-layer recompute in every mode. Returns what was done."""
+    done = {"recompute": [], "select_recompute": [], "plan": None, "flash_attention": False}
+    if s.options.use_flash_attention and s.device_target == "Ascend":
+        for layer in model.transformer.encoder.layers:
+            layer.self_attention.flash_attention = _flash_op(model.config)
+            layer.self_attention.use_flash_attention = True
+        done["flash_attention"] = True
+    parallel = ParallelConfig.from_settings(s)
+    rc = RecomputeConfig.from_settings(s)
+    if semi_auto(s):
+        done["plan"] = apply_sharding(model, parallel)
+        apply_layer_settings(model, parallel, rc)
+    else:
+        apply_recompute(model, rc)
+    done["recompute"] = [n for n, on in recompute_flags(model).items() if on]
+    done["select_recompute"] = select_recompute_flags(model)
+    return done
+
+
+class _MicroMean:
+    """Builds the cell that divides each micro-batch's loss by their number, so the pipeline's sum is the mean."""
+
+    @staticmethod
+    def wrap(network, micro: int):
+        from mindspore import nn
+
+        class MicroMean(nn.Cell):
+            def __init__(self, net):
+                super().__init__(auto_prefix=False)
+                self.network = net
+                self.inv = 1.0 / micro
+
+            def construct(self, *args):
+                return self.network(*args) * self.inv
+
+        return MicroMean(network)
+
+
+def pipeline_network(network, weights, s):
+    """``(network, grad reducer)``: with ``pipeline_stage > 1`` the loss network runs ``micro_batch_num``
+    micro-batches through ``PipelineCell`` (their mean loss) and ``PipelineGradReducer`` accumulates the
+    gradients over them; otherwise ``(network, None)``."""
+    if not (semi_auto(s) and s.pipeline_stage > 1):
+        return network, None
+    from mindspore.parallel.nn import PipelineCell, PipelineGradReducer
+    cell = PipelineCell(_MicroMean.wrap(network, s.micro_batch_num), s.micro_batch_num)
+    return cell, PipelineGradReducer(weights)

@@ -141,6 +141,9 @@ def _run(s: TrainSettings, args) -> int:
             adapter = args.load_checkpoint
         else:
             s.load_checkpoint = args.load_checkpoint
+    if mode in ("train", "finetune"):
+        from mindspore_glm.parallel import check_scaleout
+        check_scaleout(s)       # a layout that cannot run stops here, before any device or model
     set_context(s)
     os.makedirs(s.output_dir, exist_ok=True)
     if mode in ("train", "finetune"):

@@ -51,6 +51,7 @@ from mindspore_glm.data import make_dataset
 from mindspore_glm.evaluate import eval_loss, evaluate
 from mindspore_glm.lora import apply_pet
 from mindspore_glm.model import ChatGLM2ForConditionalGeneration
+from mindspore_glm.parallel import check_scaleout, configure_model, dataset_split, init_parallel, semi_auto
 from mindspore_glm.resume import resume_checkpoint
 from mindspore_glm.train_step import TrainOneStepCell, make_optimizer
 
@@ -105,6 +106,7 @@ def build_model(s: TrainSettings, adapter: str = ""):
             init_weights(model, s.seed)
     if adapter:
         load_weights(model, adapter, strict=False)
+    configure_model(model, s)
     return model, params
 
 
@@ -121,26 +123,25 @@ def init_ranks(s: TrainSettings) -> tuple:
 
 
 def _parallel_init(s: TrainSettings) -> tuple:
-    """``(rank, world size)``; with ``use_parallel`` initialise mindspore.communication and data parallel."""
+    """``(rank, world size)``; with ``use_parallel`` initialise mindspore.communication and the parallel
+    context of the YAML (data parallel or semi-auto, :func:`mindspore_glm.parallel.init_parallel`)."""
     if not s.use_parallel:
         return 0, 1
-    from mindspore.context import ParallelMode
+    check_scaleout(s)
     rank, world = init_ranks(s)
-    if s.parallel_mode != 0:
-        raise RunConfigError(f"{s.source}: parallel.parallel_mode: only 0 (data parallel) is run by this runner")
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=s.gradients_mean,
-                                 device_num=world, enable_parallel_optimizer=s.enable_parallel_optimizer)
+    init_parallel(s, world, rank)
     return rank, world
 
 
 def train_data(s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, progress: bool = False):
     """The training batches of ``s`` for this rank: a ``GeneratorDataset`` (:func:`mindspore_glm.data.make_dataset`)
     over :func:`glm_common.training.train_features` with :func:`glm_common.training.dataset_kwargs` (the
-    YAML's ``data_format``, ``feature_mode``, ``padding``, seeds and sharding)."""
+    YAML's ``data_format``, ``feature_mode``, ``padding``, seeds and sharding; with ``parallel.full_batch``
+    every rank reads the whole global batch, :func:`mindspore_glm.parallel.dataset_split`)."""
     feats = train_features(s, tokenizer, progress)
+    ds_rank, ds_world, ds_batch = dataset_split(s, rank, world)
     try:
-        return make_dataset(feats, s.batch_size, **dataset_kwargs(s, rank, world))
+        return make_dataset(feats, ds_batch, **dataset_kwargs(s, ds_rank, ds_world))
     except ValueError as e:
         raise RunConfigError(f"{s.source}: runner_config.batch_size: {e}") from None
 
@@ -178,7 +179,9 @@ def train(s: TrainSettings, model=None, params=None) -> dict:
 
 
 def _train(s: TrainSettings, model, params) -> dict:
+    check_scaleout(s)
     rank, world = _parallel_init(s)
+    ds_world = dataset_split(s, rank, world)[1]               # ranks reading distinct rows
     ms.set_seed(s.seed)
     np.random.seed(s.seed)
     tokenizer = ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
@@ -190,7 +193,7 @@ def _train(s: TrainSettings, model, params) -> dict:
         model, params = build_model(s)
     model.set_train(True)
     optimizer = make_optimizer(params, s, lrs)
-    step_cell = TrainOneStepCell(model, optimizer, s, parallel=world > 1)
+    step_cell = TrainOneStepCell(model, optimizer, s, parallel=world > 1 and not semi_auto(s))
     step_cell.set_train(True)
     step_fn = step_cell
 
@@ -222,7 +225,7 @@ def _train(s: TrainSettings, model, params) -> dict:
                 break
             if micro == 0:
                 t_step, n_tok = time.perf_counter(), 0
-            n_tok += int(input_ids.size) * world
+            n_tok += int(input_ids.size) * ds_world
             batch = (Tensor(input_ids.astype(np.int32)), Tensor(labels.astype(np.int32)))
             micro += 1
             if micro < s.grad_accum:

@@ -3,8 +3,9 @@
 The twin of ``torch_glm/train_step.py``. :func:`make_optimizer` is ``nn.AdamWeightDecay`` with the
 per-update learning rates of :func:`glm_common.schedules.learning_rates`. :class:`TrainOneStepCell` (and
 :class:`AccumulateCell` for gradient accumulation) are MindSpore-only: the loss scale, the overflow
-check, the data-parallel reduction and clipping run inside one compiled graph (torch's step is eager
-autograd in ``torch_glm.train``).
+check, the data-parallel reduction (under a pipeline the micro-batches' gradient accumulation,
+:func:`mindspore_glm.parallel.pipeline_network`) and clipping run inside one compiled graph (torch's step
+is eager autograd in ``torch_glm.train``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays
+from mindspore_glm.parallel import pipeline_network
 
 __all__ = ["make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell"]
 
@@ -82,6 +84,8 @@ class TrainOneStepCell(nn.Cell):
         self.network = _LossCell(model)
         self.optimizer = optimizer
         self.weights = optimizer.parameters
+        # pipeline_stage > 1 (semi-auto): micro-batches through PipelineCell, their gradients accumulated
+        self.network, self.pipeline_reducer = pipeline_network(self.network, self.weights, s)
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
         self.loss_scale = Parameter(Tensor(np.float32(s.loss_scale_value)), name="loss_scale")
         self.good_steps = Parameter(Tensor(np.int32(0)), name="loss_scale_good_steps")
@@ -114,6 +118,8 @@ class TrainOneStepCell(nn.Cell):
             for a in self.accu_grads:
                 grads = ops.depend(grads, ops.assign(a, ops.zeros_like(a)))
             loss = ops.depend(loss, ops.assign(self.accu_loss, ops.zeros_like(self.accu_loss)))
+        if self.pipeline_reducer is not None:
+            grads = self.pipeline_reducer(grads)
         if self.parallel:
             grads = self.reducer(grads)
             loss = self.allreduce(loss) / self.degree

@@ -25,12 +25,26 @@ def _has_cuda() -> bool:
 
 
 def _has_ascend() -> bool:
+    """An Ascend session: ``GLM_TEST_DEVICE=Ascend`` in the environment (or an NPU device node present)."""
+    wanted = os.environ.get("GLM_TEST_DEVICE", "").strip().lower()
+    if wanted:
+        return wanted == "ascend"
     return os.path.exists("/dev/davinci0")
+
+
+def ascend_devices() -> list:
+    """The Ascend device ids the ``ascend`` tests use: ``GLM_ASCEND_DEVICES`` (e.g. ``0,1,2,3``), else
+    ``DEVICE_ID`` and the three after it, else 0-3."""
+    listed = os.environ.get("GLM_ASCEND_DEVICES", "").strip()
+    if listed:
+        return [int(d) for d in listed.split(",") if d.strip()]
+    first = int(os.environ.get("DEVICE_ID", "0"))
+    return list(range(first, first + 4))
 
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = None if _has_cuda() else pytest.mark.skip(reason="needs a CUDA GPU")
-    skip_ascend = None if _has_ascend() else pytest.mark.skip(reason="needs an Ascend NPU")
+    skip_ascend = None if _has_ascend() else pytest.mark.skip(reason="needs an Ascend NPU (GLM_TEST_DEVICE=Ascend)")
     for item in items:
         if skip_cuda and "cuda" in item.keywords:
             item.add_marker(skip_cuda)

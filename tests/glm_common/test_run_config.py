@@ -46,6 +46,7 @@ def test_unknown_keys_are_warned_once():
     cfg["train_dataset"]["num_parallel_workers"] = 8
     cfg["callbacks"].append({"type": "SummaryMonitor", "summary_dir": "x"})
     cfg["model"]["model_config"]["checkpoint_name_or_path"] = "glm2_6b"
+    cfg["parallel"]["enable_alltoall"] = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s = settings_from_config(cfg, "run.yaml")
@@ -54,10 +55,11 @@ def test_unknown_keys_are_warned_once():
     text = str(ours[0].message)
     for key in ("profile", "context.save_graphs", "train_dataset.num_parallel_workers",
                 "callbacks[2] (type 'SummaryMonitor')", "model.model_config.checkpoint_name_or_path",
-                "parallel.full_batch"):
+                "parallel.enable_alltoall"):
         assert key in text and key in s.ignored
     # honoured keys are not listed
-    for key in ("lr_schedule.warmup_steps", "runner_wrapper.scale_sense", "callbacks[1].prefix", "seed"):
+    for key in ("lr_schedule.warmup_steps", "runner_wrapper.scale_sense", "callbacks[1].prefix", "seed",
+                "parallel.full_batch", "parallel.enable_parallel_optimizer"):
         assert key not in text
 
 
@@ -114,3 +116,22 @@ def test_broken_yaml_names_the_line(tmp_path):
         load_run_config(str(path))
     with pytest.raises(RunConfigError, match="no such file"):
         load_run_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("value,expected", [(True, ("mlp",)), (False, ()), (["mlp", "self_attention"],
+                                                                           ("mlp", "self_attention"))])
+def test_select_recompute_is_read(value, expected):
+    cfg = copy.deepcopy(read("lora"))
+    cfg["recompute_config"] = {"recompute": False, "select_recompute": value}
+    s = quiet(cfg)
+    assert s.scaleout["recompute"]["select_recompute"] == expected
+    assert not any("select_recompute" in k for k in s.ignored)
+
+
+@pytest.mark.parametrize("value", [3, ["mlp", 4], ["mlp("]])
+def test_bad_select_recompute_names_the_key(value):
+    cfg = copy.deepcopy(read("lora"))
+    cfg["recompute_config"] = {"select_recompute": value}
+    with pytest.raises(RunConfigError) as err:
+        quiet(cfg, "run.yaml")
+    assert str(err.value).startswith("run.yaml: recompute_config.select_recompute:") and "\n" not in str(err.value)

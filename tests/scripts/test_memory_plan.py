@@ -78,7 +78,16 @@ def test_6b_full_finetune_without_optimizer_shard_does_not_fit_and_names_the_fix
     assert r.returncode == 1, r.stderr
     assert "does NOT fit" in r.stdout
     fix_lines = r.stdout.split("it would fit with:")[1]
-    assert "optimizer shard (parallel.enable_parallel_optimizer: True with parallel.parallel_mode: 1)" in fix_lines
+    # the shipped YAML is semi-auto already: the fix is the one key
+    assert "optimizer shard (parallel.enable_parallel_optimizer: True)" in fix_lines
+    # a data-parallel copy of it is told the parallel mode the optimizer shard needs as well
+    dp = tmp_path / "ft_dp.yaml"
+    dp.write_text(yaml.safe_dump(_raw(GLM2_FT, parallel__enable_parallel_optimizer=False, parallel__parallel_mode=0)))
+    r = subprocess.run([sys.executable, "-m", "mindspore_glm.plan", "--config", str(dp), "--device-memory", "32GB"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "does NOT fit" in r.stdout, r.stderr
+    assert "optimizer shard (parallel.enable_parallel_optimizer: True with parallel.parallel_mode: 1)" in \
+        r.stdout.split("it would fit with:")[1]
     # the JSON twin: the same plan, the per-device total in total_bytes
     r = subprocess.run([sys.executable, "-m", "mindspore_glm.plan", "--config", str(cfg), "--device-memory", "32GB",
                         "--json"], capture_output=True, text=True, cwd=ROOT)
@@ -89,7 +98,9 @@ def test_6b_full_finetune_without_optimizer_shard_does_not_fit_and_names_the_fix
 
 
 def test_each_parallel_mode_shards_what_it_should():
-    base = layout_from_config(_raw(GLM2_FT, parallel__enable_parallel_optimizer=False), GLM2_FT)
+    # the finetune YAML's model and batch in data-parallel mode, no optimizer shard, no recompute
+    base = layout_from_config(_raw(GLM2_FT, parallel__enable_parallel_optimizer=False, parallel__parallel_mode=0,
+                                   recompute_config__recompute=False), GLM2_FT)
     plain = plan_memory(base)["per_device_bytes"]
     import dataclasses
     # semi-auto optimizer shard: weights, gradients and states / dp (the gathered weights kept for backward)
