@@ -101,20 +101,25 @@ def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, 
     from glm_common.metrics import compute_metrics
     if samples is None:
         samples = eval_samples(s)
+    from glm_common.budget import budget_groups, plan_eval_prompts
     ev = build_eval_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length)
-    new = min(s.eval_max_target_length, s.config.seq_length - ev["input_ids"].shape[1] - 1)
-    if new <= 0:
-        raise RunConfigError(f"{s.source}: model.model_config.seq_length: {s.config.seq_length} leaves no room to "
-                             f"generate after {ev['input_ids'].shape[1]} prompt tokens")
+    ev, plan = plan_eval_prompts(ev, s.config.seq_length, s.options.max_decode_length, tokenizer.pad_token_id,
+                                 report=(lambda m: print(f"warning: {m}", file=sys.stderr)) if rank == 0 else None)
     preds = []
     bs = s.eval_batch_size
     mine = np.arange(rank, len(samples), world)
     for lo in tqdm(range(0, len(mine), bs), desc="eval", disable=not s.progress or rank != 0):
         rows = mine[lo:lo + bs]
-        prompt = ev["input_ids"][rows]
-        out = model.generate(prompt, attention_mask=ev["attention_mask"][rows], position_ids=ev["position_ids"][rows],
-                             max_new_tokens=new, do_sample=False, eos_token_id=tokenizer.eos_token_id)
-        preds.extend(tokenizer.decode(_clean(tokenizer, row)) for row in out[:, prompt.shape[1]:].tolist())
+        answers = {}
+        for idx, new in budget_groups(plan.lengths[rows], plan.new_tokens[rows], s.config.seq_length):
+            sel = rows[idx]
+            prompt = ev["input_ids"][sel]
+            out = model.generate(prompt, attention_mask=ev["attention_mask"][sel],
+                                 position_ids=ev["position_ids"][sel], max_new_tokens=new, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for r, row in zip(sel, out[:, prompt.shape[1]:].tolist()):
+                answers[int(r)] = tokenizer.decode(_clean(tokenizer, row[:int(plan.new_tokens[r])]))
+        preds.extend(answers[int(r)] for r in rows)
     preds = _merge_shards(gather_rows(preds, world), len(samples))
     return compute_metrics(preds, ev["answers"]), preds, list(ev["answers"])
 
