@@ -149,7 +149,7 @@ def predict(model, s: TrainSettings, tokenizer, queries, rank: int = 0, world: i
     o = s.options
     out = []
     for q in list(queries)[rank::world]:
-        response, _ = model.chat(tokenizer, q, max_new_tokens=o.max_decode_length, do_sample=o.do_sample,
+        response, _ = model.chat(tokenizer, q, max_length=o.max_decode_length, do_sample=o.do_sample,
                                  top_k=o.top_k, top_p=o.top_p, temperature=1.0,
                                  repetition_penalty=o.repetition_penalty, seed=s.seed)
         out.append({"query": q, "response": response})
@@ -174,6 +174,26 @@ def _others_done(rank: int, world: int, n: int, what: str) -> int:
     print(f"rank {rank}: answered {len(range(rank, n, world))} of {n} {what}; rank 0 writes the results",
           file=sys.stderr)
     return 0
+
+
+def _check_adapter_weights(s: TrainSettings, adapter: str) -> None:
+    """Eval/predict with a LoRA/prefix ``pet_config`` need its weights in the loaded checkpoints: without
+    them the adapter would be its initial value (LoRA B = 0), i.e. the base model under the fine-tune's name."""
+    from glm_common.names import pet_weights_missing
+    from mindspore_glm.train import _pet_name
+    kind = s.pet["pet_type"]
+    if kind not in ("lora", "ptuning2"):
+        return
+    names, sources = [], []
+    for path in (s.load_checkpoint, adapter):
+        if path and str(path).endswith(".ckpt") and os.path.isfile(path):
+            from convert.ms_ckpt import MSCheckpoint
+            names.extend(MSCheckpoint(path).names)
+        if path:
+            sources.append(path)
+    msg = pet_weights_missing(kind, [n for n in names if _pet_name(n)], sources)
+    if msg:
+        raise RunConfigError(f"{s.source}: model.model_config.pet_config: {msg}")
 
 
 def main(argv=None) -> int:
@@ -246,19 +266,30 @@ def _run(s: TrainSettings, args) -> int:
         print(json.dumps({k: v for k, v in out.items() if k not in ("model", "losses")}, default=str))
         return 0
     rank, world = init_ranks(s)
+    _check_adapter_weights(s, adapter)
     model, _ = build_model(s, adapter)
     model.set_train(False)
     tokenizer = _tokenizer(s)
     if mode == "eval":
+        from glm_common.metrics import metric_log_line
+        from mindspore_glm.train import eval_perplexity
         t0 = time.perf_counter()
-        metrics, preds, refs = evaluate(model, s, tokenizer, rank, world)
+        samples = eval_samples(s)
+        metrics, preds, refs = {}, [], []
+        if "ADGENMetric" in s.metrics:
+            metrics, preds, refs = evaluate(model, s, tokenizer, rank, world, samples)
         if rank != 0:
-            return _others_done(rank, world, len(preds), "samples")
-        _write_jsonl(os.path.join(s.output_dir, "eval_predictions.jsonl"),
-                     ({"prediction": p, "reference": r} for p, r in zip(preds, refs)))
-        _write_json(os.path.join(s.output_dir, "eval_results.json"), {**metrics, "num_samples": len(preds)})
+            return _others_done(rank, world, len(samples), "samples")
+        if "PerplexityMetric" in s.metrics:
+            ppl = eval_perplexity(model, s, tokenizer, samples)
+            print(metric_log_line("PerplexityMetric", ppl))
+            metrics.update(ppl)
+        if preds:
+            _write_jsonl(os.path.join(s.output_dir, "eval_predictions.jsonl"),
+                         ({"prediction": p, "reference": r} for p, r in zip(preds, refs)))
+        _write_json(os.path.join(s.output_dir, "eval_results.json"), {**metrics, "num_samples": len(samples)})
         print(format_table(metrics))
-        print(f"evaluated {len(preds)} samples in {time.perf_counter() - t0:.1f} s; wrote "
+        print(f"evaluated {len(samples)} samples in {time.perf_counter() - t0:.1f} s; wrote "
               f"{os.path.join(s.output_dir, 'eval_results.json')}", file=sys.stderr)
         return 0
     if not args.predict_data:

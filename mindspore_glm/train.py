@@ -42,7 +42,7 @@ from glm_common.schedules import decays, learning_rates, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
 
 __all__ = ["TrainingError", "set_context", "init_ranks", "build_model", "is_adapter_checkpoint", "init_weights",
-           "apply_pet", "eval_loss", "make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell",
+           "apply_pet", "eval_loss", "eval_perplexity", "make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell",
            "save_checkpoint", "find_checkpoints", "load_checkpoint", "train"]
 
 
@@ -420,6 +420,18 @@ def eval_loss(model, s: TrainSettings, tokenizer, samples) -> float:
     return total / max(1, count)
 
 
+def eval_perplexity(model, s: TrainSettings, tokenizer, samples) -> dict:
+    """``metric.type: PerplexityMetric``: ``{"loss", "PPL"}`` over ``samples`` as mindformers computes it
+    (:func:`glm_common.metrics.perplexity`: the mean of the batches' mean token losses)."""
+    from glm_common.data import build_train_features
+    from glm_common.metrics import perplexity
+    feats = build_train_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length,
+                                 max_target_length=s.eval_max_target_length)
+    return perplexity(lambda ids, labels: float(model(Tensor(ids.astype(np.int32)), None, None,
+                                                      Tensor(labels.astype(np.int32)))[0].asnumpy()),
+                      feats, s.eval_batch_size)
+
+
 def _log_eval(model, s: TrainSettings, tokenizer, step: int, log, rank: int, world: int) -> dict:
     """``do_eval``: eval loss and the generation metrics (:func:`mindspore_glm.run.evaluate`, shared over the
     ranks) of the model as it is at ``step``; a ``{"step", "eval_loss", "rouge-1", ...}`` row in the loss log."""
@@ -429,7 +441,10 @@ def _log_eval(model, s: TrainSettings, tokenizer, step: int, log, rank: int, wor
     model.set_train(False)
     try:
         result = {"eval_loss": eval_loss(model, s, tokenizer, samples)}
-        result.update(evaluate(model, s, tokenizer, rank, world, samples)[0])
+        if "PerplexityMetric" in s.metrics:
+            result.update(eval_perplexity(model, s, tokenizer, samples))
+        if "ADGENMetric" in s.metrics:
+            result.update(evaluate(model, s, tokenizer, rank, world, samples)[0])
     finally:
         model.set_train(True)
     log.write({"step": step, **{k: round(float(v), 6) for k, v in result.items()}})

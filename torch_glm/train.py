@@ -237,19 +237,31 @@ def evaluate(model, s: TrainSettings, tokenizer, device) -> dict:
         n = int((labels[:, 1:] != -100).sum())
         total += model(input_ids=ids, labels=labels).loss.item() * n
         count += n
-    ev = build_eval_features(samples, tokenizer, max_source_length=s.eval_max_source_length)
-    preds = []
-    for lo in range(0, len(samples), s.eval_batch_size):
-        sl = slice(lo, lo + s.eval_batch_size)
-        prompt = torch.from_numpy(ev["input_ids"][sl]).to(device)
-        out = base.generate(prompt, attention_mask=torch.from_numpy(ev["attention_mask"][sl]).to(device),
-                            position_ids=torch.from_numpy(ev["position_ids"][sl]).to(device),
-                            max_new_tokens=s.eval_max_target_length)
-        for row in out[:, prompt.shape[1]:].tolist():
-            row = [t for t in row if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
-            preds.append(tokenizer.decode(row))
     result = {"eval_loss": total / max(1, count)}
-    result.update(compute_metrics(preds, ev["answers"]))
+    if "PerplexityMetric" in s.metrics:
+        from glm_common.metrics import perplexity
+        result.update(perplexity(lambda i, lab: model(input_ids=torch.from_numpy(i).to(device),
+                                                      labels=torch.from_numpy(lab).to(device)).loss.item(),
+                                 feats, s.eval_batch_size))
+    if "ADGENMetric" in s.metrics:
+        from glm_common.budget import budget_groups, plan_eval_prompts
+        ev = build_eval_features(samples, tokenizer, max_source_length=s.eval_max_source_length)
+        ev, plan = plan_eval_prompts(ev, s.config.seq_length, s.options.max_decode_length, tokenizer.pad_token_id,
+                                     report=lambda m: print(f"warning: {m}", file=sys.stderr))
+        preds = {}
+        for lo in range(0, len(samples), s.eval_batch_size):
+            rows = np.arange(lo, min(lo + s.eval_batch_size, len(samples)))
+            for idx, new in budget_groups(plan.lengths[rows], plan.new_tokens[rows], s.config.seq_length):
+                sel = rows[idx]
+                prompt = torch.from_numpy(ev["input_ids"][sel]).to(device)
+                out = base.generate(prompt, attention_mask=torch.from_numpy(ev["attention_mask"][sel]).to(device),
+                                    position_ids=torch.from_numpy(ev["position_ids"][sel]).to(device),
+                                    max_new_tokens=new)
+                for r, row in zip(sel, out[:, prompt.shape[1]:].tolist()):
+                    row = [t for t in row[:int(plan.new_tokens[r])]
+                           if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+                    preds[int(r)] = tokenizer.decode(row)
+        result.update(compute_metrics([preds[i] for i in range(len(samples))], ev["answers"]))
     model.train(was_training)
     return result
 

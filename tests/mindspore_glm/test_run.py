@@ -46,7 +46,7 @@ def eval_config(tmp):
     cfg["processor"]["tokenizer"]["vocab_file"] = cfg["train_dataset"]["tokenizer"]["vocab_file"]
     cfg["load_checkpoint"] = str(ROOT / cfg["load_checkpoint"])
     cfg["eval_dataset"].update(num_samples=4, batch_size=4, max_target_length=12)
-    cfg["model"]["model_config"]["max_decode_length"] = 12
+    cfg["model"]["model_config"]["max_decode_length"] = 64 + 12     # the total: prompt (<= 64) + 12
     path = tmp / "eval.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     return str(path)
