@@ -1,9 +1,9 @@
 """The generation budget of eval and predict, per sample, as mindformers' text generator sets it.
 
 mindformers' ``generate(input_ids, max_length=max_decode_length)`` gives every sample of a batch the
-same *total* length: ``max_length`` (``model_config.max_decode_length``, or the prompt plus
-``max_new_tokens`` where that is given), clamped to ``seq_length``; a sample stops when its own prompt
-plus its new tokens reach it. So each sample's budget follows its own prompt length, not the padded
+same *total* length: ``max_length`` (``model_config.max_decode_length``), clamped to ``seq_length``; a
+sample stops when its own prompt plus its new tokens reach it. Here the new tokens are also bounded by
+``max_new_tokens`` (the eval set's ``max_target_length``: its answers are cut to that length). So each sample's budget follows its own prompt length, not the padded
 width of the batch or the configured ``max_source_length``.
 
 A prompt that alone leaves no room (``len >= max_length``) is refused by mindformers' generator; its eval
@@ -53,29 +53,25 @@ def plan_generation(lengths: Sequence[int], seq_length: int, max_decode_length: 
                     max_new_tokens: Optional[int] = None) -> GenerationPlan:
     """Budgets for prompts of ``lengths`` real tokens.
 
-    ``max_length = min(max_decode_length, seq_length)`` (mindformers clamps it to ``seq_length``); with
-    ``max_new_tokens`` each sample's total is ``min(len + max_new_tokens, seq_length)`` instead, as
-    mindformers' generator does when ``max_new_tokens`` is set. A sample's budget is ``total - len``.
+    Each sample may reach ``max_length = min(max_decode_length, seq_length)`` tokens in all (mindformers
+    clamps ``max_length`` to ``seq_length``); ``max_new_tokens`` (the eval set's ``max_target_length``,
+    the length its answers are cut to) bounds the new tokens too. A sample's budget is
+    ``min(max_length, len + max_new_tokens) - len``; a prompt with ``len >= max_length`` keeps its first
+    ``max_length - 1`` tokens.
     """
     lengths = np.asarray(lengths, dtype=np.int64).copy()
-    if seq_length < 2:
-        raise ValueError(f"seq_length: {seq_length} leaves no room for a prompt and a new token")
-    cap = seq_length if max_decode_length is None else min(int(max_decode_length), seq_length)
+    cap = seq_length if max_decode_length is None else min(int(max_decode_length), int(seq_length))
     if cap < 2:
-        raise ValueError(f"max_decode_length: {max_decode_length} leaves no room for a prompt and a new token")
+        raise ValueError(f"max_decode_length {max_decode_length} / seq_length {seq_length}: no room for a "
+                         "prompt and a new token")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens}")
+    over = np.flatnonzero(lengths >= cap)
+    lengths[over] = cap - 1
+    totals = np.full_like(lengths, cap)
     if max_new_tokens is not None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens}")
-        limit = np.full_like(lengths, seq_length)
-    else:
-        limit = np.full_like(lengths, cap)
-    over = np.flatnonzero(lengths >= limit)
-    lengths[over] = limit[over] - 1
-    if max_new_tokens is not None:
-        totals = np.minimum(lengths + max_new_tokens, seq_length)
-    else:
-        totals = limit
-    return GenerationPlan(lengths=lengths, new_tokens=totals - lengths, max_length=int(limit.max(initial=cap)),
+        totals = np.minimum(totals, lengths + int(max_new_tokens))
+    return GenerationPlan(lengths=lengths, new_tokens=totals - lengths, max_length=cap,
                           truncated=[int(i) for i in over])
 
 
@@ -116,12 +112,12 @@ def apply_plan(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: 
 
 
 def plan_eval_prompts(ev: dict, seq_length: int, max_decode_length: int, pad_token_id: int = 0,
-                      report=None) -> tuple:
+                      report=None, max_new_tokens: Optional[int] = None) -> tuple:
     """The eval prompts of :func:`glm_common.data.build_eval_features` (``ev``) with mindformers' budget:
     ``(ev with truncated rows cut, plan)``. ``report`` (e.g. ``print``) gets the one line about truncated
     prompts, once. Generate each eval batch ``rows`` with :func:`budget_groups` on
     ``plan.lengths[rows]`` / ``plan.new_tokens[rows]`` and keep ``plan.new_tokens[r]`` tokens of row ``r``."""
-    plan = plan_generation(ev["attention_mask"].sum(axis=1), seq_length, max_decode_length)
+    plan = plan_generation(ev["attention_mask"].sum(axis=1), seq_length, max_decode_length, max_new_tokens)
     ids, mask, pos = apply_plan(ev["input_ids"], ev["attention_mask"], ev["position_ids"], plan, pad_token_id)
     msg = plan.message()
     if msg and report is not None:

@@ -104,7 +104,8 @@ def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, 
     from glm_common.budget import budget_groups, plan_eval_prompts
     ev = build_eval_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length)
     ev, plan = plan_eval_prompts(ev, s.config.seq_length, s.options.max_decode_length, tokenizer.pad_token_id,
-                                 report=(lambda m: print(f"warning: {m}", file=sys.stderr)) if rank == 0 else None)
+                                 report=(lambda m: print(f"warning: {m}", file=sys.stderr)) if rank == 0 else None,
+                                 max_new_tokens=s.eval_max_target_length)
     preds = []
     bs = s.eval_batch_size
     mine = np.arange(rank, len(samples), world)

@@ -247,7 +247,8 @@ def evaluate(model, s: TrainSettings, tokenizer, device) -> dict:
         from glm_common.budget import budget_groups, plan_eval_prompts
         ev = build_eval_features(samples, tokenizer, max_source_length=s.eval_max_source_length)
         ev, plan = plan_eval_prompts(ev, s.config.seq_length, s.options.max_decode_length, tokenizer.pad_token_id,
-                                     report=lambda m: print(f"warning: {m}", file=sys.stderr))
+                                     report=lambda m: print(f"warning: {m}", file=sys.stderr),
+                                     max_new_tokens=s.eval_max_target_length)
         preds = {}
         for lo in range(0, len(samples), s.eval_batch_size):
             rows = np.arange(lo, min(lo + s.eval_batch_size, len(samples)))
