@@ -252,3 +252,58 @@ def test_lora_eval_generates_for_every_sample_as_with_room(tmp_path):
         assert len(preds) == 3 and all(p["prediction"] for p in preds)
         results[seq] = (json.load(open(tmp_path / f"out{seq}" / "eval_results.json")), preds)
     assert results[256] == results[512]
+
+
+# ------------------------------------------------------------------------------------------ P-tuning v2
+def _ptuning_config(tmp_path, dropout_prob):
+    from tests.conftest import TINY_PTUNING_MODEL
+    data = tmp_path / "train.json"
+    data.write_text("".join(open(ADGEN_DIR / "train.json", encoding="utf-8").readlines()[:40]), encoding="utf-8")
+    mc = json.loads((TINY_PTUNING_MODEL / "config.json").read_text())
+    for k in ("architectures", "model_type", "torch_dtype", "tie_word_embeddings", "use_cache"):
+        mc.pop(k, None)
+    mc.update(type="ChatGLM2Config", compute_dtype="float32", param_init_type="float32",
+              pet_config={"pet_type": "ptuning2", "pre_seq_len": mc["pre_seq_len"], "prefix_projection": False,
+                          "dropout_prob": dropout_prob})
+    return {
+        "seed": 3, "output_dir": str(tmp_path / "out"), "load_checkpoint": str(TINY_PTUNING_MODEL),
+        "runner_config": {"epochs": 2, "batch_size": 4},
+        "runner_wrapper": {"type": "MFTrainOneStepCell", "use_clip_grad": True, "max_grad_norm": 1.0,
+                           "scale_sense": {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 1024,
+                                           "scale_factor": 2, "scale_window": 1000}},
+        "train_dataset": {"data_loader": {"type": "ADGenDataLoader", "dataset_dir": str(data), "shuffle": True},
+                          "tokenizer": {"vocab_file": str(TOKENIZER_MODEL)},
+                          "max_source_length": 32, "max_target_length": 32},
+        "optimizer": {"type": "FusedAdamWeightDecay", "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0},
+        "lr_schedule": {"type": "linear", "learning_rate": 5e-3, "warmup_steps": 0, "total_steps": -1},
+        "model": {"model_config": mc},
+    }
+
+
+@pytest.mark.slow
+def test_twenty_ptuning2_steps_match_and_dropout_prob_counts(tmp_path):
+    """P-tuning v2 (run_glm2_6b_ptuning2.yaml's recipe: linear lr, no weight decay, dropout_prob 0.0):
+    MindSpore and torch_glm give the same 20 float32 losses within 1e-4 relative; torch_glm honours
+    dropout_prob (0.1 gives other losses than 0.0; ChatGLM2's code fixes 0.1)."""
+    from mindspore_glm import train as ms_train
+    from torch_glm import train as pt_train
+    losses = {}
+    for backend, p in (("ms", 0.0), ("pt", 0.0), ("pt-drop", 0.1)):
+        s = quiet(_ptuning_config(tmp_path / backend, p))
+        s.progress, s.output_dir = False, str(tmp_path / backend / "out")
+        assert s.pet["dropout_prob"] == p
+        if backend == "ms":
+            model, params = ms_train.build_model(s)
+            assert [q.name for q in params] == ["prefix_encoder.embedding.weight"]
+            losses[backend] = np.array(ms_train.train(s, model, params)["losses"])
+        else:
+            model = pt_train.build_model(s, "cpu")
+            drop = [m.p for m in model.modules() if isinstance(m, __import__("torch").nn.Dropout)]
+            assert p in drop
+            losses[backend] = np.array(pt_train.train(s, device="cpu", model=model)["losses"])
+    a, b = losses["ms"], losses["pt"]
+    assert len(a) == len(b) == 20
+    rel = np.abs(a - b) / np.abs(b)
+    assert rel.max() < 1e-4, rel.max()
+    assert a[-3:].mean() < a[:3].mean() - 0.1       # it trained
+    assert np.abs(losses["pt-drop"] - b).max() > 1e-3

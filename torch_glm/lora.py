@@ -108,7 +108,8 @@ def apply_pet(model: nn.Module, settings: Mapping[str, Any]) -> nn.Module:
         return apply_lora(model, settings["r"], settings["lora_alpha"], settings["lora_dropout"],
                           settings["target_modules"])
     if kind == "ptuning2":
-        return apply_ptuning(model)
+        from torch_glm.prefix import set_prefix_dropout
+        return set_prefix_dropout(apply_ptuning(model), settings.get("dropout_prob", 0.1))
     if kind == "qlora":
         return apply_qlora(model, settings["r"], settings["lora_alpha"], settings["lora_dropout"],
                            settings["target_modules"])

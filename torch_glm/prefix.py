@@ -13,7 +13,7 @@ from torch import nn
 
 from glm_common.config import ChatGLM2Config
 
-__all__ = ["PrefixEncoder", "freeze_base", "prefix_state_dict", "load_prefix", "PREFIX_MODULE"]
+__all__ = ["PrefixEncoder", "freeze_base", "prefix_state_dict", "load_prefix", "PREFIX_MODULE", "set_prefix_dropout"]
 
 #: module path of the prefix encoder inside ChatGLM2ForConditionalGeneration.
 PREFIX_MODULE = "transformer.prefix_encoder"
@@ -92,4 +92,13 @@ def load_prefix(model: nn.Module, path) -> nn.Module:
     if missing:
         raise ValueError(f"{path}: {PREFIX_MODULE}.{missing[0]}: missing")
     encoder.load_state_dict(sub)
+    return model
+
+
+def set_prefix_dropout(model: nn.Module, p: float) -> nn.Module:
+    """``pet_config.dropout_prob``: the dropout on the prefix key/values (training only; ChatGLM2's
+    P-tuning code fixes 0.1, mindformers' ``ChatGLM2WithPtuning2`` takes ``dropout_prob``)."""
+    for m in model.modules():
+        if hasattr(m, "prefix_dropout") and isinstance(m.prefix_dropout, nn.Dropout):
+            m.prefix_dropout.p = float(p)
     return model
