@@ -219,7 +219,7 @@ class ChatGLM2Config:
             if key == "pet_config":
                 run["pet_config"] = value
                 continue
-            if key in _FIELDS:
+            if key in _FIELDS or key == "rope_ratio":      # rope_ratio: kept in extra (see ChatGLM2Config.rope_ratio)
                 arch[key] = value
             elif key in _RUN_FIELDS:
                 run[key] = value

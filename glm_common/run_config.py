@@ -503,8 +503,10 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s.data_seed = r.int("train_dataset.seed", s.seed)
     r.raw("eval_dataset.seed")
     s.drop_remainder = r.bool("train_dataset.drop_remainder", True)
-    s.ignore_pad_token_for_loss = r.bool("train_dataset.ignore_pad_token_for_loss", True)
-    r.bool("eval_dataset.ignore_pad_token_for_loss", True)
+    for part in ("train_dataset", "eval_dataset"):
+        if not r.bool(f"{part}.ignore_pad_token_for_loss", True):
+            r.fail(f"{part}.ignore_pad_token_for_loss", "only True is supported: prompt and padding tokens never "
+                   "count in the loss (False would score predictions of the pad id, as mindformers then does)")
     if r.bool("eval_dataset.drop_remainder", False):
         ignored.append("eval_dataset.drop_remainder (every eval sample is evaluated)")
     s.max_source_length = r.int("train_dataset.max_source_length", 64, lo=1)
@@ -589,6 +591,14 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
         s.learning_rate = s.learning_rate * devices * r.int("train_dataset.batch_size", s.batch_size, lo=1) / factor
     if s.options.use_flash_attention and s.device_target == "CPU":
         ignored.append("model.model_config.use_flash_attention (no effect on CPU)")
+    for key in ("qkv_concat", "mlp_concat"):
+        if not getattr(s.options, key):
+            r.fail(f"model.model_config.{key}", "only True is supported: the model reads the concatenated layout "
+                   "(convert with python convert/hf_to_ms.py --qkv concat --mlp concat)")
+    if not s.options.use_past:
+        ignored.append("model.model_config.use_past (generation always uses the KV cache: the same tokens)")
+    if s.options.batch_size != 1:
+        ignored.append("model.model_config.batch_size (eval/predict batches follow eval_dataset.batch_size)")
     s.ignored = _compact(r.unread() + ignored)
     if warn and s.ignored:
         warnings.warn(f"{source}: keys that mean nothing here, ignored: {', '.join(s.ignored)}",

