@@ -198,7 +198,7 @@ def test_generation_budget_per_sample():
 
 
 # ------------------------------------------------------------------------------------------ runs
-def _run(args, cwd=ROOT, timeout=900):
+def _run(args, cwd, timeout=900):
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
     return subprocess.run([sys.executable, "-m", "mindspore_glm.run", *args, "--no_progress"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -210,7 +210,7 @@ def test_shrunk_yaml_finetunes_on_cpu(name, tmp_path):
     """The published YAML's finetune on one CPU device (use_parallel False, as run_mindformer.py's flag):
     loss log and a checkpoint named as mindformers names it (prefix, epoch_step); then the YAML's metric."""
     cfg = shrunk(name, tmp_path, rows={"train.json": 16, "dev.json": 8})
-    r = _run(["--config", str(cfg), "--run_mode", "finetune", "--use_parallel", "False", "--train_steps", "2"])
+    r = _run(["--config", str(cfg), "--run_mode", "finetune", "--use_parallel", "False", "--train_steps", "2"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("keys that mean nothing here, ignored:") == 1
     prefix = yaml.safe_load(open(cfg))["callbacks"][1]["prefix"]
@@ -220,7 +220,8 @@ def test_shrunk_yaml_finetunes_on_cpu(name, tmp_path):
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
     if name == "finetune":     # metric.type: PerplexityMetric, eval of the trained checkpoint
         ck = str(tmp_path / "output" / "checkpoint" / "rank_0" / ckpts[-1])
-        r = _run(["--config", str(cfg), "--run_mode", "eval", "--use_parallel", "False", "--load_checkpoint", ck])
+        r = _run(["--config", str(cfg), "--run_mode", "eval", "--use_parallel", "False", "--load_checkpoint", ck],
+                 tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         line = next(x for x in r.stdout.splitlines() if x.startswith("PerplexityMetric = "))
         res = json.load(open(tmp_path / "output" / "eval_results.json"))
@@ -243,7 +244,7 @@ def test_lora_eval_generates_for_every_sample_as_with_room(tmp_path):
     # refused: the pet_config names LoRA, the checkpoint holds none
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    r = _run(["--config", str(path), "--run_mode", "eval", "--use_parallel", "False"])
+    r = _run(["--config", str(path), "--run_mode", "eval", "--use_parallel", "False"], tmp_path)
     assert r.returncode == 2 and "pet_type lora needs its LoRA (lora_a/lora_b) weights, but" in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) and "Traceback" not in r.stderr
     # the base model's eval (no pet_config) at seq_length 256 and 512
@@ -253,7 +254,7 @@ def test_lora_eval_generates_for_every_sample_as_with_room(tmp_path):
         cfg["model"]["model_config"]["seq_length"] = seq
         cfg["output_dir"] = str(tmp_path / f"out{seq}")
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-        r = _run(["--config", str(path), "--run_mode", "eval", "--use_parallel", "False"])
+        r = _run(["--config", str(path), "--run_mode", "eval", "--use_parallel", "False"], tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         preds = [json.loads(x) for x in open(tmp_path / f"out{seq}" / "eval_predictions.jsonl", encoding="utf-8")]
         assert len(preds) == 3 and all(p["prediction"] for p in preds)

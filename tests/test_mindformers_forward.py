@@ -28,6 +28,11 @@ pytestmark = pytest.mark.mindformers
 mf_glm2 = pytest.importorskip("mindformers.models.glm2")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)      # mindformers writes its log under ./output/log
+
+
 def _env():
     return dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="3")
 
