@@ -3,8 +3,9 @@
 mindformers' ``generate(input_ids, max_length=max_decode_length)`` gives every sample of a batch the
 same *total* length: ``max_length`` (``model_config.max_decode_length``), clamped to ``seq_length``; a
 sample stops when its own prompt plus its new tokens reach it. Here the new tokens are also bounded by
-``max_new_tokens`` (the eval set's ``max_target_length``: its answers are cut to that length). So each sample's budget follows its own prompt length, not the padded
-width of the batch or the configured ``max_source_length``.
+``max_new_tokens`` (the eval set's ``max_target_length``: its answers are cut to that length). So each
+sample's budget follows its own prompt length, not the padded width of the batch or the configured
+``max_source_length``.
 
 A prompt that alone leaves no room (``len >= max_length``) is refused by mindformers' generator; its eval
 dataset is what keeps prompts short, by keeping their head (``prompt[:max_source_length - 1]``). Here

@@ -42,7 +42,8 @@ from glm_common.schedules import decays, learning_rates, schedule_total
 from glm_common.train_log import LossLog, plot_losses, summary_line
 
 __all__ = ["TrainingError", "set_context", "init_ranks", "build_model", "is_adapter_checkpoint", "init_weights",
-           "apply_pet", "eval_loss", "eval_perplexity", "make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell",
+           "apply_pet", "eval_loss", "eval_perplexity", "make_optimizer", "sum_squares", "TrainOneStepCell",
+           "AccumulateCell",
            "save_checkpoint", "find_checkpoints", "load_checkpoint", "train"]
 
 

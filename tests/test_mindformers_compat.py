@@ -210,7 +210,8 @@ def test_shrunk_yaml_finetunes_on_cpu(name, tmp_path):
     """The published YAML's finetune on one CPU device (use_parallel False, as run_mindformer.py's flag):
     loss log and a checkpoint named as mindformers names it (prefix, epoch_step); then the YAML's metric."""
     cfg = shrunk(name, tmp_path, rows={"train.json": 16, "dev.json": 8})
-    r = _run(["--config", str(cfg), "--run_mode", "finetune", "--use_parallel", "False", "--train_steps", "2"], tmp_path)
+    r = _run(["--config", str(cfg), "--run_mode", "finetune", "--use_parallel", "False", "--train_steps", "2"],
+             tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("keys that mean nothing here, ignored:") == 1
     prefix = yaml.safe_load(open(cfg))["callbacks"][1]["prefix"]
@@ -316,3 +317,32 @@ def test_twenty_ptuning2_steps_match_and_dropout_prob_counts(tmp_path):
     assert rel.max() < 1e-4, rel.max()
     assert a[-3:].mean() < a[:3].mean() - 0.05      # it trained
     assert np.abs(losses["pt-drop"] - b).max() > 1e-3
+
+
+def test_dropouts_change_the_training_numbers_in_both_backends():
+    """hidden_dropout / attention_dropout of model_config act in training (and only there) in both models."""
+    import mindspore as ms
+    import torch
+    from mindspore import Tensor
+    from glm_common.config import ChatGLM2Config
+    from mindspore_glm.model import ChatGLM2ForConditionalGeneration as MSModel
+    from torch_glm.model import ChatGLM2ForConditionalGeneration as PTModel
+    g = np.load(TINY_MODEL / "golden.npz")
+    ids, labels = g["batch_input_ids"][:1], g["batch_labels"][:1]
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    base = ChatGLM2Config.from_hf(TINY_MODEL)
+    for key in ("hidden_dropout", "attention_dropout"):
+        cfg = base.replace(**{key: 0.3})
+        m = MSModel.from_pretrained(str(TINY_MODEL), config=cfg)
+        m.set_train(False)
+        off = float(m(Tensor(ids.astype(np.int32)), None, None, Tensor(labels.astype(np.int32)))[0].asnumpy())
+        m.set_train(True)
+        on = float(m(Tensor(ids.astype(np.int32)), None, None, Tensor(labels.astype(np.int32)))[0].asnumpy())
+        assert off == pytest.approx(float(g["batch_loss"]), rel=1e-4) and abs(on - off) > 1e-4, (key, on, off)
+        t = PTModel.from_pretrained(str(TINY_MODEL), config=cfg)
+        with torch.no_grad():
+            t.eval()
+            off_t = t(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels)).loss.item()
+            t.train()
+            on_t = t(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels)).loss.item()
+        assert off_t == pytest.approx(float(g["batch_loss"]), rel=1e-4) and abs(on_t - off_t) > 1e-4, (key, on_t)
