@@ -218,7 +218,9 @@ def test_shrunk_yaml_finetunes_on_cpu(name, tmp_path):
     ckpts = sorted(os.listdir(tmp_path / "output" / "checkpoint" / "rank_0"))
     assert ckpts and all(c.startswith(prefix) and c.endswith(".ckpt") for c in ckpts), ckpts
     rows = [json.loads(x) for x in open(tmp_path / "output" / "loss_log.jsonl")]
-    assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
+    assert [x["step"] for x in rows] == [1, 2] and np.isfinite(rows[0]["loss"])
+    # float16 with the YAML's loss scale 65536: a step may overflow and is skipped (mindformers' dynamic scale)
+    assert all(x["overflow"] or np.isfinite(x["loss"]) for x in rows)
     if name == "finetune":     # metric.type: PerplexityMetric, eval of the trained checkpoint
         ck = str(tmp_path / "output" / "checkpoint" / "rank_0" / ckpts[-1])
         r = _run(["--config", str(cfg), "--run_mode", "eval", "--use_parallel", "False", "--load_checkpoint", ck],
