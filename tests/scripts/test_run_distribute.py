@@ -540,7 +540,8 @@ def test_two_rank_eval_and_predict_match_one_process(tmp_path):
     from mindspore_glm.run import main
     cfg = yaml.safe_load(open(_tiny_dp_config(tmp_path / "base.yaml", 4, "unused")))
     cfg["eval_dataset"].update(num_samples=5, batch_size=1, max_target_length=8)
-    cfg["model"]["model_config"]["max_decode_length"] = 8
+    cfg["model"]["model_config"]["max_decode_length"] = 32 + 8      # the total: prompt (<= 32) + 8
+    cfg["model"]["model_config"].pop("pet_config")                  # the base model: no adapter to load
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     texts = ["类型#裙*颜色#红色", "类型#上衣*材质#棉", "类型#裤*风格#休闲"]   # 3 texts on 2 ranks: uneven shares
