@@ -339,8 +339,12 @@ def test_the_memory_plan_line_comes_before_the_ranks(tmp_path):
 def test_a_plan_that_does_not_fit_is_refused_with_the_fix(tmp_path):
     t8 = _table(tmp_path / "hccl_8p.json", 8)
     fake = tmp_path / "fake"
+    cfg = yaml.safe_load(open(GLM2_FT))
+    cfg["parallel"]["parallel_mode"] = 0        # data parallel: MindSpore shards no optimizer state there
+    dp = tmp_path / "run_glm2_6b_finetune_dp.yaml"
+    dp.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     for args in (["--dry-run"], []):
-        r = _launch([*args, t8, GLM2_FT, "[0,8)", "finetune"], tmp_path, env=_fake_env(fake))
+        r = _launch([*args, t8, str(dp), "[0,8)", "finetune"], tmp_path, env=_fake_env(fake))
         assert r.returncode == 2, r.stdout + r.stderr
         assert "does NOT fit [full, 8 devices = dp 8 x mp 1 x pp 1, optimizer shard" in r.stdout
         assert "run_distribute: error: memory plan: " in r.stderr and "does not fit 30.00 GiB" in r.stderr
