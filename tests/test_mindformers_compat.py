@@ -307,10 +307,10 @@ def test_twenty_ptuning2_steps_match_and_dropout_prob_counts(tmp_path):
             assert len(params) == 1 and params[0].name.startswith("prefix_encoder.")
             losses[backend] = np.array(ms_train.train(s, model, params)["losses"])
         else:
-            model = pt_train.build_model(s, "cpu")
+            model, params = pt_train.build_model(s, "cpu")
             drop = [m.p for m in model.modules() if isinstance(m, __import__("torch").nn.Dropout)]
             assert p in drop
-            losses[backend] = np.array(pt_train.train(s, device="cpu", model=model)["losses"])
+            losses[backend] = np.array(pt_train.train(s, model, params, device="cpu")["losses"])
     a, b = losses["ms"], losses["pt"]
     assert len(a) == len(b) == 20
     rel = np.abs(a - b) / np.abs(b)
