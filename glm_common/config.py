@@ -94,6 +94,18 @@ class ChatGLM2Config:
         return self.num_layers * 2 * self.kv_groups * self.kv_channels
 
     @property
+    def rope_ratio(self) -> float:
+        """mindformers' ``rope_ratio`` (ChatGLM2-6B-32K's position scaling): the rotary base is
+        ``10000 * rope_ratio`` (mindformers' glm2 ``base = base * rope_ratio``); 1 for ChatGLM2-6B. Kept in
+        :attr:`extra` so configs without it are written back as they were read."""
+        return float(self.extra.get("rope_ratio", 1) or 1)
+
+    @property
+    def rope_base(self) -> float:
+        """The rotary base both backends build their tables from: ``10000 * rope_ratio``."""
+        return 10000.0 * self.rope_ratio
+
+    @property
     def vocab_size(self) -> int:
         return self.padded_vocab_size
 
@@ -158,6 +170,10 @@ class ChatGLM2Config:
             raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
         if isinstance(data, Mapping) and data.get("model_type", "chatglm") != "chatglm":
             raise ConfigError(f"{path}: model_type: expected 'chatglm', got {data.get('model_type')!r}")
+        if isinstance(data, Mapping) and data.get("rope_ratio", 1) not in (1, 1.0, None):
+            raise ConfigError(f"{path}: rope_ratio: {data['rope_ratio']!r}: the HF ChatGLM2-6B-32K code divides "
+                              "positions by it, mindformers multiplies the rotary base; only mindformers' reading "
+                              "(a model_config key of a run YAML) is implemented")
         return cls.from_dict(data, source=path)
 
     def to_hf_dict(self) -> dict:
@@ -203,7 +219,7 @@ class ChatGLM2Config:
             if key == "pet_config":
                 run["pet_config"] = value
                 continue
-            if key in _FIELDS:
+            if key in _FIELDS or key == "rope_ratio":      # rope_ratio: kept in extra (see ChatGLM2Config.rope_ratio)
                 arch[key] = value
             elif key in _RUN_FIELDS:
                 run[key] = value
@@ -211,8 +227,10 @@ class ChatGLM2Config:
                 ignored[key] = value
             else:
                 raise ConfigError(f"{source}.{key}: unknown model_config key")
-        if arch.get("rope_ratio", 1) != 1:
-            raise ConfigError(f"{source}.rope_ratio: only 1 is supported")
+        if "rope_ratio" in arch:
+            ratio = arch["rope_ratio"]
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+                raise ConfigError(f"{source}.rope_ratio: expected a positive number, got {ratio!r}")
         # the dtype weights are stored in: mindformers calls it param_init_type
         arch.setdefault("torch_dtype", run.get("param_init_type", RunOptions.param_init_type))
         cfg = cls.from_dict(arch, source=source)
@@ -283,7 +301,7 @@ MINDFORMERS_IGNORED = frozenset({
     "checkpoint_name_or_path", "parallel_config", "offset", "pp_interleave_num", "is_dynamic",
     "block_size", "num_blocks", "use_rearrange_rope", "mask_generate", "fine_grain_interleave",
     "use_ring_attention", "post_self_attn_layernorm", "post_mlp_layernorm", "gmask_token_id",
-    "bos_token_id", "rope_ratio", "vocab_size", "classifier_dropout", "max_length", "use_cache",
+    "bos_token_id", "vocab_size", "classifier_dropout", "max_length", "use_cache",
     "tie_word_embeddings", "architectures", "model_type", "auto_map", "transformers_version",
     "interleaved_qkv", "no_recompute_layers", "seq_parallel", "use_prompt_flash_attention",
     "use_incre_flash_attention", "quant_config", "moe_config", "lora_config",

@@ -230,3 +230,16 @@ MS_ADAM_MOMENTS = ("adam_m.", "adam_v.")
 assert set(MS_ADAM_MOMENTS) <= set(TRAIN_STATE_PREFIXES)
 
 __all__ += ["MS_ADAM_MOMENTS"]
+
+
+def pet_weights_missing(pet_type: str, adapter_names, sources) -> "str | None":
+    """Why an eval/predict run with ``pet_type`` (lora, ptuning2) cannot use checkpoints ``sources`` that
+    hold the adapter weights ``adapter_names`` (None when some are there): an adapter left at its
+    initial value (LoRA B = 0) would report the base model's numbers under the fine-tune's name."""
+    if pet_type not in ("lora", "ptuning2") or list(adapter_names):
+        return None
+    what = "LoRA (lora_a/lora_b)" if pet_type == "lora" else "P-tuning v2 prefix (prefix_encoder)"
+    where = " + ".join(str(s) for s in sources) or "no checkpoint"
+    return (f"pet_type {pet_type} needs its {what} weights, but {where} holds none; load the fine-tuned "
+            f"checkpoint (--load_checkpoint RUN/checkpoint/rank_0/...ckpt) or remove pet_config")
+__all__ += ["pet_weights_missing"]

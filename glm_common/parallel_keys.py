@@ -92,5 +92,5 @@ def device_ignored(s) -> list:
                    f"{s.device_target})")
     if s.scaleout.get("enable_parallel_optimizer") and s.use_parallel:
         out.append(f"parallel.enable_parallel_optimizer (MindSpore's optimizer shard runs only on Ascend; no effect "
-                   f"on {s.device_target})")
+                   f"on {s.device_target} in mindspore_glm; torch_glm shards with FSDP2 under torchrun)")
     return out

@@ -136,6 +136,12 @@ class TrainSettings:
     progress: bool = True
     #: the scale-out keys (:func:`glm_common.parallel_keys.read_parallel_keys`)
     scaleout: dict = field(default_factory=dict)
+    #: ``metric.type`` as canonical names (:data:`glm_common.metrics.METRIC_TYPES`), in order
+    metrics: list = field(default_factory=lambda: ["ADGENMetric"])
+    #: ``train_dataset.ignore_pad_token_for_loss``: False scores the padding (pad id) as mindformers does
+    ignore_pad_token_for_loss: bool = True
+    #: ``lr_scale``/``lr_scale_factor`` already folded into ``learning_rate`` (kept for the record)
+    lr_scale: bool = False
     #: dotted paths of the keys that mean nothing here (warned once by settings_from_config)
     ignored: list = field(default_factory=list)
 
@@ -324,6 +330,109 @@ def _callbacks(r: _Reader, s: TrainSettings, ignored: list) -> None:
         ignored.extend(f"{where}.{k}" for k in sub.unread())
 
 
+#: mindformers' ChatGLM2Tokenizer keyword defaults: names of the special tokens ``tokenizer.model`` fixes
+TOKENIZER_SPECIALS = {"bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>", "mask_token": "[MASK]",
+                      "gmask_token": "[gMASK]", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def _special_tokens(r: _Reader) -> None:
+    """``processor.tokenizer`` / ``*_dataset.tokenizer`` special tokens: ChatGLM2's are fixed by its
+    tokenizer.model (``[gMASK]``, ``sop``, ``eop`` after the pieces; eos ``</s>``, pad = unk): mindformers'
+    defaults are accepted as naming them, any other value would change the ids and is refused."""
+    for part in ("processor.tokenizer", "train_dataset.tokenizer", "eval_dataset.tokenizer"):
+        for key, default in TOKENIZER_SPECIALS.items():
+            value = r.raw(f"{part}.{key}")
+            if value is not None and value != default:
+                r.fail(f"{part}.{key}", f"ChatGLM2's special tokens are fixed by tokenizer.model; only mindformers' "
+                       f"{default!r} is accepted, got {value!r}")
+    if str(r.raw("processor.type", "GLMProcessor")).lower() not in ("glmprocessor", "chatglm2processor"):
+        r.fail("processor.type", f"expected GLMProcessor, got {r.raw('processor.type')!r}")
+    r.raw("processor.return_tensors")
+
+
+def _dataset_task(r: _Reader, part: str) -> None:
+    """``<part>_task``: mindformers' ``KeyWordGenDataset`` wrapper around ``<part>`` (the YAML anchor)."""
+    task = r.raw(f"{part}_task")
+    if task is None:
+        return
+    kind = r.str(f"{part}_task.type", "KeyWordGenDataset")
+    if kind.lower() != "keywordgendataset":
+        r.fail(f"{part}_task.type", f"only KeyWordGenDataset (ADGEN prompt/answer) is read, got {kind!r}")
+    conf = r.raw(f"{part}_task.dataset_config")
+    if conf is not None and conf != r.raw(part):
+        r.fail(f"{part}_task.dataset_config", f"must be the {part} mapping (*{part} in mindformers' YAMLs)")
+
+
+def _eval_callbacks(r: _Reader, ignored: list) -> None:
+    cbs = r.raw("eval_callbacks")
+    if cbs is None:
+        return
+    if not isinstance(cbs, list):
+        r.fail("eval_callbacks", f"expected a list of callbacks, got {type(cbs).__name__}")
+    for i, cb in enumerate(cbs):
+        kind = cb.get("type") if isinstance(cb, Mapping) else None
+        if str(kind).lower() != "obsmonitor":
+            r.fail(f"eval_callbacks[{i}]", f"only ObsMonitor (an upload to OBS on ModelArts) is known, got {kind!r}")
+        ignored.append(f"eval_callbacks[{i}] (type 'ObsMonitor': uploads to OBS on ModelArts, not done here)")
+
+
+def _mindformers_switches(r: _Reader, s: TrainSettings, ignored: list) -> None:
+    """mindformers' top-level switches: the ones that would change the numbers are refused unless they are
+    off; the rest have no effect on one device (and are named as such)."""
+    if r.bool("only_save_strategy", False):
+        r.fail("only_save_strategy", "True writes a strategy file and stops in mindformers; not supported")
+    if r.bool("auto_trans_ckpt", False):
+        r.fail("auto_trans_ckpt", "True reshards load_checkpoint on the fly in mindformers; give a whole "
+               "checkpoint (python convert/merge_shards.py) instead")
+    r.raw("src_strategy_path_or_dir")
+    if r.bool("layer_scale", False):
+        r.fail("layer_scale", "True (layer-wise learning-rate decay) is not supported")
+    r.raw("layer_decay")      # used by mindformers only with layer_scale: True
+    if r.int("micro_batch_interleave_num", 1, lo=1) != 1:
+        r.fail("micro_batch_interleave_num", "only 1 is supported (interleaved micro-batches are an Ascend "
+               "model-parallel feature)")
+    if r.int("moe_config.expert_num", 1, lo=1) != 1:
+        r.fail("moe_config.expert_num", "ChatGLM2 has no experts; only 1 is supported")
+    for key in ("capacity_factor", "aux_loss_factor", "num_experts_chosen"):
+        r.raw(f"moe_config.{key}")       # no effect with one expert
+    for key in ("type", "model_name"):
+        r.raw(f"trainer.{key}")          # names: the run mode picks what runs
+    if not s.use_parallel:
+        # with use_parallel: False mindformers applies none of these either
+        for key in ("loss_repeated_mean", "enable_alltoall", "full_batch", "search_mode",
+                    "enable_parallel_optimizer", "strategy_ckpt_config", "strategy_ckpt_save_file"):
+            r.raw(f"parallel.{key}")
+        for key in ("expert_parallel", "gradient_aggregation_group"):
+            r.raw(f"parallel_config.{key}")
+
+
+#: families of ignored keys named once together, with why they change nothing here
+_FAMILIES = (
+    ("context.", ("enable_graph_kernel", "graph_kernel_flags", "max_call_depth", "save_graphs", "save_graphs_path"),
+     "graph compiler switches"),
+    ("", ("profile", "profile_start_step", "profile_stop_step", "init_start_profile", "profile_communication",
+          "profile_memory"), "profiler"),
+    ("", ("auto_tune", "filepath_prefix", "autotune_per_step"), "autotune"),
+    ("train_dataset.", ("num_parallel_workers", "python_multiprocessing", "numa_enable", "prefetch_size"),
+     "data-loader speed"),
+    ("eval_dataset.", ("num_parallel_workers", "python_multiprocessing", "numa_enable", "prefetch_size"),
+     "data-loader speed"),
+)
+
+
+def _compact(ignored: list) -> list:
+    """The ignored keys with each family of :data:`_FAMILIES` named once: ``prefix{a, b} (why)``."""
+    out = list(ignored)
+    for prefix, keys, why in _FAMILIES:
+        found = [k for k in keys if f"{prefix}{k}" in out or f"{prefix}{k} ({why})" in out]
+        if len(found) < 2:
+            continue
+        at = min(i for i, x in enumerate(out) if x.split(" (")[0] in {prefix + k for k in found})
+        out = [x for x in out if x.split(" (")[0] not in {prefix + k for k in found}]
+        out.insert(at, f"{prefix}{{{', '.join(found)}}} ({why})")
+    return out
+
+
 def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True) -> TrainSettings:
     """Flatten a mindformers-shaped run mapping into :class:`TrainSettings`; check every value.
 
@@ -370,15 +479,22 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
         r.fail("context.max_device_memory", f"expected a size like '30GB', got {mem!r}")
     s.max_device_memory = str(mem or "")
     # data
-    vocab = [r.raw(f"{k}.vocab_file") for k in ("train_dataset.tokenizer", "processor.tokenizer")]
-    s.vocab_file = str(vocab[0] or vocab[1] or "")
+    vocab = [r.raw(f"{k}.vocab_file") for k in ("train_dataset.tokenizer", "processor.tokenizer",
+                                                 "eval_dataset.tokenizer")]
+    s.vocab_file = str(vocab[0] or vocab[1] or vocab[2] or "")
     r.raw("train_dataset.tokenizer.type"), r.raw("processor.tokenizer.type"), r.raw("eval_dataset.tokenizer.type")
-    r.raw("eval_dataset.tokenizer.vocab_file")
+    _special_tokens(r)
     s.train_file = r.str("train_dataset.data_loader.dataset_dir", "")
     s.eval_file = r.str("eval_dataset.data_loader.dataset_dir", "")
     for part in ("train_dataset", "eval_dataset"):
-        for key in ("type", "phase", "version", "input_columns", "ignore_pad_token_for_loss"):
+        for key in ("type", "phase", "version", "input_columns"):
             r.raw(f"{part}.data_loader.{key}" if key in ("type", "phase", "version") else f"{part}.{key}")
+        if r.int(f"{part}.repeat", 1, lo=1) != 1:
+            r.fail(f"{part}.repeat", "only 1 is supported (use runner_config.epochs to go over the data again)")
+        for key in ("num_parallel_workers", "python_multiprocessing", "numa_enable", "prefetch_size"):
+            if r.raw(f"{part}.{key}") is not None:
+                ignored.append(f"{part}.{key}")
+        _dataset_task(r, part)
         cols = r.raw(f"{part}.data_loader.origin_columns")
         if cols is not None and list(cols) != ["content", "summary"]:
             r.fail(f"{part}.data_loader.origin_columns", "only ['content', 'summary'] (ADGEN) is read; other "
@@ -391,7 +507,12 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s.data_seed = r.int("train_dataset.seed", s.seed)
     r.raw("eval_dataset.seed")
     s.drop_remainder = r.bool("train_dataset.drop_remainder", True)
-    r.raw("eval_dataset.drop_remainder")
+    for part in ("train_dataset", "eval_dataset"):
+        if not r.bool(f"{part}.ignore_pad_token_for_loss", True):
+            r.fail(f"{part}.ignore_pad_token_for_loss", "only True is supported: prompt and padding tokens never "
+                   "count in the loss (False would score predictions of the pad id, as mindformers then does)")
+    if r.bool("eval_dataset.drop_remainder", False):
+        ignored.append("eval_dataset.drop_remainder (every eval sample is evaluated)")
     s.max_source_length = r.int("train_dataset.max_source_length", 64, lo=1)
     s.max_target_length = r.int("train_dataset.max_target_length", 128, lo=1)
     s.eval_max_source_length = r.int("eval_dataset.max_source_length", s.max_source_length, lo=1)
@@ -400,6 +521,8 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s.eval_batch_size = r.int("eval_dataset.batch_size", 8, lo=1)
     s.do_eval = r.bool("do_eval", False) and bool(s.eval_file)
     s.eval_step_interval = r.int("eval_step_interval", -1)
+    if r.int("eval_epoch_interval", -1) > 0:
+        r.fail("eval_epoch_interval", "only -1 is supported (evaluate every eval_step_interval updates)")
     # runner
     s.epochs = r.int("runner_config.epochs", 1, lo=1)
     s.batch_size = r.int("runner_config.batch_size", r.int("train_dataset.batch_size", 1, lo=1), lo=1)
@@ -443,6 +566,7 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s.eps = r.float("optimizer.eps", 1e-8, lo=0, open_lo=True)
     s.weight_decay = r.float("optimizer.weight_decay", 0.1, lo=0)
     _callbacks(r, s, ignored)
+    _eval_callbacks(r, ignored)
     # parallel
     s.use_parallel = r.bool("use_parallel", False)
     s.parallel_mode = r.int("parallel.parallel_mode", 0, lo=0)
@@ -455,14 +579,33 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s.pipeline_stage = r.int("parallel_config.pipeline_stage", 1, lo=1)
     s.micro_batch_num = r.int("parallel_config.micro_batch_num", 1, lo=1)
     s.vocab_emb_dp = r.bool("parallel_config.vocab_emb_dp", True)
-    metric = r.raw("metric.type", "ADGENMetric")
-    if str(metric).lower() != "adgenmetric":
-        r.fail("metric.type", f"only ADGENMetric (rouge-1/2/l, bleu-4) is available, got {metric!r}")
+    from glm_common.metrics import metric_types
+    metric = r.raw("metric", {"type": "ADGENMetric"})
+    try:
+        s.metrics = metric_types(metric if isinstance(metric, list) else r.raw("metric.type", "ADGENMetric"),
+                                 f"{source}: metric" if isinstance(metric, list) else f"{source}: metric.type")
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    _mindformers_switches(r, s, ignored)
     s.gradient_checkpointing = r.bool("recompute_config.recompute", False)
     from glm_common.parallel_keys import device_ignored, read_parallel_keys
     s.scaleout = read_parallel_keys(r)
     ignored.extend(device_ignored(s))
-    s.ignored = r.unread() + ignored
+    # lr_scale (mindformers' learning_rate_scale): lr x devices x per-device batch / lr_scale_factor
+    s.lr_scale = r.bool("lr_scale", False)
+    factor = r.float("lr_scale_factor", 256, lo=0, open_lo=True)
+    if s.lr_scale:
+        devices = s.data_parallel * s.model_parallel * s.pipeline_stage if s.use_parallel else 1
+        s.learning_rate = s.learning_rate * devices * r.int("train_dataset.batch_size", s.batch_size, lo=1) / factor
+    for key in ("qkv_concat", "mlp_concat"):
+        if not getattr(s.options, key):
+            r.fail(f"model.model_config.{key}", "only True is supported: the model reads the concatenated layout "
+                   "(convert with python convert/hf_to_ms.py --qkv concat --mlp concat)")
+    if not s.options.use_past:
+        ignored.append("model.model_config.use_past (generation always uses the KV cache: the same tokens)")
+    if s.options.batch_size != 1:
+        ignored.append("model.model_config.batch_size (eval/predict batches follow eval_dataset.batch_size)")
+    s.ignored = _compact(r.unread() + ignored)
     if warn and s.ignored:
         warnings.warn(f"{source}: keys that mean nothing here, ignored: {', '.join(s.ignored)}",
                       RunConfigWarning, stacklevel=2)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from glm_common.data import build_eval_features, build_train_features, load_samples
+from glm_common.generation import GenerationPlan, budget_groups, plan_eval_prompts
 from glm_common.run_config import RunConfigError, TrainSettings
 
 __all__ = ["TrainingError", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
-           "eval_loss_features", "eval_prompts", "clean_answer", "merge_shards", "format_table"]
+           "eval_loss_features", "eval_prompts", "generation_groups", "clean_answer", "merge_shards", "format_table"]
 
 
 class TrainingError(RuntimeError):
@@ -72,15 +73,25 @@ def eval_loss_features(s: TrainSettings, tokenizer, samples) -> dict:
                                 max_target_length=s.eval_max_target_length)
 
 
-def eval_prompts(s: TrainSettings, tokenizer, samples) -> tuple:
-    """``(eval features, new-token budget)``: left-padded prompts of the eval samples and how many tokens
-    greedy decoding may add (``eval max_target_length``, bounded by ``seq_length``)."""
+def eval_prompts(s: TrainSettings, tokenizer, samples, report=None) -> tuple:
+    """``(eval features, plan)``: left-padded prompts of the eval samples and each sample's new-token
+    budget, as mindformers' generator gives it (:func:`glm_common.generation.plan_eval_prompts`: prompt
+    plus answer within ``min(max_decode_length, seq_length)``, at most the eval ``max_target_length`` new
+    tokens). ``report`` (e.g. a warning printer) gets the one line about prompts cut to fit."""
     ev = build_eval_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length)
-    new = min(s.eval_max_target_length, s.config.seq_length - ev["input_ids"].shape[1] - 1)
-    if new <= 0:
-        raise RunConfigError(f"{s.source}: model.model_config.seq_length: {s.config.seq_length} leaves no room to "
-                             f"generate after {ev['input_ids'].shape[1]} prompt tokens")
-    return ev, new
+    try:
+        return plan_eval_prompts(ev, s.config.seq_length, s.options.max_decode_length, tokenizer.pad_token_id,
+                                 report=report, max_new_tokens=s.eval_max_target_length)
+    except ValueError as e:
+        raise RunConfigError(f"{s.source}: model.model_config: {e}") from None
+
+
+def generation_groups(plan: GenerationPlan, rows, seq_length: int) -> list:
+    """The eval batch ``rows`` (indices into the eval set) split into groups generated together:
+    ``[(row indices, new tokens), ...]`` (:func:`glm_common.generation.budget_groups`); keep
+    ``plan.new_tokens[r]`` tokens of row ``r``'s answer."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return [(rows[idx], int(new)) for idx, new in budget_groups(plan.lengths[rows], plan.new_tokens[rows], seq_length)]
 
 
 def clean_answer(tokenizer, row) -> list:

@@ -11,17 +11,18 @@ With ``world > 1`` every rank holds the whole model and answers its own share of
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 from mindspore import Tensor, ops
 from tqdm.auto import tqdm
 
-from glm_common.metrics import compute_metrics
+from glm_common.metrics import compute_metrics, perplexity
 from glm_common.run_config import TrainSettings
 from glm_common.training import (clean_answer, eval_loss_features, eval_prompts, eval_samples, format_table,
-                                 label_tokens, merge_shards)
+                                 generation_groups, label_tokens, merge_shards)
 
-__all__ = ["eval_samples", "eval_loss", "evaluate", "predict", "gather_rows", "format_table"]
+__all__ = ["eval_samples", "eval_loss", "eval_perplexity", "evaluate", "predict", "gather_rows", "format_table"]
 
 
 def gather_rows(rows: list, world: int) -> list:
@@ -53,6 +54,14 @@ def eval_loss(model, s: TrainSettings, tokenizer, samples) -> float:
     return total / max(1, count)
 
 
+def eval_perplexity(model, s: TrainSettings, tokenizer, samples) -> dict:
+    """``metric.type: PerplexityMetric``: ``{"loss", "PPL"}`` over ``samples`` as mindformers computes it
+    (:func:`glm_common.metrics.perplexity`: the mean of the batches' mean token losses)."""
+    return perplexity(lambda ids, labels: float(model(Tensor(ids.astype(np.int32)), None, None,
+                                                      Tensor(labels.astype(np.int32)))[0].asnumpy()),
+                      eval_loss_features(s, tokenizer, samples), s.eval_batch_size)
+
+
 def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, samples=None) -> tuple:
     """Greedy answers for the eval set: ``(metrics, predictions, references)``; ``metrics`` has
     ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4`` (x100, the official formula). With ``world > 1``
@@ -60,27 +69,34 @@ def evaluate(model, s: TrainSettings, tokenizer, rank: int = 0, world: int = 1, 
     ``samples``: :func:`eval_samples` already read (read here when None)."""
     if samples is None:
         samples = eval_samples(s)
-    ev, new = eval_prompts(s, tokenizer, samples)
+    ev, plan = eval_prompts(s, tokenizer, samples,
+                            report=(lambda m: print(f"warning: {m}", file=sys.stderr)) if rank == 0 else None)
     preds = []
     bs = s.eval_batch_size
     mine = np.arange(rank, len(samples), world)
     for lo in tqdm(range(0, len(mine), bs), desc="eval", disable=not s.progress or rank != 0):
         rows = mine[lo:lo + bs]
-        prompt = ev["input_ids"][rows]
-        out = model.generate(prompt, attention_mask=ev["attention_mask"][rows], position_ids=ev["position_ids"][rows],
-                             max_new_tokens=new, do_sample=False, eos_token_id=tokenizer.eos_token_id)
-        preds.extend(tokenizer.decode(clean_answer(tokenizer, row)) for row in out[:, prompt.shape[1]:].tolist())
+        answers = {}
+        for sel, new in generation_groups(plan, rows, s.config.seq_length):
+            prompt = ev["input_ids"][sel]
+            out = model.generate(prompt, attention_mask=ev["attention_mask"][sel],
+                                 position_ids=ev["position_ids"][sel], max_new_tokens=new, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for r, row in zip(sel, out[:, prompt.shape[1]:].tolist()):
+                answers[int(r)] = tokenizer.decode(clean_answer(tokenizer, row[:int(plan.new_tokens[r])]))
+        preds.extend(answers[int(r)] for r in rows)
     preds = merge_shards(gather_rows(preds, world), len(samples))
     return compute_metrics(preds, ev["answers"]), preds, list(ev["answers"])
 
 
 def predict(model, s: TrainSettings, tokenizer, queries, rank: int = 0, world: int = 1) -> list:
-    """``[{"query", "response"}, ...]`` with the model_config's generation settings. With ``world > 1``
-    this rank answers queries ``rank, rank+world, ...`` and every rank returns the gathered whole."""
+    """``[{"query", "response"}, ...]`` with the model_config's generation settings (``max_decode_length``
+    is the total length, prompt included, as mindformers reads it). With ``world > 1`` this rank answers
+    queries ``rank, rank+world, ...`` and every rank returns the gathered whole."""
     o = s.options
     out = []
     for q in list(queries)[rank::world]:
-        response, _ = model.chat(tokenizer, q, max_new_tokens=o.max_decode_length, do_sample=o.do_sample,
+        response, _ = model.chat(tokenizer, q, max_length=o.max_decode_length, do_sample=o.do_sample,
                                  top_k=o.top_k, top_p=o.top_p, temperature=1.0,
                                  repetition_penalty=o.repetition_penalty, seed=s.seed)
         out.append({"query": q, "response": response})

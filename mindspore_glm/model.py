@@ -260,6 +260,8 @@ class SelfAttention(nn.Cell):
         self.kv_repeat = 1
         self.use_flash_attention = False
         self.flash_attention = None
+        # attention_dropout on the probabilities (training only), as ChatGLM2's CoreAttention
+        self.attention_dropout = nn.Dropout(p=c.attention_dropout) if c.attention_dropout > 0 else None
 
     def construct(self, x, cos, sin, mask_bias, prefix_kv=None, kv_cache=None, slot=None):
         b, s, _ = x.shape
@@ -305,6 +307,8 @@ class SelfAttention(nn.Cell):
         scores = scores + ops.cast(mask_bias, self.softmax_compute_type)
         # the softmax over 2-D rows: its CPU kernels (forward and gradient) are several times faster than on 4-D
         probs = ops.softmax(ops.reshape(scores, (-1, kl)), -1)
+        if self.attention_dropout is not None:
+            probs = self.attention_dropout(probs)
         probs = ops.reshape(ops.cast(probs, self.compute_dtype), (b, gk, (np_ // gk) * s, kl))
         ctx = ops.reshape(self.bmm(probs, vr), (b, np_, s, hn))
         ctx = ops.reshape(ops.transpose(ctx, (0, 2, 1, 3)), (b, s, np_ * hn))
@@ -342,11 +346,18 @@ class GLMBlock(nn.Cell):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.layernorm_epsilon, param_init_type,
                                                 layernorm_compute_type)
         self.mlp = MLP(c, param_init_type, compute_dtype)
+        # hidden_dropout on both residual branches (training only), as ChatGLM2's GLMBlock
+        self.hidden_dropout = nn.Dropout(p=c.hidden_dropout) if c.hidden_dropout > 0 else None
 
     def construct(self, x, cos, sin, mask_bias, prefix_kv=None, kv_cache=None, slot=None):
         attn, present = self.self_attention(self.input_layernorm(x), cos, sin, mask_bias, prefix_kv, kv_cache, slot)
+        if self.hidden_dropout is not None:
+            attn = self.hidden_dropout(attn)
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        mlp_in = self.mlp(self.post_attention_layernorm(x))
+        if self.hidden_dropout is not None:
+            mlp_in = self.hidden_dropout(mlp_in)
+        x = x + mlp_in
         return x, present
 
 
@@ -389,7 +400,8 @@ class ChatGLM2Model(nn.Cell):
         self.encoder = GLMTransformer(c, param_init_type, compute_dtype, layernorm_compute_type,
                                       softmax_compute_type)
         self.output_layer = Linear(c.hidden_size, c.padded_vocab_size, False, param_init_type, compute_dtype)
-        self.rotary_cos, self.rotary_sin = rope_tables(build_rope_cache(c.seq_length, c.kv_channels), rotary_dtype)
+        self.rotary_cos, self.rotary_sin = rope_tables(build_rope_cache(c.seq_length, c.kv_channels, c.rope_base),
+                                                       rotary_dtype)
         # large enough to zero a probability, small enough not to overflow when added in the softmax dtype
         self.mask_min = -1e9 if softmax_compute_type == ms.float32 else -3e4
 

@@ -7,9 +7,12 @@ over the YAML's ``load_checkpoint``), ``--use_parallel``, ``--device_id``, ``--o
 stops training after N steps; ``--predict_data`` takes texts or one data file.
 
 * ``train`` / ``finetune``: :func:`mindspore_glm.train.train` (loss log, curve, checkpoints).
-* ``eval``: greedy generation over ``eval_dataset`` (``num_samples`` bounds it), rouge-1/2/l and bleu-4
-  by the official formula (:mod:`glm_common.metrics`); prints the table and writes
-  ``<output_dir>/eval_results.json`` and ``eval_predictions.jsonl``.
+* ``eval``: the YAML's ``metric.type``: ``ADGENMetric`` (greedy generation over ``eval_dataset``, each
+  sample with mindformers' budget, rouge-1/2/l and bleu-4 by the official formula) and/or
+  ``PerplexityMetric`` (loss and PPL, also printed as mindformers' log line), :mod:`glm_common.metrics`;
+  ``num_samples`` bounds the set; prints the table and writes ``<output_dir>/eval_results.json`` (and
+  ``eval_predictions.jsonl``). A ``pet_config`` of LoRA/P-tuning v2 whose weights no loaded checkpoint
+  holds is refused in eval and predict (the adapter would be its initial value).
 * ``predict``: responses (the model_config's generation settings) printed and written to
   ``<output_dir>/predict_results.jsonl``.
 
@@ -34,12 +37,15 @@ import warnings
 from glm_common.config import ConfigError
 from glm_common.data import DataError, load_samples
 from glm_common.fsutil import atomic_file
+from glm_common.metrics import metric_log_line
+from glm_common.names import is_pet_name, is_train_state, pet_weights_missing
 from glm_common.run_config import (RUN_MODES, RunConfigError, TrainSettings, load_run_config, parse_bool,
                                    settings_from_config)
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.training import TrainingError, format_table
 from mindspore_glm.checkpointing import is_adapter_checkpoint
-from mindspore_glm.evaluate import evaluate, predict
+from convert.ms_ckpt import MSCheckpoint
+from mindspore_glm.evaluate import eval_perplexity, eval_samples, evaluate, predict
 from mindspore_glm.train import build_model, init_ranks, set_context, train
 
 __all__ = ["main"]
@@ -80,6 +86,23 @@ def _others_done(rank: int, world: int, n: int, what: str) -> int:
     print(f"rank {rank}: answered {len(range(rank, n, world))} of {n} {what}; rank 0 writes the results",
           file=sys.stderr)
     return 0
+
+
+def _check_adapter_weights(s: TrainSettings, adapter: str) -> None:
+    """Eval/predict with a LoRA/prefix ``pet_config`` need its weights in the loaded checkpoints: without
+    them the adapter would be its initial value (LoRA B = 0), i.e. the base model under the fine-tune's name."""
+    kind = s.pet["pet_type"]
+    if kind not in ("lora", "ptuning2"):
+        return
+    names, sources = [], []
+    for path in (s.load_checkpoint, adapter):
+        if path and str(path).endswith(".ckpt") and os.path.isfile(path):
+            names.extend(n for n in MSCheckpoint(path).names if not is_train_state(n))
+        if path:
+            sources.append(path)
+    msg = pet_weights_missing(kind, [n for n in names if is_pet_name(n)], sources)
+    if msg:
+        raise RunConfigError(f"{s.source}: model.model_config.pet_config: {msg}")
 
 
 def main(argv=None) -> int:
@@ -152,19 +175,28 @@ def _run(s: TrainSettings, args) -> int:
         print(json.dumps({k: v for k, v in out.items() if k not in ("model", "losses")}, default=str))
         return 0
     rank, world = init_ranks(s)
+    _check_adapter_weights(s, adapter)
     model, _ = build_model(s, adapter)
     model.set_train(False)
     tokenizer = _tokenizer(s)
     if mode == "eval":
         t0 = time.perf_counter()
-        metrics, preds, refs = evaluate(model, s, tokenizer, rank, world)
+        samples = eval_samples(s)
+        metrics, preds, refs = {}, [], []
+        if "ADGENMetric" in s.metrics:
+            metrics, preds, refs = evaluate(model, s, tokenizer, rank, world, samples)
         if rank != 0:
-            return _others_done(rank, world, len(preds), "samples")
-        _write_jsonl(os.path.join(s.output_dir, "eval_predictions.jsonl"),
-                     ({"prediction": p, "reference": r} for p, r in zip(preds, refs)))
-        _write_json(os.path.join(s.output_dir, "eval_results.json"), {**metrics, "num_samples": len(preds)})
+            return _others_done(rank, world, len(samples), "samples")
+        if "PerplexityMetric" in s.metrics:
+            ppl = eval_perplexity(model, s, tokenizer, samples)
+            print(metric_log_line("PerplexityMetric", ppl))
+            metrics.update(ppl)
+        if preds:
+            _write_jsonl(os.path.join(s.output_dir, "eval_predictions.jsonl"),
+                         ({"prediction": p, "reference": r} for p, r in zip(preds, refs)))
+        _write_json(os.path.join(s.output_dir, "eval_results.json"), {**metrics, "num_samples": len(samples)})
         print(format_table(metrics))
-        print(f"evaluated {len(preds)} samples in {time.perf_counter() - t0:.1f} s; wrote "
+        print(f"evaluated {len(samples)} samples in {time.perf_counter() - t0:.1f} s; wrote "
               f"{os.path.join(s.output_dir, 'eval_results.json')}", file=sys.stderr)
         return 0
     if not args.predict_data:

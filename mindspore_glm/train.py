@@ -48,7 +48,7 @@ from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, to
                                  updates_per_epoch)
 from mindspore_glm.checkpointing import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from mindspore_glm.data import make_dataset
-from mindspore_glm.evaluate import eval_loss, evaluate
+from mindspore_glm.evaluate import eval_loss, eval_perplexity, evaluate
 from mindspore_glm.lora import apply_pet
 from mindspore_glm.model import ChatGLM2ForConditionalGeneration
 from mindspore_glm.parallel import check_scaleout, configure_model, dataset_split, init_parallel, semi_auto
@@ -153,7 +153,10 @@ def _log_eval(model, s: TrainSettings, tokenizer, step: int, log, rank: int, wor
     model.set_train(False)
     try:
         result = {"eval_loss": eval_loss(model, s, tokenizer, samples)}
-        result.update(evaluate(model, s, tokenizer, rank, world, samples)[0])
+        if "PerplexityMetric" in s.metrics:
+            result.update(eval_perplexity(model, s, tokenizer, samples))
+        if "ADGENMetric" in s.metrics:
+            result.update(evaluate(model, s, tokenizer, rank, world, samples)[0])
     finally:
         model.set_train(True)
     log.write({"step": step, **{k: round(float(v), 6) for k, v in result.items()}})

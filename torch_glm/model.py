@@ -164,6 +164,7 @@ class SelfAttention(nn.Module):
         self.multi_query = config.multi_query_attention
         self.query_key_value = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(config.projection_size, config.hidden_size, bias=config.add_bias_linear)
+        self.attention_dropout = config.attention_dropout     # on the probabilities, training only
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor],
                 past: Optional[tuple[torch.Tensor, torch.Tensor]] = None, use_cache: bool = False):
@@ -189,7 +190,8 @@ class SelfAttention(nn.Module):
             k = k.repeat_interleave(nh // g, dim=1)
             v = v.repeat_interleave(nh // g, dim=1)
         is_causal = mask is None and k.shape[2] == S and S > 1
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             dropout_p=self.attention_dropout if self.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(B, S, nh * hn)
         return self.dense(ctx), present
 
@@ -274,7 +276,7 @@ class ChatGLM2Model(nn.Module):
         table = self._rope_table
         if table is None or table.shape[0] < need or table.device != position_ids.device:
             length = max(need, self.config.seq_length, 0 if table is None else table.shape[0])
-            table = build_rope_cache(length, self.config.kv_channels).to(position_ids.device)
+            table = build_rope_cache(length, self.config.kv_channels, self.config.rope_base).to(position_ids.device)
             self._rope_table = table
         return table[position_ids].to(dtype)
 

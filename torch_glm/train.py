@@ -58,7 +58,7 @@ from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, to
                                  updates_per_epoch)
 from torch_glm.checkpointing import base_model, checkpoint_dir, load_checkpoint, save_checkpoint, save_result
 from torch_glm.data import make_dataloader
-from torch_glm.evaluate import eval_loss, evaluate
+from torch_glm.evaluate import eval_loss, eval_perplexity, evaluate
 from torch_glm import parallel as _parallel
 from torch_glm.lora import apply_pet
 from torch_glm.model import ChatGLM2ForConditionalGeneration
@@ -268,7 +268,10 @@ def _log_eval(model, s: TrainSettings, tokenizer, step: int, log) -> dict:
     try:
         samples = eval_samples(s)
         result = {"eval_loss": eval_loss(model, s, tokenizer, samples)}
-        result.update(evaluate(model, s, tokenizer, 0, 1, samples)[0])
+        if "PerplexityMetric" in s.metrics:
+            result.update(eval_perplexity(model, s, tokenizer, samples))
+        if "ADGENMetric" in s.metrics:
+            result.update(evaluate(model, s, tokenizer, 0, 1, samples)[0])
     finally:
         model.train(was_training)
     log.write({"step": step, **{k: round(float(v), 6) for k, v in result.items()}})

@@ -80,7 +80,7 @@ def test_unknown_keys_are_warned_once():
     ("train_dataset.max_source_length", -3, "train_dataset.max_source_length: must be >= 1"),
     ("train_dataset.data_loader.origin_columns", ["prompt", "response"], "origin_columns: only"),
     ("parallel.parallel_mode", 2, "parallel.parallel_mode: expected 0"),
-    ("metric.type", "PerplexityMetric", "metric.type: only ADGENMetric"),
+    ("metric.type", "BLEUMetric", "metric.type: expected one of ADGENMetric, PerplexityMetric"),
     ("model.model_config.pet_config.lora_rank", 0, "pet_config.lora_rank: must be >= 1"),
     ("model.model_config.pet_config.lora_dropout", 1.0, "pet_config.lora_dropout: must be < 1"),
     ("model.model_config.pet_config.pet_type", "adapter", "pet_config.pet_type: expected one of"),

@@ -339,8 +339,12 @@ def test_the_memory_plan_line_comes_before_the_ranks(tmp_path):
 def test_a_plan_that_does_not_fit_is_refused_with_the_fix(tmp_path):
     t8 = _table(tmp_path / "hccl_8p.json", 8)
     fake = tmp_path / "fake"
+    cfg = yaml.safe_load(open(GLM2_FT))
+    cfg["parallel"]["parallel_mode"] = 0        # data parallel: MindSpore shards no optimizer state there
+    dp = tmp_path / "run_glm2_6b_finetune_dp.yaml"
+    dp.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     for args in (["--dry-run"], []):
-        r = _launch([*args, t8, GLM2_FT, "[0,8)", "finetune"], tmp_path, env=_fake_env(fake))
+        r = _launch([*args, t8, str(dp), "[0,8)", "finetune"], tmp_path, env=_fake_env(fake))
         assert r.returncode == 2, r.stdout + r.stderr
         assert "does NOT fit [full, 8 devices = dp 8 x mp 1 x pp 1, optimizer shard" in r.stdout
         assert "run_distribute: error: memory plan: " in r.stderr and "does not fit 30.00 GiB" in r.stderr
@@ -543,7 +547,8 @@ def test_two_rank_eval_and_predict_match_one_process(tmp_path):
     from mindspore_glm.run import main
     cfg = yaml.safe_load(open(_tiny_dp_config(tmp_path / "base.yaml", 4, "unused")))
     cfg["eval_dataset"].update(num_samples=5, batch_size=1, max_target_length=8)
-    cfg["model"]["model_config"]["max_decode_length"] = 8
+    cfg["model"]["model_config"]["max_decode_length"] = 32 + 8      # the total: prompt (<= 32) + 8
+    cfg["model"]["model_config"].pop("pet_config")                  # the base model: no adapter to load
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     texts = ["类型#裙*颜色#红色", "类型#上衣*材质#棉", "类型#裤*风格#休闲"]   # 3 texts on 2 ranks: uneven shares
