@@ -54,8 +54,7 @@ def test_unknown_keys_are_warned_once():
     assert len(ours) == 1
     text = str(ours[0].message)
     for key in ("profile", "context.save_graphs", "train_dataset.num_parallel_workers",
-                "callbacks[2] (type 'SummaryMonitor')", "model.model_config.checkpoint_name_or_path",
-                "parallel.enable_alltoall"):
+                "callbacks[2] (type 'SummaryMonitor')", "model.model_config.checkpoint_name_or_path"):
         assert key in text and key in s.ignored
     # honoured keys are not listed
     for key in ("lr_schedule.warmup_steps", "runner_wrapper.scale_sense", "callbacks[1].prefix", "seed",
