@@ -71,7 +71,7 @@ def bad_input(tmp, name, args, expected):
     ok = (r.returncode == 2 and any(expected in x for x in errs) and "Traceback" not in r.stderr
           and not [f for f in os.listdir(fake) if f.endswith(".json")]
           and not os.path.exists(os.path.join(fake, "out")))
-    return ok, (errs[0] if errs else r.stderr.strip()[-200:])
+    return ok, (errs[0] if errs else f"exit {r.returncode}, no error: line: {r.stderr.strip()[-200:]}")
 
 
 def fault(tmp, name, args, env, expect_code, expect_text, signal_after=None, kill9=False):
@@ -125,6 +125,15 @@ def _broken(tmp):
     return _file(tmp, "broken.json", _text('{"version": "1.0", "server_list": [], "status": "completed"}'))
 
 
+def _tight(tmp):
+    """The 6B full fine-tune YAML with 16 GB per device: its plan (23 GiB with optimizer shard and recompute
+    on 8 devices) does not fit."""
+    with open(GLM2_FT, encoding="utf-8") as f:
+        text = f.read()
+    assert 'max_device_memory: "30GB"' in text
+    return _file(tmp, "tight.yaml", _text(text.replace('max_device_memory: "30GB"', 'max_device_memory: "16GB"', 1)))
+
+
 def _not_dir(tmp):
     return _file(tmp, "afile", _text(""))
 
@@ -154,7 +163,7 @@ CASES = [
                                                                              os.path.join(_not_dir(tmp), "x"), "-",
                                                                              TINY, "[0,2)", "finetune"],
                                                             "not a directory")),
-    ("layout that does not fit", "refused", lambda tmp: bad_input(tmp, "memory", [_t(tmp, 8), GLM2_FT, "[0,8)",
+    ("layout that does not fit", "refused", lambda tmp: bad_input(tmp, "memory", [_t(tmp, 8), _tight(tmp), "[0,8)",
                                                                                   "finetune"], "does not fit")),
     ("rank crashes", "handled", lambda tmp: fault(tmp, "crash", ["-", TINY, "[0,3)", "finetune"],
                                                   dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60, FAKE_CRASH_RANK=1,
