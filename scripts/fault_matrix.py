@@ -796,7 +796,8 @@ def _launch_cases() -> list:
     return [_launch_case(*c) for c in LAUNCH]
 
 
-CASES: list[Callable] = [v for k, v in list(globals().items()) if k.startswith("case_") and callable(v)] + _launch_cases()
+CASES: list[Callable] = ([v for k, v in list(globals().items()) if k.startswith("case_") and callable(v)]
+                         + _launch_cases())
 SLOW = {"case_run_yaml_syntax_error", "case_run_yaml_bad_value"}
 
 
