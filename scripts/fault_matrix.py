@@ -1,20 +1,37 @@
-"""Fault injection: run a matrix of bad inputs against the project's command-line tools and check that
-each is refused cleanly.
+"""Fault injection: run the whole matrix of bad inputs and faults against the project's tools and check that
+each is refused cleanly or handled.
 
     python scripts/fault_matrix.py [--only SUBSTRING] [--list] [--keep DIR] [--no-run-yaml]
 
-Every case builds its bad input in a fresh folder of a temporary directory, runs one command as a
-subprocess there and is classified:
+Every case builds its bad input in a fresh folder of a temporary directory, runs its command(s) as
+subprocesses there and is classified by one of three rules, chosen by what the case returns:
 
-- refused cleanly: a non-zero exit status, exactly one line on stderr, no Python traceback, the line
-  names the file the case is about (input or output, whichever is wrong), and nothing half-written left
-  behind (no ``*.partial`` / ``*.old`` / ``.tmp_*`` anywhere in the case folder, none of the case's outputs);
-- wrong: anything else (exit 0, a traceback, several lines, the wrong file named, leftovers).
+- :class:`Run` (bad input: converters, merger, data CLI, run YAML, rank tables) is *refused cleanly* when:
+  a non-zero exit status, exactly one line on stderr, no Python traceback, the line names the file the case
+  is about (input or output, whichever is wrong), and nothing half-written left behind (no ``*.partial`` /
+  ``*.old`` / ``.tmp_*`` anywhere in the case folder, none of the case's outputs);
+- :class:`Expect` (a fault the tool must get past: resume over a damaged checkpoint, a planted pickle, a
+  cut loss-log line) is *handled* when: the documented exit status, every expected line on stderr (each
+  names the file or checkpoint it is about), no Python traceback, and none of the files that must not
+  appear (the pickle's marker) exists;
+- :class:`Checked` (the launcher cases of ``tests/scripts/launch_faults.py``, run for real with a stand-in
+  rank worker, incl. ``kill -9`` of the launcher) carries the verdict of that module's own rules: a bad
+  argument exits 2 with an ``error:`` line and starts nothing; a process fault exits with the documented
+  status, names what failed and leaves no process of the launch alive 5 s later.
 
-It prints one line per case, then ``tried N / refused cleanly N / wrong N``, and exits 1 if any case is
-wrong. Cases are plain functions in :data:`CASES` (``def case_x(ctx, d) -> Run``), so more (resume, the
-launcher, pickles) can be added by appending a function. A disk-full and a read-only-output case run inside
-``unshare -rm`` with a small tmpfs mounted; where user namespaces are unavailable they are skipped and said so.
+Anything else is *wrong*. Handled cases count with the refused ones. It prints one line per case, then
+``tried N / refused cleanly N / wrong N``, and exits 1 if any case is wrong.
+
+Which backend: the resume cases run ``torch_glm`` (``python -m torch_glm.run``) on the tiny model, 16 rows,
+LoRA, a checkpoint after each of 4 steps (one run shared by the cases, then each resumes a copy); the
+MindSpore twin has the same checks in ``tests/mindspore_glm/test_resume.py``. The case of ranks whose
+latest steps disagree verifies two real rank checkpoint directories with ``torch_glm.resume`` and agrees on
+a step with ``glm_common.resume.choose_resume`` (the gather over ranks given both payloads, no process
+group); the 2-process run is the slow test in ``tests/torch_glm/test_resume.py``.
+
+Cases are plain functions named ``case_*`` (``def case_x(ctx, d) -> Run | Expect | Checked``), so more can
+be added by writing a function. A disk-full and a read-only-output case run inside ``unshare -rm`` with a
+small tmpfs mounted; where user namespaces are unavailable they are skipped and said so.
 """
 from __future__ import annotations
 
@@ -47,6 +64,27 @@ class Run:
     timeout: float = 300
 
 
+@dataclass
+class Expect:
+    """A fault the command must get past: exit ``rc``, every string of ``lines`` on stderr, no traceback, and
+    none of ``absent`` exists afterwards."""
+
+    cmd: list
+    lines: list
+    absent: list = field(default_factory=list)
+    rc: int = 0
+    timeout: float = 300
+
+
+@dataclass
+class Checked:
+    """A case that ran and judged itself (the launcher cases): ``ok``, ``why``, and ``label`` for the line."""
+
+    ok: bool
+    why: str
+    label: str = "handled"
+
+
 class Skip(Exception):
     """A case that cannot run here (the reason is printed)."""
 
@@ -75,6 +113,26 @@ class Context:
             convert_hf_to_ms(self.hf(), os.path.join(p, "tiny.ckpt"), progress=False)
         return os.path.join(self._once("ms", build), "tiny.ckpt")
 
+    def torch_run(self) -> str:
+        """A finished 4-step tiny LoRA run of torch_glm (``run.yaml``, ``out/`` with ``tiny_step_1..4``)."""
+        def build(p):
+            from pathlib import Path
+            import yaml
+            from tests.torch_glm.test_train import run_config
+            cfg = run_config(Path(p), "lora", 5e-3, rows=16, epochs=1, callbacks=[
+                {"type": "CheckpointMonitor", "prefix": "tiny", "save_checkpoint_steps": 1,
+                 "keep_checkpoint_max": 10}])
+            with open(os.path.join(p, "run.yaml"), "w", encoding="utf-8") as f:
+                yaml.safe_dump(cfg, f, allow_unicode=True)
+            res = subprocess.run(torch_train(p, os.path.join(p, "out")), capture_output=True, text=True,
+                                 env=_env(), timeout=600)
+            if res.returncode:
+                raise RuntimeError(f"the tiny torch_glm run failed: {res.stderr[-2000:]}")
+        return self._once("torch-run", build)
+
+    def launch_tmp(self) -> str:
+        return self._once("launch", lambda p: os.makedirs(p))
+
     def copy_hf(self, d: str, layout: str = "single") -> str:
         dst = os.path.join(d, "hf")
         shutil.copytree(self.hf(layout), dst)
@@ -88,6 +146,17 @@ class Context:
 
 def _script(rel: str) -> str:
     return os.path.join(ROOT, rel)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def torch_train(run_dir: str, out: str, *extra) -> list:
+    return [PY, "-m", "torch_glm.run", "--config", os.path.join(run_dir, "run.yaml"), "--output_dir", out,
+            "--device", "cpu", "--no_progress", *extra]
 
 
 def hf_to_ms(hf_dir: str, out: str, *extra) -> list:
@@ -616,7 +685,119 @@ def case_hccl_tools_conf_missing(ctx, d):
                 "--hccn_conf", os.path.join(d, "none.conf"), "--output", d], ["none.conf"])
 
 
-CASES: list[Callable] = [v for k, v in list(globals().items()) if k.startswith("case_") and callable(v)]
+# ---------------------------------------------------------------------- resume (torch_glm; see the docstring)
+def _resume_copy(ctx, d):
+    run = ctx.torch_run()
+    out = os.path.join(d, "out")
+    shutil.copytree(os.path.join(run, "out"), out)
+    return run, out
+
+
+class _Planted:
+    """A pickle that, when unpickled, writes a marker file (what an attacker's would do instead)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('executed')",)
+
+
+def case_resume_pickle_in_checkpoint(ctx, d):
+    import torch
+    run, out = _resume_copy(ctx, d)
+    marker = os.path.join(d, "pwned")
+    ck = os.path.join(out, "checkpoint")
+    latest = os.path.join(ck, "tiny_step_4")
+    os.remove(os.path.join(latest, "trainer_state.json"))     # the old pickled layout ...
+    for step in (3, 4):                                        # ... and a pickle planted beside a complete one
+        torch.save(_Planted(marker), os.path.join(ck, f"tiny_step_{step}", "trainer_state.pt"))
+    return Expect(torch_train(run, out, "--resume"),
+                  [f"skipping checkpoint {latest}: no trainer_state.json; its trainer_state.pt is a pickle",
+                   f"resuming from {os.path.join(ck, 'tiny_step_3')} at step 3"], [marker])
+
+
+def case_resume_loss_log_cut_short(ctx, d):
+    run, out = _resume_copy(ctx, d)
+    shutil.rmtree(os.path.join(out, "checkpoint", "tiny_step_4"))
+    log = os.path.join(out, "loss_log.jsonl")
+    lines = open(log, encoding="utf-8").read().splitlines(keepends=True)
+    open(log, "w", encoding="utf-8").write("".join(lines[:3]) + lines[3][:17])   # killed while writing row 4
+    return Expect(torch_train(run, out, "--resume"),
+                  [f"{log}: line 4 is cut short (the run stopped while writing it); dropped it"])
+
+
+def _damaged_latest(ctx, d, damage):
+    run, out = _resume_copy(ctx, d)
+    latest = os.path.join(out, "checkpoint", "tiny_step_4")
+    p = os.path.join(latest, damage[0])
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[:len(data) // 2] if damage[1] == "half" else b"")
+    return Expect(torch_train(run, out, "--resume"),
+                  [f"skipping checkpoint {latest}: {damage[0]}",
+                   f"resuming from {os.path.join(out, 'checkpoint', 'tiny_step_3')} at step 3"])
+
+
+def case_resume_latest_checkpoint_zero_length(ctx, d):
+    return _damaged_latest(ctx, d, ("trainable.safetensors", "empty"))
+
+
+def case_resume_latest_checkpoint_truncated(ctx, d):
+    return _damaged_latest(ctx, d, ("trainer_state.safetensors", "half"))
+
+
+_AGREE = """
+import sys
+from glm_common.resume import choose_resume, verify_candidates
+from torch_glm.resume import candidates, verify_checkpoint
+ranks = sys.argv[1:]
+ver = [verify_candidates(candidates(c, "tiny"), lambda p, s: verify_checkpoint(p, s, 1)) for c in ranks]
+for r, v in enumerate(ver):
+    for line in v.skipped:
+        print(f"rank {r}: {line}", file=sys.stderr)
+mine = lambda v: {"steps": sorted(v.paths, reverse=True), "foreign": v.foreign[:1], "skipped": len(v.skipped)}
+payloads = [mine(v) for v in ver]
+got = [choose_resume(v, lambda obj: payloads, r, len(ranks), where=ranks[r]) for r, v in enumerate(ver)]
+print(got[0].line, file=sys.stderr)
+print(f"steps chosen: {sorted(set(g.step for g in got))}", file=sys.stderr)
+"""
+
+
+def case_resume_ranks_latest_steps_disagree(ctx, d):
+    run, a = _resume_copy(ctx, d)
+    b = os.path.join(d, "rank1")
+    shutil.copytree(a, b)
+    ck = os.path.join(b, "checkpoint")
+    os.rename(os.path.join(ck, "tiny_step_4"), os.path.join(ck, "tiny_step_4.tmp"))   # killed while writing it
+    p = os.path.join(ck, "tiny_step_4.tmp", "trainable.safetensors")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[:len(data) // 3])
+    return Expect([PY, "-c", _AGREE, os.path.join(a, "checkpoint"), ck],
+                  ["resuming all 2 ranks at step 3 (the newest step every rank holds complete); "
+                   "newer steps skipped: rank 1 has no complete step 4", "steps chosen: [3]"])
+
+
+# ---------------------------------------------------------------------- the launcher (tests/scripts/launch_faults.py)
+def _launch_case(name, kind, run):
+    def case(ctx, d):
+        ok, why = run(ctx.launch_tmp())
+        return Checked(ok, why, "refused" if kind == "refused" else "handled")
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    while "__" in slug:
+        slug = slug.replace("__", "_")
+    case.__name__ = f"case_launch_{slug}"
+    return case
+
+
+def _launch_cases() -> list:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from tests.scripts.launch_faults import CASES as LAUNCH
+    return [_launch_case(*c) for c in LAUNCH]
+
+
+CASES: list[Callable] = ([v for k, v in list(globals().items()) if k.startswith("case_") and callable(v)]
+                         + _launch_cases())
 SLOW = {"case_run_yaml_syntax_error", "case_run_yaml_bad_value"}
 
 
@@ -641,10 +822,35 @@ def _leftovers(d: str, outputs: list) -> list[str]:
     return found
 
 
-def judge(run: Run, d: str) -> tuple[bool, str]:
-    """``(refused cleanly, why / the error line)`` for ``run`` executed in folder ``d``."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+def _judge_expect(exp: Expect, d: str) -> tuple[bool, str]:
+    try:
+        res = subprocess.run([str(c) for c in exp.cmd], capture_output=True, text=True, cwd=d, env=_env(),
+                             timeout=exp.timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"no answer within {exp.timeout:.0f} s"
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    if "Traceback" in res.stderr:
+        return False, f"traceback: {lines[-1] if lines else ''}"
+    if res.returncode != exp.rc:
+        return False, f"exit {res.returncode}, not {exp.rc}: {' | '.join(lines[-3:])[:300]}"
+    found = [p for p in exp.absent if os.path.lexists(p)]
+    if found:
+        return False, f"must not exist but does: {', '.join(os.path.relpath(p, d) for p in found)}"
+    missing = [x for x in exp.lines if not any(x in ln for ln in lines)]
+    if missing:
+        return False, f"no line saying {missing[0]!r} (stderr: {' | '.join(lines[-3:])[:300]})"
+    said = [next(ln for ln in lines if x in ln) for x in exp.lines]
+    return True, " | ".join(dict.fromkeys(said))
+
+
+def judge(run, d: str) -> tuple[bool, str]:
+    """``(refused cleanly or handled, why / the error line)`` for the case result ``run`` (a :class:`Run`,
+    :class:`Expect` or :class:`Checked`) executed in folder ``d``."""
+    if isinstance(run, Checked):
+        return run.ok, run.why
+    if isinstance(run, Expect):
+        return _judge_expect(run, d)
+    env = _env()
     cmd = [str(c) for c in run.cmd]
     if run.unshare_mount:
         if not _unshare_ok():
@@ -678,9 +884,11 @@ def judge(run: Run, d: str) -> tuple[bool, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python scripts/fault_matrix.py",
-        description="Run the bad-input matrix against the converters, the merger, the data pipeline CLI, the run "
-                    "YAML and the rank-table tools; each case must be refused cleanly (non-zero exit, one stderr "
-                    "line naming the file, no traceback, nothing half-written). Exit 1 if any is not.")
+        description="Run the bad-input and fault matrix against the converters, the merger, the data pipeline "
+                    "CLI, the run YAML, the rank-table tools, resume (torch_glm) and the launcher; each case must "
+                    "be refused cleanly (non-zero exit, one stderr line naming the file, no traceback, nothing "
+                    "half-written) or handled (the documented exit and lines, e.g. a fallback said in one line). "
+                    "Prints tried / refused cleanly / wrong; exit 1 if any is wrong.")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", default=None, help="build the cases under this folder and keep it (default: a temp dir)")
@@ -703,15 +911,19 @@ def main(argv=None) -> int:
             d = os.path.join(base, name)
             os.makedirs(d, exist_ok=True)
             try:
-                ok, why = judge(case(ctx, d), d)
+                result = case(ctx, d)
+                ok, why = judge(result, d)
             except Skip as e:
                 skipped += 1
                 print(f"skipped  {name}: {e}", flush=True)
                 continue
+            except Exception as e:   # the case itself could not be built: counted wrong, never hidden
+                result, ok, why = None, False, f"the case could not be built: {type(e).__name__}: {e}"
             tried += 1
             clean += ok
             wrong += not ok
-            print(f"{'refused ' if ok else 'WRONG   '} {name}: {why}", flush=True)
+            label = "refused " if isinstance(result, Run) or getattr(result, "label", "") == "refused" else "handled "
+            print(f"{label if ok else 'WRONG   '} {name}: {why}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -8,7 +8,7 @@ traceback, and nothing started or written. A process fault is *handled* when the
 documented status (1 for a failed rank, 128+N for signal N), names what failed, and no process of the
 launch is left after 5 s (the kill -9 case: after the launcher is gone). Anything else is *wrong*.
 Prints one line per case and ``tried N, refused cleanly or handled N, wrong N``; exit status 1 when a case
-is wrong.
+is wrong. The cases are :data:`CASES`; ``scripts/fault_matrix.py`` runs them too, as part of the whole matrix.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def bad_input(tmp, name, args, expected):
     ok = (r.returncode == 2 and any(expected in x for x in errs) and "Traceback" not in r.stderr
           and not [f for f in os.listdir(fake) if f.endswith(".json")]
           and not os.path.exists(os.path.join(fake, "out")))
-    return ok, (errs[0] if errs else r.stderr.strip()[-200:])
+    return ok, (errs[0] if errs else f"exit {r.returncode}, no error: line: {r.stderr.strip()[-200:]}")
 
 
 def fault(tmp, name, args, env, expect_code, expect_text, signal_after=None, kill9=False):
@@ -94,63 +94,111 @@ def fault(tmp, name, args, env, expect_code, expect_text, signal_after=None, kil
     for x in survivors:
         os.kill(x, signal.SIGKILL)
     ok = p.returncode == expect_code and expect_text in err and not survivors and "Traceback" not in err
+    if kill9:
+        return ok, (f"exit {p.returncode}, {len(survivors)} of {len(_fake_pids(fake))} launched processes alive "
+                    f"5 s after the launcher was killed with SIGKILL")
     line = next((x for x in err.splitlines() if expect_text in x), err.strip().splitlines()[-1:] or [""])
     return ok, f"exit {p.returncode}, {len(survivors)} survivors; {line if isinstance(line, str) else line[0]}"
 
 
+def _file(tmp, name, write):
+    """``tmp/name``, written by ``write(path)`` the first time it is asked for."""
+    path = os.path.join(tmp, name)
+    if not os.path.exists(path):
+        write(path)
+    return path
+
+
+def _text(text):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+    return write
+
+
+def _bad_yaml(tmp):
+    return _file(tmp, "bad.yaml", _text("model: [1, 2\n"))
+
+
+def _t(tmp, n):
+    return _file(tmp, f"t{n}.json", lambda p: _table(p, n))
+
+
+def _broken(tmp):
+    return _file(tmp, "broken.json", _text('{"version": "1.0", "server_list": [], "status": "completed"}'))
+
+
+def _tight(tmp):
+    """The 6B full fine-tune YAML with 16 GB per device: its plan (23 GiB with optimizer shard and recompute
+    on 8 devices) does not fit."""
+    with open(GLM2_FT, encoding="utf-8") as f:
+        text = f.read()
+    assert 'max_device_memory: "30GB"' in text
+    return _file(tmp, "tight.yaml", _text(text.replace('max_device_memory: "30GB"', 'max_device_memory: "16GB"', 1)))
+
+
+def _not_dir(tmp):
+    return _file(tmp, "afile", _text(""))
+
+
+# (name, kind, run(tmp) -> (ok, detail)); kind "refused" (bad input) or "handled" (a process fault)
+CASES = [
+    ("too few arguments", "refused", lambda tmp: bad_input(tmp, "few", ["-", TINY], "expected RANK_TABLE_FILE")),
+    ("bad RUN_STATUS", "refused", lambda tmp: bad_input(tmp, "status", ["-", TINY, "[0,2)", "fine"], "RUN_STATUS")),
+    ("empty DEVICE_RANGE", "refused", lambda tmp: bad_input(tmp, "range", ["-", TINY, "[2,2)", "finetune"],
+                                                            "DEVICE_RANGE")),
+    ("bad RANK_SIZE", "refused", lambda tmp: bad_input(tmp, "ranksize", ["-", TINY, "[0,2)", "finetune", "0"],
+                                                       "RANK_SIZE")),
+    ("missing config", "refused", lambda tmp: bad_input(tmp, "noconfig", ["-", "nope.yaml", "[0,2)", "finetune"],
+                                                        "nope.yaml")),
+    ("config not YAML", "refused", lambda tmp: bad_input(tmp, "badyaml", ["-", _bad_yaml(tmp), "[0,2)", "finetune"],
+                                                         "not valid YAML")),
+    ("Ascend without rank table", "refused", lambda tmp: bad_input(tmp, "notable", ["-", GLM2_LORA, "[0,8)",
+                                                                                    "finetune"],
+                                                                   "RANK_TABLE_FILE: required")),
+    ("rank table of other size", "refused", lambda tmp: bad_input(tmp, "tablesize", [_t(tmp, 8), GLM2_LORA, "[0,4)",
+                                                                                     "finetune"], "lists 8 devices")),
+    ("broken rank table", "refused", lambda tmp: bad_input(tmp, "broken", [_broken(tmp), GLM2_LORA, "[0,8)",
+                                                                           "finetune"], "RANK_TABLE_FILE")),
+    ("predict without texts", "refused", lambda tmp: bad_input(tmp, "predict", ["-", TINY, "[0,2)", "predict"],
+                                                               "PREDICT_DATA")),
+    ("--output is a file", "refused", lambda tmp: bad_input(tmp, "outfile", ["--output",
+                                                                             os.path.join(_not_dir(tmp), "x"), "-",
+                                                                             TINY, "[0,2)", "finetune"],
+                                                            "not a directory")),
+    ("layout that does not fit", "refused", lambda tmp: bad_input(tmp, "memory", [_t(tmp, 8), _tight(tmp), "[0,8)",
+                                                                                  "finetune"], "does not fit")),
+    ("rank crashes", "handled", lambda tmp: fault(tmp, "crash", ["-", TINY, "[0,3)", "finetune"],
+                                                  dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60, FAKE_CRASH_RANK=1,
+                                                       FAKE_CRASH_AFTER=1, FAKE_CHILD=1), 1, "rank 1 failed")),
+    ("rank ignores SIGTERM", "handled", lambda tmp: fault(tmp, "ignore", ["-", TINY, "[0,2)", "finetune"],
+                                                          dict(FAKE_SECONDS=60, FAKE_CRASH_RANK=0, FAKE_CRASH_AFTER=1,
+                                                               FAKE_IGNORE_TERM=1), 1, "SIGKILL")),
+    ("scheduler fails", "handled", lambda tmp: fault(tmp, "sched", ["-", TINY, "[0,2)", "finetune"],
+                                                     dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=1, FAKE_SCHED_CODE=1), 1,
+                                                     "scheduler failed")),
+    ("SIGTERM to launcher", "handled", lambda tmp: fault(tmp, "term", ["-", TINY, "[0,2)", "finetune"],
+                                                         dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60, FAKE_CHILD=1),
+                                                         143, "SIGTERM received", signal_after=signal.SIGTERM)),
+    ("kill -9 of launcher (cluster)", "handled", lambda tmp: fault(tmp, "k9c", ["-", TINY, "[0,2)", "finetune"],
+                                                                   dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60,
+                                                                        FAKE_CHILD=1), -9, "", kill9=True)),
+    ("kill -9 of launcher (rank table)", "handled", lambda tmp: fault(tmp, "k9a", [_t(tmp, 2), GLM2_LORA, "[0,2)",
+                                                                                   "finetune"],
+                                                                      dict(FAKE_SECONDS=60, FAKE_CHILD=1), -9, "",
+                                                                      kill9=True)),
+]
+
+
 def main() -> int:
     tmp = tempfile.mkdtemp(prefix="launch_faults_")
-    bad_yaml = os.path.join(tmp, "bad.yaml")
-    open(bad_yaml, "w").write("model: [1, 2\n")
-    t8 = _table(os.path.join(tmp, "t8.json"), 8)
-    t2 = _table(os.path.join(tmp, "t2.json"), 2)
-    broken = os.path.join(tmp, "broken.json")
-    open(broken, "w").write('{"version": "1.0", "server_list": [], "status": "completed"}')
-    not_dir = os.path.join(tmp, "afile")
-    open(not_dir, "w").close()
-    cases = [
-        ("too few arguments", lambda: bad_input(tmp, "few", ["-", TINY], "expected RANK_TABLE_FILE")),
-        ("bad RUN_STATUS", lambda: bad_input(tmp, "status", ["-", TINY, "[0,2)", "fine"], "RUN_STATUS")),
-        ("empty DEVICE_RANGE", lambda: bad_input(tmp, "range", ["-", TINY, "[2,2)", "finetune"], "DEVICE_RANGE")),
-        ("bad RANK_SIZE", lambda: bad_input(tmp, "ranksize", ["-", TINY, "[0,2)", "finetune", "0"], "RANK_SIZE")),
-        ("missing config", lambda: bad_input(tmp, "noconfig", ["-", "nope.yaml", "[0,2)", "finetune"], "nope.yaml")),
-        ("config not YAML", lambda: bad_input(tmp, "badyaml", ["-", bad_yaml, "[0,2)", "finetune"], "not valid YAML")),
-        ("Ascend without rank table", lambda: bad_input(tmp, "notable", ["-", GLM2_LORA, "[0,8)", "finetune"],
-                                                        "RANK_TABLE_FILE: required")),
-        ("rank table of other size", lambda: bad_input(tmp, "tablesize", [t8, GLM2_LORA, "[0,4)", "finetune"],
-                                                       "lists 8 devices")),
-        ("broken rank table", lambda: bad_input(tmp, "broken", [broken, GLM2_LORA, "[0,8)", "finetune"],
-                                                "RANK_TABLE_FILE")),
-        ("predict without texts", lambda: bad_input(tmp, "predict", ["-", TINY, "[0,2)", "predict"], "PREDICT_DATA")),
-        ("--output is a file", lambda: bad_input(tmp, "outfile", ["--output", os.path.join(not_dir, "x"), "-", TINY,
-                                                                  "[0,2)", "finetune"], "not a directory")),
-        ("layout that does not fit", lambda: bad_input(tmp, "memory", [t8, GLM2_FT, "[0,8)", "finetune"],
-                                                       "does not fit")),
-        ("rank crashes", lambda: fault(tmp, "crash", ["-", TINY, "[0,3)", "finetune"],
-                                       dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60, FAKE_CRASH_RANK=1,
-                                            FAKE_CRASH_AFTER=1, FAKE_CHILD=1), 1, "rank 1 failed")),
-        ("rank ignores SIGTERM", lambda: fault(tmp, "ignore", ["-", TINY, "[0,2)", "finetune"],
-                                               dict(FAKE_SECONDS=60, FAKE_CRASH_RANK=0, FAKE_CRASH_AFTER=1,
-                                                    FAKE_IGNORE_TERM=1), 1, "SIGKILL")),
-        ("scheduler fails", lambda: fault(tmp, "sched", ["-", TINY, "[0,2)", "finetune"],
-                                          dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=1, FAKE_SCHED_CODE=1), 1,
-                                          "scheduler failed")),
-        ("SIGTERM to launcher", lambda: fault(tmp, "term", ["-", TINY, "[0,2)", "finetune"],
-                                              dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60, FAKE_CHILD=1), 143,
-                                              "SIGTERM received", signal_after=signal.SIGTERM)),
-        ("kill -9 of launcher (cluster)", lambda: fault(tmp, "k9c", ["-", TINY, "[0,2)", "finetune"],
-                                                        dict(FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60, FAKE_CHILD=1),
-                                                        -9, "", kill9=True)),
-        ("kill -9 of launcher (rank table)", lambda: fault(tmp, "k9a", [t2, GLM2_LORA, "[0,2)", "finetune"],
-                                                           dict(FAKE_SECONDS=60, FAKE_CHILD=1), -9, "", kill9=True)),
-    ]
     good = 0
-    for name, run in cases:
-        ok, detail = run()
+    for name, _kind, run in CASES:
+        ok, detail = run(tmp)
         good += ok
         print(f"{'ok   ' if ok else 'WRONG'} {name}: {detail}", flush=True)
-    print(f"launcher faults: tried {len(cases)}, refused cleanly or handled {good}, wrong {len(cases) - good}")
-    return 0 if good == len(cases) else 1
+    print(f"launcher faults: tried {len(CASES)}, refused cleanly or handled {good}, wrong {len(CASES) - good}")
+    return 0 if good == len(CASES) else 1
 
 
 if __name__ == "__main__":
