@@ -172,7 +172,7 @@ def test_eight_staggered_streams_get_their_solo_answers(backend):
         peak = []
 
         def run(i):
-            time.sleep(0.15 * i)                     # staggered: later ones join a running batch
+            time.sleep(0.05 * i)                     # staggered: later ones join a running batch
             stream = _client(url).chat.completions.create(
                 model=backend.model_id, messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=n,
                 temperature=0, stream=True)
