@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from convert.safetensors_io import DTYPES, AtomicWriter, copy_bytes, ms_dtype, ms_type
+from convert.safetensors_io import DTYPES, AtomicWriter, copy_bytes, ms_dtype, ms_type, read_range
 
 __all__ = ["MSCheckpointError", "MSCheckpoint", "AtomicWriter", "CheckpointWriter", "save_ms_checkpoint", "MS_DTYPES",
            "copy_bytes"]
@@ -274,8 +274,7 @@ class MSCheckpoint:
         shape, ms_type, offset, nbytes = self._entry(name)
         dtype = _np_dtype(ms_type, self.path)
         try:
-            with open(self.path, "rb") as f:
-                buf = os.pread(f.fileno(), nbytes, offset) if nbytes else b""
+            buf = read_range(self.path, offset, nbytes)
         except OSError as e:
             raise MSCheckpointError(f"{self.path}: {name}: cannot read: {e.strerror or e}") from None
         if len(buf) != nbytes:

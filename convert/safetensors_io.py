@@ -29,7 +29,7 @@ from glm_common.fsutil import OutputError, atomic_file
 
 __all__ = ["CheckpointError", "DTYPES", "NP_DTYPES", "bf16", "numpy_dtype", "dtype_name", "to_dtype",
            "st_dtype", "st_tag", "ms_dtype", "ms_type", "read_safetensors_header", "SafetensorsFile",
-           "AtomicWriter", "SafetensorsWriter", "save_safetensors", "copy_bytes", "output_error",
+           "AtomicWriter", "SafetensorsWriter", "save_safetensors", "copy_bytes", "read_range", "output_error",
            "MAX_HEADER_BYTES"]
 
 
@@ -227,14 +227,19 @@ class SafetensorsFile:
         dtype = st_dtype(meta["dtype"], f"{self.path}: {name}")
         _, offset, nbytes = self.byte_range(name)
         try:
-            with open(self.path, "rb") as f:
-                buf = os.pread(f.fileno(), nbytes, offset) if nbytes else b""
+            buf = read_range(self.path, offset, nbytes)
         except OSError as e:
             raise CheckpointError(f"{self.path}: {name}: cannot read: {e.strerror or e}") from None
         if len(buf) != nbytes:
             raise CheckpointError(f"{self.path}: {name}: truncated safetensors file (the file shrank while read)")
         array = np.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
         return array.copy() if copy else array
+
+
+def read_range(path: str, offset: int, nbytes: int) -> bytes:
+    """The ``nbytes`` bytes at ``offset`` of ``path`` (fewer when the file is shorter; the caller checks)."""
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), nbytes, offset) if nbytes else b""
 
 
 # ---------------------------------------------------------------------- writing
