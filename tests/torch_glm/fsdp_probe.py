@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    from tests.conftest import TINY_MODEL
-    config = ChatGLM2Config.from_hf(TINY_MODEL).replace(
+    tiny_model = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "fixtures", "model", "tiny_glm2")
+    config = ChatGLM2Config.from_hf(tiny_model).replace(
         num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn, kv_channels=args.hidden // 4)
     s = TrainSettings(config=config)
     s.gradient_checkpointing = args.recompute
