@@ -12,8 +12,11 @@ resident memory over the update: the kernel's high-water mark (``VmHWM``) is res
   LoRA: AdamW creates its states in the first step, so the growth is gradients + optimizer states +
   activations + workspace.
 
+Each setup also runs with ``recompute_config.recompute`` (the ``-rc`` setups): MindSpore marks every
+GLMBlock ``Cell.recompute()`` (``mindspore_glm.parallel.apply_recompute``), torch checkpoints every block.
+
 The prediction is the plan's sum of those parts for the same layout; each pair is printed with its
-ratio. Recompute is not measured: mindspore_glm has no recompute yet.
+ratio.
 
     python bench/bench_plan.py [--layers 4 --hidden 1024 --batch 4 --seq 256 --vocab 16384] [--only ms-full,...]
 """
@@ -27,7 +30,14 @@ import sys
 
 import numpy as np
 
-SETUPS = ("ms-full", "ms-lora", "torch-full", "torch-lora")
+SETUPS = ("ms-full", "ms-lora", "torch-full", "torch-lora", "ms-full-rc", "ms-lora-rc", "torch-full-rc",
+          "torch-lora-rc")
+
+
+def _split(setup: str):
+    """``"ms-full-rc"`` -> ``("ms", "full", True)``."""
+    backend, pet, *rc = setup.split("-")
+    return backend, pet, bool(rc)
 
 
 def _status(key: str) -> int:
@@ -69,10 +79,11 @@ def _settings(config, pet):
 
 def predicted(setup: str, config, batch: int, seq: int) -> dict:
     from glm_common.memory_plan import Layout, plan_memory
-    backend, pet = setup.split("-")
+    backend, pet, rc = _split(setup)
     L = Layout(config=config, method=pet, pet=_settings(config, pet).pet, param_dtype="float32",
                compute_dtype="float32", layernorm_dtype="float32", softmax_dtype="float32", batch_size=batch,
-               seq_length=seq, backend="mindspore" if backend == "ms" else "torch", device_target="CPU")
+               seq_length=seq, backend="mindspore" if backend == "ms" else "torch", device_target="CPU",
+               recompute=rc)
     p = plan_memory(L)
     b = p["per_device_bytes"]
     parts = ["gradients", "activations", "workspace"] + (["optimizer_states"] if backend == "torch" else [])
@@ -81,7 +92,7 @@ def predicted(setup: str, config, batch: int, seq: int) -> dict:
 
 def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: int) -> dict:
     """In this process: build, (compile,) one update; the growth of peak RSS over the update."""
-    backend, pet = setup.split("-")
+    backend, pet, rc = _split(setup)
     config = config_for(layers, hidden, vocab)
     ids = np.random.default_rng(1).integers(5, vocab, (batch, seq)).astype(np.int64)
     if backend == "ms":
@@ -89,12 +100,15 @@ def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: i
         from mindspore import Tensor
         from mindspore_glm.model import ChatGLM2ForConditionalGeneration
         from mindspore_glm.lora import apply_pet
+        from mindspore_glm.parallel import configure_model
         from mindspore_glm.train_step import TrainOneStepCell, make_optimizer
         ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
         model = ChatGLM2ForConditionalGeneration(config)
         model.load_weights(_weights(config).items(), source="bench")
         s = _settings(config, pet)
+        s.gradient_checkpointing = rc
         model, params = apply_pet(model, s.pet)
+        configure_model(model, s)
         step = TrainOneStepCell(model, make_optimizer(params, s, np.full(100, 1e-4, np.float32)), s)
         step.set_train(True)
         t = Tensor(ids.astype(np.int32))
@@ -112,6 +126,8 @@ def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: i
         model.load_state_dict({k: torch.from_numpy(v) for k, v in _weights(config).items()}, strict=False)
         s = _settings(config, pet)
         model, params = apply_pet(model, s.pet)
+        if rc:
+            model.gradient_checkpointing_enable()
         model.train()
         opt = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], s,
                              np.full(100, 1e-4, np.float32))

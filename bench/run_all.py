@@ -48,7 +48,7 @@ BENCHES = [
      "report wall time and peak RSS beside transform_checkpoints"),
     ("plan", "bench_plan.py", ["--layers", "2"], [],
      "memory plan (glm_common/memory_plan.py) vs measured peak-memory growth of one training update, MindSpore "
-     "GRAPH and torch, full and LoRA, 4 x 1024 model",
+     "GRAPH and torch, full and LoRA, with and without recompute, 4 x 1024 model (2 x 1024 quick)",
      "plan within 25% of measured"),
     ("recompute", "bench_recompute.py", ["--layers", "2", "--seq", "256"], [],
      "peak RSS of a MindSpore GRAPH training step: no recompute vs recompute_config.recompute (every layer) vs "

@@ -304,7 +304,10 @@ class SelfAttention(nn.Cell):
         qg = ops.reshape(q, (b, gk, (np_ // gk) * s, hn))
         scores = self.bmm_t(qg, kr)                          # [B, g, (np/g)*S, K]
         scores = ops.reshape(ops.cast(scores, self.softmax_compute_type), (b, np_, s, kl))
-        scores = scores + ops.cast(mask_bias, self.softmax_compute_type)
+        # broadcast explicitly, then a same-shape add: MindSpore's CPU runtime held several score-sized buffers
+        # per layer for a broadcasting add (its step peak 1.2x higher, and recompute raised it instead of
+        # lowering it; bench/bench_recompute.py)
+        scores = scores + ops.broadcast_to(ops.cast(mask_bias, self.softmax_compute_type), scores.shape)
         # the softmax over 2-D rows: its CPU kernels (forward and gradient) are several times faster than on 4-D
         probs = ops.softmax(ops.reshape(scores, (-1, kl)), -1)
         if self.attention_dropout is not None:

@@ -20,7 +20,8 @@ What a run YAML's scale-out keys become (read by :mod:`glm_common.parallel_keys`
   ``gradient_aggregation_group`` groups for the optimizer's fusion), ``Cell.recompute`` per layer with
   ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``, ``recompute_slice_activation`` (also in
   single-device and data-parallel runs, GRAPH mode; on CPU the gradients are the same but MindSpore's CPU
-  runtime measured a higher peak with it, see ``bench/bench_recompute.py``), or, with ``select_recompute``,
+  runtime keeps most op outputs to the end of the step, so a whole recomputed layer measured a 5% higher
+  step peak, see ``bench/bench_recompute.py``), or, with ``select_recompute``,
   ``Cell.recompute`` on the named cells of each layer only (``True``: the MLPs, whose activations are a
   layer's largest; the one recompute that lowered the measured CPU peak), and ``use_flash_attention``
   through ``FlashAttentionScore`` on Ascend;
