@@ -15,7 +15,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays
-from mindspore_glm.parallel import pipeline_network
+from mindspore_glm.parallel import pipeline_network, semi_auto
 
 __all__ = ["make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell"]
 
@@ -43,12 +43,24 @@ def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWe
     return nn.AdamWeightDecay(groups, Tensor(lrs), beta1=s.beta1, beta2=s.beta2, eps=s.eps)
 
 
-def sum_squares(tensors):
+# ExpandDims marked ``grad_scale``: under semi-auto parallel MindSpore aggregates the local square sum of a
+# sliced gradient over the devices that hold its slices (an AllReduce its parallel pass inserts; the
+# mechanism of mindspore.ops.clip_by_global_norm and mindformers' ClipGradNorm)
+_expand_grad_scale = ops.ExpandDims().add_prim_attr("grad_scale", True)
+
+
+def sum_squares(tensors, sliced: bool = False):
     """Sum of the squares of every element of ``tensors`` (float32), as a scalar.
 
-    Each tensor is reduced as 2-D rows first: MindSpore's CPU ReduceSum over a whole tensor, or over the
-    last axis of a 3-D/4-D one, is several times slower than over the rows of a 2-D one.
+    ``sliced``: the tensors are gradients of a semi-auto parallel run, each device holding slices (model
+    parallel, optimizer shard): each square sum goes through ``ExpandDims`` marked ``grad_scale``, so
+    MindSpore adds the slices' sums over the devices and every device gets the whole model's sum (the
+    same number on every rank, as the clip and the overflow check need). Otherwise each tensor is reduced
+    as 2-D rows first: MindSpore's CPU ReduceSum over a whole tensor, or over the last axis of a 3-D/4-D
+    one, is several times slower than over the rows of a 2-D one.
     """
+    if sliced:
+        return ops.concat([_expand_grad_scale(ops.ReduceSum()(t * t, ()), 0) for t in tensors]).sum()
     rows = []
     for t in tensors:
         t2 = ops.reshape(t, (-1, t.shape[-1]))
@@ -95,6 +107,7 @@ class TrainOneStepCell(nn.Cell):
         self.clip = s.clip_grad
         self.max_norm = float(s.max_grad_norm)
         self.parallel = parallel
+        self.sliced_grads = semi_auto(s)
         if parallel:
             from mindspore.communication import get_group_size
             self.degree = get_group_size()
@@ -127,7 +140,7 @@ class TrainOneStepCell(nn.Cell):
         # the norm of the scaled gradients divided by the scale, then one multiply per gradient that unscales
         # and clips together (a float32 overflow of the scaled squares needs an unscaled norm near
         # 1.8e19 / scale, and is handled like any overflow); accumulated gradients are sums: / N as well
-        norm = ops.sqrt(sum_squares(grads)) / (scale * self.accum_steps)
+        norm = ops.sqrt(sum_squares(grads, self.sliced_grads)) / (scale * self.accum_steps)
         overflow = ops.logical_not(ops.isfinite(norm))
         coef = 1.0 / (scale * self.accum_steps)
         if self.clip:

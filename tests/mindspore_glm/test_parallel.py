@@ -21,6 +21,7 @@ from mindspore_glm import ChatGLM2ForConditionalGeneration
 from mindspore_glm.parallel import (ParallelConfig, ParallelError, apply_sharding, check_parallel, check_scaleout,
                                     configure_model, context_kwargs, dataset_split, init_parallel, layer_stages,
                                     operator_strategies, pipeline_stage_map, recompute_flags, sharding_plan)
+from mindspore_glm.train_step import TrainOneStepCell, _expand_grad_scale, make_optimizer, sum_squares
 from tests.conftest import ROOT, TINY_MODEL
 
 YAMLS = {"6b": ROOT / "configs" / "glm2" / "run_glm2_6b_finetune.yaml",
@@ -330,3 +331,40 @@ def test_layer_stages_formula():
     assert layer_stages(28, 2) == [0] * 14 + [1] * 14
     assert layer_stages(28, 4) == [0] * 7 + [1] * 7 + [2] * 7 + [3] * 7
     assert layer_stages(2, 2) == [0, 1]
+
+
+class _SumSquares(ms.nn.Cell):
+    def __init__(self, sliced):
+        super().__init__()
+        self.sliced = sliced
+
+    def construct(self, a, b, c):
+        return sum_squares((a, b, c), self.sliced)
+
+
+def test_sliced_gradient_norm():
+    """The gradient norm of a semi-auto run: each gradient's square sum through MindSpore's ``grad_scale``
+    ExpandDims (summed over the devices holding slices); on one device it is the plain sum (float64 numpy
+    reference), and the semi-auto train step uses it."""
+    assert _expand_grad_scale.attrs.get("grad_scale") is True
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=s).astype(np.float32) for s in ((7, 5), (11,), (3, 4, 6))]
+    want = sum(float((x.astype(np.float64) ** 2).sum()) for x in xs)
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        for sliced in (False, True):
+            got = float(_SumSquares(sliced)(*[ms.Tensor(x) for x in xs]).asnumpy())
+            assert abs(got - want) <= 1e-6 * want, (sliced, got, want)
+    finally:
+        ms.set_context(mode=mode)
+    for semi in (False, True):
+        cfg = semi_auto_yaml("tiny", "dp2xmp2xpp2", False, recompute=False) if semi else \
+            load_run_config(str(YAMLS["tiny"]))
+        if semi:
+            cfg["parallel_config"].update(pipeline_stage=1, micro_batch_num=1)
+        s = settings(cfg)
+        model = ChatGLM2ForConditionalGeneration(ChatGLM2Config.from_hf(TINY_MODEL))
+        params = list(model.trainable_params())
+        cell = TrainOneStepCell(model, make_optimizer(params, s, np.full(4, 1e-4, np.float32)), s)
+        assert cell.sliced_grads is semi

@@ -8,8 +8,9 @@
   the optimizer shard: the losses agree within 1e-4 relative, and the rank shards merged by
   ``convert/merge_shards.py`` with the run's strategy files equal the single-device weights within 1e-5.
   The runs are the runner's (``python -m mindspore_glm.run``), the parallel ones four ranks of a MindSpore
-  dynamic cluster (scheduler + workers, each with its own ``--device_id``). Gradient clipping is off in
-  these comparisons: the runner's global-norm clip is computed from each rank's gradient slices.
+  dynamic cluster (scheduler + workers, each with its own ``--device_id``). Gradient clipping is on, at
+  a norm the single-device run exceeds (checked): the parallel runs' global norm is the whole model's
+  on every rank (``mindspore_glm.train_step.sum_squares`` with ``sliced``), or their losses would drift.
 * Fused attention (``FlashAttentionScore``, Atlas A2 / 910B) against the plain path, float16: both
   compared with the float32 golden logits, the fused error within the fp16 budget of the plain one.
 """
@@ -27,6 +28,7 @@ from tests.conftest import ADGEN_DIR, ROOT, TINY_MODEL, ascend_devices
 pytestmark = pytest.mark.ascend
 
 STEPS = 20
+MAX_GRAD_NORM = 0.5
 
 
 def _free_port() -> int:
@@ -55,7 +57,8 @@ def _yaml(tmp_path, name, **parallel):
     td["data_loader"]["dataset_dir"] = str(data)
     td["max_source_length"] = td["max_target_length"] = 32
     cfg["runner_config"].update(epochs=4, batch_size=4, sink_mode=False)
-    cfg["runner_wrapper"] = {"type": "MFTrainOneStepCell", "scale_sense": 1.0, "use_clip_grad": False}
+    cfg["runner_wrapper"] = {"type": "MFTrainOneStepCell", "scale_sense": 1.0, "use_clip_grad": True,
+                             "max_grad_norm": MAX_GRAD_NORM}
     cfg["lr_schedule"] = {"type": "cosine", "learning_rate": 1e-3, "lr_end": 0.0, "warmup_steps": 2, "total_steps": -1}
     cfg["callbacks"][1].update(save_checkpoint_steps=0)
     cfg["use_parallel"] = bool(parallel)
@@ -120,9 +123,13 @@ def _cluster(tmp_path, name, **parallel):
     return out
 
 
-def _losses(out):
+def _rows(out):
     rows = [json.loads(r) for r in open(os.path.join(out, "loss_log.jsonl"), encoding="utf-8")]
-    return np.array([r["loss"] for r in rows if "loss" in r], np.float64)
+    return [r for r in rows if "loss" in r]
+
+
+def _losses(out):
+    return np.array([r["loss"] for r in _rows(out)], np.float64)
 
 
 def _final(out):
@@ -136,6 +143,9 @@ def _compare(tmp_path, single, parallel):
     a, b = _losses(single), _losses(parallel)
     assert len(a) == len(b) == STEPS
     assert np.max(np.abs(a - b) / np.abs(a)) <= 1e-4, (a, b)
+    norms = [(r["grad_norm"], q["grad_norm"]) for r, q in zip(_rows(single), _rows(parallel))]
+    assert max(n for n, _ in norms) > MAX_GRAD_NORM, norms          # the clip mattered
+    assert all(abs(n - m) <= 1e-4 * n for n, m in norms), norms     # and saw the whole model's norm
     merged = str(tmp_path / f"{os.path.basename(parallel)}_merged.ckpt")
     res = subprocess.run([sys.executable, str(ROOT / "convert" / "merge_shards.py"), "--src",
                           os.path.join(parallel, "checkpoint"), "--strategy", os.path.join(parallel, "strategy"),
