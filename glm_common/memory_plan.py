@@ -39,11 +39,11 @@ shards. Per device, for the stage of the pipeline that holds the most, it counts
   with several ranks and no shard), and the collective library's buffer (:data:`HCCL_BUFFER_BYTES` on
   Ascend).
 
-MindSpore's CPU backend reuses no memory within a step (measured: the growth of a step is several times
-what the backward needs, per layer and per token, and the next step grows by nothing); for
-``device_target: CPU`` the MindSpore plan counts every op output of the forward and the backward
-instead (:func:`layer_graph_bytes`), the update's gradient copy on top of them, and recompute changes
-nothing there.
+On MindSpore's CPU runtime two more things live through the step (``device_target: CPU``): the output of
+every op that reads a parameter (the norms' weight products, the linears' and LoRA's products, the bias
+adds) is an input of the graph's final ``UpdateState`` (the side-effect order of the parameters' reads),
+so it is held to the end of the step, recomputed layers included (:func:`layer_held_bytes`); and the loss's
+shifted logits ``logits[:, :-1]`` are a copy in ``compute_dtype``.
 
 What it leaves out, by choice: the framework's own code and caches (not device memory), dropout masks
 (the 6B YAMLs have dropout 0), and the compiler's memory reuse (each tensor above is counted whole;
@@ -77,9 +77,9 @@ from glm_common.config import ChatGLM2Config
 from glm_common.names import hf_param_shapes
 
 __all__ = ["PlanError", "Layout", "MemoryPlan", "DTYPE_BYTES", "HCCL_BUFFER_BYTES", "FSDP_UNITS_IN_FLIGHT",
-           "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "BACKWARD_OUTPUTS_PER_FORWARD", "parse_size", "format_size",
+           "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "parse_size", "format_size",
            "layout_from_config",
-           "plan_memory", "layer_activation_bytes", "layer_graph_bytes", "fixes", "format_plan", "plan_line",
+           "plan_memory", "layer_activation_bytes", "layer_held_bytes", "fixes", "format_plan", "plan_line",
            "plan_from_file", "run_plan_line", "main"]
 
 #: bytes of one element of each dtype the YAMLs name
@@ -92,8 +92,6 @@ FSDP_UNITS_IN_FLIGHT = 2
 GRAD_UPDATE_COPIES = 1
 #: extra copies of the gradients DDP keeps in its communication buckets (several ranks, no shard)
 DDP_BUCKET_COPIES = 1
-#: gradients the backward produces per forward op output (the chain rule: one of the same shape each)
-BACKWARD_OUTPUTS_PER_FORWARD = 1
 #: optimizer types whose moments are float32 whatever the parameter dtype
 FP32_STATE_OPTIMIZERS = ("fp32stateadamweightdecay",)
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
@@ -231,31 +229,33 @@ def layer_activation_bytes(L: Layout, tokens: int, lora_on: Sequence[str] = (), 
     return tokens * per_token
 
 
-def layer_graph_bytes(L: Layout, tokens: int, lora_on: Sequence[str] = ()) -> int:
-    """Bytes of every op output of one layer's forward and backward, for a runtime that reuses no memory
-    within a step (MindSpore's CPU backend: its step's memory grows with the whole graph, and its pool
-    keeps it for the next step). The forward ops are those of ``mindspore_glm``'s ``GLMBlock``: two
-    RMSNorms of three ops each (two casts more where ``layernorm_compute_type`` differs), the
-    query/key/value projection with LoRA's three extra ops, the rotary pass over queries and keys,
-    grouped attention, SwiGLU, two residual adds. The backward makes
-    :data:`BACKWARD_OUTPUTS_PER_FORWARD` gradient per forward output."""
+def layer_held_bytes(L: Layout, tokens: int, lora_on: Sequence[str] = (), trained_linears: bool = True,
+                     recompute: bool = False) -> int:
+    """Bytes of one layer that MindSpore's CPU runtime holds to the end of the step beyond
+    :func:`layer_activation_bytes` (or, with ``recompute``, beyond the layer's input): the outputs of the ops
+    that read a parameter, which the graph's final ``UpdateState`` takes. They are the two norms' weight
+    products, the four linears' products (with the query/key/value bias add, and LoRA's two products where
+    it is on). Those the backward keeps anyway (the norms' outputs as the inputs of trained linears, the
+    SwiGLU input) are not counted twice, except under recompute, where the forward's copies stay while the
+    backward uses recomputed ones."""
     c = L.config
-    cb, lb, sb = DTYPE_BYTES[L.compute_dtype], DTYPE_BYTES[L.layernorm_dtype], DTYPE_BYTES[L.softmax_dtype]
-    h, a, d, g, f = c.hidden_size, c.num_attention_heads // L.mp, c.kv_channels, c.kv_groups, c.ffn_hidden_size // L.mp
-    qkv = c.qkv_size // L.mp
-    key_len = L.seq_length + (int(L.pet.get("pre_seq_len", 0)) if L.method == "ptuning2" else 0)
-    lora = "query_key_value" in lora_on
+    cb, lb = DTYPE_BYTES[L.compute_dtype], DTYPE_BYTES[L.layernorm_dtype]
+    h, f, mp = c.hidden_size, c.ffn_hidden_size, L.mp
+    qkv = c.qkv_size // mp
     r = int(L.pet.get("r", 8))
-    norm_casts = 2 if L.layernorm_dtype != L.compute_dtype else 0      # a cast to the same dtype is no op
-    per_token = 2 * (3 * h * lb + norm_casts * h * max(cb, lb))      # RMSNorm: square, x*rsqrt, *weight
-    elems = qkv * (4 if lora else 1) + (r if lora else 0)  # projection (+ x@A, @B, *scale, add)
-    elems += 4 * (a + g) * d + g * d                      # split, rope (matmul, *cos, *sin, add), split
-    elems += 4 * a * d + 2 * g * d                        # q*scale, transposes of q, k, v, context, its transpose
-    elems += h + 2 * h                                    # dense, two residual adds
-    elems += 2 * f + 2 * f + f + f + h                    # h_to_4h, split, silu, product, 4h_to_h
-    score_ops = 3 + (2 if L.softmax_dtype != L.compute_dtype else 0)  # matmul, + mask, softmax (+ casts)
-    per_token += elems * cb + score_ops * a * key_len * sb
-    return (1 + BACKWARD_OUTPUTS_PER_FORWARD) * tokens * per_token
+
+    def kept(linear):
+        return not recompute and (trained_linears or linear in lora_on)
+
+    per_token = 0
+    per_token += 0 if kept("query_key_value") else h * lb              # input_layernorm's weight product
+    per_token += 0 if kept("dense_h_to_4h") else h * lb                # post_attention_layernorm's
+    per_token += qkv * cb * (2 if c.add_qkv_bias else 1)              # query_key_value (+ its bias add)
+    per_token += h * cb                                                # dense
+    per_token += 0 if not recompute else 2 * f * cb // mp              # dense_h_to_4h (the SwiGLU input)
+    per_token += h * cb                                                # dense_4h_to_h
+    per_token += sum(r + (qkv if m == "query_key_value" else h) for m in lora_on) * cb   # x @ A, @ B
+    return tokens * per_token
 
 
 def plan_memory(L: Layout) -> dict:
@@ -272,7 +272,7 @@ def plan_memory(L: Layout) -> dict:
     in_flight = min(L.micro_batch_num, L.pp) if L.pp > 1 else 1
     tokens = micro * L.seq_length
     V = c.padded_vocab_size
-    no_reuse = L.backend == "mindspore" and L.device_target == "CPU"
+    cpu_graph = L.backend == "mindspore" and L.device_target == "CPU"
 
     stages = []
     for s, layers in enumerate(_stage_layers(L)):
@@ -309,21 +309,19 @@ def plan_memory(L: Layout) -> dict:
             head += tokens * (c.hidden_size * hl + 4)                       # final norm input
             head += tokens * c.hidden_size * cb if L.method == "full" else 0  # output layer input
             head += tokens * (V // L.mp) * (cb + 4)                         # logits + float32 log-softmax
-        if no_reuse:  # every op output of the step, the head's too (logits, float32 cast, log-softmax, gather)
-            act_plain = n_layers * layer_graph_bytes(L, tokens, lora_on)
-            act_recompute = act_plain
-            head_cast = 4 if L.compute_dtype != "float32" else 0              # the loss's float32 cast
-            head = (1 + BACKWARD_OUTPUTS_PER_FORWARD) * tokens * (3 * c.hidden_size * DTYPE_BYTES[L.layernorm_dtype]
-                                                                 + (V // L.mp) * (2 * cb + head_cast + 4)) \
-                if last else 0  # final norm; logits, their shifted slice, (cast,) log-softmax
+        if cpu_graph:  # MindSpore on CPU: what the final UpdateState holds, and the loss's shifted logits
+            full = L.method == "full"
+            act_plain += n_layers * layer_held_bytes(L, tokens, lora_on, trained_linears=full)
+            act_recompute += n_layers * layer_held_bytes(L, tokens, lora_on, trained_linears=full, recompute=True)
+            head += tokens * (V // L.mp) * cb if last else 0
         act = {"without_recompute": in_flight * (act_plain + head),
                "with_recompute": in_flight * (act_recompute + head)}
         b["activations"] = act["with_recompute" if L.recompute else "without_recompute"]
-        work = tokens * (V // L.mp) * (4 + cb) if last and not no_reuse else 0  # the logits' gradient
+        work = tokens * (V // L.mp) * (4 + cb) if last else 0  # the logits' gradient
         # the update's float32 gradient copy lives after the backward, in the memory the activations and
         # the logits' gradient held: only what it needs beyond them counts
         update = GRAD_UPDATE_COPIES * 4 * trained // (L.dp if shard_grads else 1)
-        work += update if no_reuse else max(0, update - b["activations"] - work)
+        work += max(0, update - b["activations"] - work)
         if torch and L.dp > 1 and not L.opt_shard:
             work += DDP_BUCKET_COPIES * trained * pb
         if L.device_target == "Ascend" and L.devices > 1:

@@ -11,6 +11,12 @@ float32 softmax, SwiGLU MLP, shifted cross-entropy ignoring -100.
 
 Every ``construct`` uses static shapes only, so the same code runs in PYNATIVE and GRAPH mode
 (``mindspore.jit``).
+
+Element-wise ops between tensors of different shapes broadcast explicitly (``ops.broadcast_to``, or
+``ops.bias_add`` for a bias): the norms' ``rsqrt`` and weight, the rotary tables, the attention mask. In a
+GRAPH training step on CPU, MindSpore's broadcasting Mul/Add held full-size buffers for the whole step
+(and defeated recompute); with them explicit, the same numbers take a step peak of 2.25 instead of 3.74
+GiB (4 layers x 256, batch 8 x 512; ``bench/bench_recompute.py``).
 """
 from __future__ import annotations
 
@@ -75,8 +81,9 @@ class RMSNorm(nn.Cell):
         # 2-D rows: MindSpore's CPU reductions (and their gradients) are several times faster on 2-D tensors
         xf = ops.reshape(ops.cast(x, self.compute_type), (-1, shape[-1]))
         variance = ops.mean(ops.square(xf), -1, keep_dims=True)
-        y = xf * ops.rsqrt(variance + self.eps)
-        return ops.reshape(ops.cast(ops.cast(self.weight, self.compute_type) * y, dtype), shape)
+        y = xf * ops.broadcast_to(ops.rsqrt(variance + self.eps), xf.shape)
+        w = ops.broadcast_to(ops.cast(self.weight, self.compute_type), xf.shape)
+        return ops.reshape(ops.cast(w * y, dtype), shape)
 
 
 class Linear(nn.Cell):
@@ -109,7 +116,7 @@ class Linear(nn.Cell):
         x2 = ops.reshape(ops.cast(x, self.compute_dtype), (-1, shape[-1]))
         y = self.matmul(x2, ops.cast(self.weight, self.compute_dtype))
         if self.has_bias:
-            y = y + ops.cast(self.bias, self.compute_dtype)
+            y = ops.bias_add(y, ops.cast(self.bias, self.compute_dtype))
         if self.lora_rank > 0 and not self.lora_merged:
             xd = self.lora_dropout(x2)
             a = ops.cast(self.mindpet_delta_lora_a, self.compute_dtype)
@@ -198,6 +205,8 @@ def apply_rope_tables(x, cos, sin, swap):
     dtype = x.dtype
     xr = ops.cast(x, cos.dtype)
     swapped = ops.reshape(ops.matmul(ops.reshape(xr, (-1, x.shape[-1])), ops.cast(swap, cos.dtype)), x.shape)
+    cos = ops.broadcast_to(cos, xr.shape)
+    sin = ops.broadcast_to(sin, xr.shape)
     return ops.cast(xr * cos + swapped * sin, dtype)
 
 
@@ -304,9 +313,7 @@ class SelfAttention(nn.Cell):
         qg = ops.reshape(q, (b, gk, (np_ // gk) * s, hn))
         scores = self.bmm_t(qg, kr)                          # [B, g, (np/g)*S, K]
         scores = ops.reshape(ops.cast(scores, self.softmax_compute_type), (b, np_, s, kl))
-        # broadcast explicitly, then a same-shape add: MindSpore's CPU runtime held several score-sized buffers
-        # per layer for a broadcasting add (its step peak 1.2x higher, and recompute raised it instead of
-        # lowering it; bench/bench_recompute.py)
+        # broadcast explicitly (see the module docstring)
         scores = scores + ops.broadcast_to(ops.cast(mask_bias, self.softmax_compute_type), scores.shape)
         # the softmax over 2-D rows: its CPU kernels (forward and gradient) are several times faster than on 4-D
         probs = ops.softmax(ops.reshape(scores, (-1, kl)), -1)

@@ -19,11 +19,10 @@ What a run YAML's scale-out keys become (read by :mod:`glm_common.parallel_keys`
   layer's ``pipeline_stage`` and communication-fusion group (mindformers' layer settings:
   ``gradient_aggregation_group`` groups for the optimizer's fusion), ``Cell.recompute`` per layer with
   ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``, ``recompute_slice_activation`` (also in
-  single-device and data-parallel runs, GRAPH mode; on CPU the gradients are the same but MindSpore's CPU
-  runtime keeps most op outputs to the end of the step, so a whole recomputed layer measured a 5% higher
-  step peak, see ``bench/bench_recompute.py``), or, with ``select_recompute``,
+  single-device and data-parallel runs, GRAPH mode; on CPU the same gradients and a lower step peak, see
+  ``bench/bench_recompute.py``), or, with ``select_recompute``,
   ``Cell.recompute`` on the named cells of each layer only (``True``: the MLPs, whose activations are a
-  layer's largest; the one recompute that lowered the measured CPU peak), and ``use_flash_attention``
+  layer's largest), and ``use_flash_attention``
   through ``FlashAttentionScore`` on Ascend;
 * :func:`pipeline_network`: pipeline stages run ``micro_batch_num`` micro-batches through
   ``mindspore.parallel.nn.PipelineCell``, gradients accumulated by ``PipelineGradReducer``.
