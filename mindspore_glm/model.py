@@ -12,11 +12,13 @@ float32 softmax, SwiGLU MLP, shifted cross-entropy ignoring -100.
 Every ``construct`` uses static shapes only, so the same code runs in PYNATIVE and GRAPH mode
 (``mindspore.jit``).
 
-Element-wise ops between tensors of different shapes broadcast explicitly (``ops.broadcast_to``, or
-``ops.bias_add`` for a bias): the norms' ``rsqrt`` and weight, the rotary tables, the attention mask. In a
-GRAPH training step on CPU, MindSpore's broadcasting Mul/Add held full-size buffers for the whole step
-(and defeated recompute); with them explicit, the same numbers take a step peak of 2.25 instead of 3.74
-GiB (4 layers x 256, batch 8 x 512; ``bench/bench_recompute.py``).
+On CPU, element-wise ops between tensors of different shapes broadcast explicitly (``ops.broadcast_to``;
+:func:`broadcasts_explicitly`): the norms' ``rsqrt`` and weight, the rotary tables, the attention mask;
+a bias is added by ``ops.bias_add`` everywhere. In a GRAPH training step on CPU, MindSpore's broadcasting
+Mul/Add held full-size buffers for the whole step (and defeated recompute); with them explicit, the same
+numbers take a step peak of 2.25 instead of 3.74 GiB (4 layers x 256, batch 8 x 512;
+``bench/bench_recompute.py``). Elsewhere (Ascend) the broadcasting ops stay: an explicit broadcast would
+be kept for the backward of the Mul that reads it, a full-size copy per norm and rotary pass.
 """
 from __future__ import annotations
 
@@ -38,11 +40,16 @@ from mindspore_glm.generate import GenerationMixin
 from mindspore_glm.prefix import PrefixEncoder
 
 __all__ = ["WeightError", "RMSNorm", "Linear", "Embedding", "build_rope_cache", "apply_rope", "rope_tables",
-           "pair_swap_matrix", "apply_rope_tables", "build_attention_mask", "SelfAttention", "MLP", "GLMBlock",
+           "pair_swap_matrix", "apply_rope_tables", "broadcasts_explicitly", "build_attention_mask", "SelfAttention", "MLP", "GLMBlock",
            "GLMTransformer", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "causal_lm_loss", "ms_dtype",
            "DTYPE_NAMES"]
 
 DTYPE_NAMES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def broadcasts_explicitly() -> bool:
+    """Whether the cells built now broadcast explicitly (see the module docstring): on the CPU target."""
+    return ms.get_context("device_target") == "CPU"
 
 
 class WeightError(CheckpointError):
@@ -75,15 +82,19 @@ class RMSNorm(nn.Cell):
         self.weight = Parameter(Tensor(np.ones(hidden_size, np.float32), param_init_type), name="weight")
         self.eps = eps
         self.compute_type = compute_type
+        self.explicit_broadcast = broadcasts_explicitly()
 
     def construct(self, x):
         dtype, shape = x.dtype, x.shape
         # 2-D rows: MindSpore's CPU reductions (and their gradients) are several times faster on 2-D tensors
         xf = ops.reshape(ops.cast(x, self.compute_type), (-1, shape[-1]))
         variance = ops.mean(ops.square(xf), -1, keep_dims=True)
-        y = xf * ops.broadcast_to(ops.rsqrt(variance + self.eps), xf.shape)
-        w = ops.broadcast_to(ops.cast(self.weight, self.compute_type), xf.shape)
-        return ops.reshape(ops.cast(w * y, dtype), shape)
+        r = ops.rsqrt(variance + self.eps)
+        w = ops.cast(self.weight, self.compute_type)
+        if self.explicit_broadcast:
+            r = ops.broadcast_to(r, xf.shape)
+            w = ops.broadcast_to(w, xf.shape)
+        return ops.reshape(ops.cast(w * (xf * r), dtype), shape)
 
 
 class Linear(nn.Cell):
@@ -194,19 +205,21 @@ def pair_swap_matrix(kv_channels: int, dtype=ms.float32):
     return Tensor(m, dtype) if dtype != ms.float32 else Tensor(m)
 
 
-def apply_rope_tables(x, cos, sin, swap):
+def apply_rope_tables(x, cos, sin, swap, explicit_broadcast: bool = False):
     """:func:`apply_rope` with the tables of :func:`rope_tables` (MindSpore-only: static shapes for GRAPH
     mode): ``x [B, S, n, hn]``, ``cos``/``sin`` ``[B, S, 1, hn]``, ``swap`` from :func:`pair_swap_matrix`.
 
     ``x * cos + (x @ swap) * sin`` gives ``(x0*cos - x1*sin, x1*cos + x0*sin)`` on each rotated pair and
     ``x`` on the second half, with the same roundings as the pairwise formula. Computed in the dtype of
-    ``cos`` and returned in the dtype of ``x``.
+    ``cos`` and returned in the dtype of ``x``; ``explicit_broadcast``: the tables broadcast to ``x``'s shape
+    first (:func:`broadcasts_explicitly`).
     """
     dtype = x.dtype
     xr = ops.cast(x, cos.dtype)
     swapped = ops.reshape(ops.matmul(ops.reshape(xr, (-1, x.shape[-1])), ops.cast(swap, cos.dtype)), x.shape)
-    cos = ops.broadcast_to(cos, xr.shape)
-    sin = ops.broadcast_to(sin, xr.shape)
+    if explicit_broadcast:
+        cos = ops.broadcast_to(cos, xr.shape)
+        sin = ops.broadcast_to(sin, xr.shape)
     return ops.cast(xr * cos + swapped * sin, dtype)
 
 
@@ -260,6 +273,7 @@ class SelfAttention(nn.Cell):
         self.dense = Linear(c.projection_size, c.hidden_size, c.add_bias_linear, param_init_type, compute_dtype)
         self.compute_dtype = compute_dtype
         self.softmax_compute_type = softmax_compute_type
+        self.explicit_broadcast = broadcasts_explicitly()
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.rope_swap = pair_swap_matrix(self.head_dim)
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
@@ -279,14 +293,15 @@ class SelfAttention(nn.Cell):
         if self.multi_query:
             # queries and keys lie side by side: one rotary pass over both (fewer kernels, same numbers)
             qk, v = ops.split(qkv, [(np_ + g) * hn, g * hn], -1)
-            qk = apply_rope_tables(ops.reshape(qk, (b, s, np_ + g, hn)), cos, sin, self.rope_swap)
+            qk = apply_rope_tables(ops.reshape(qk, (b, s, np_ + g, hn)), cos, sin, self.rope_swap,
+                                   self.explicit_broadcast)
             q, k = ops.split(qk, [np_, g], 2)
             v = ops.reshape(v, (b, s, g, hn))
         else:
             qkv = ops.reshape(qkv, (b, s, np_, 3 * hn))
             q, k, v = ops.split(qkv, hn, -1)
-            q = apply_rope_tables(q, cos, sin, self.rope_swap)
-            k = apply_rope_tables(k, cos, sin, self.rope_swap)
+            q = apply_rope_tables(q, cos, sin, self.rope_swap, self.explicit_broadcast)
+            k = apply_rope_tables(k, cos, sin, self.rope_swap, self.explicit_broadcast)
         q = ops.transpose(q * self.scale, (0, 2, 1, 3))      # [B, np, S, hn]
         k = ops.transpose(k, (0, 2, 1, 3))                   # [B, g, S, hn]
         v = ops.transpose(v, (0, 2, 1, 3))
@@ -313,8 +328,8 @@ class SelfAttention(nn.Cell):
         qg = ops.reshape(q, (b, gk, (np_ // gk) * s, hn))
         scores = self.bmm_t(qg, kr)                          # [B, g, (np/g)*S, K]
         scores = ops.reshape(ops.cast(scores, self.softmax_compute_type), (b, np_, s, kl))
-        # broadcast explicitly (see the module docstring)
-        scores = scores + ops.broadcast_to(ops.cast(mask_bias, self.softmax_compute_type), scores.shape)
+        bias = ops.cast(mask_bias, self.softmax_compute_type)
+        scores = scores + (ops.broadcast_to(bias, scores.shape) if self.explicit_broadcast else bias)
         # the softmax over 2-D rows: its CPU kernels (forward and gradient) are several times faster than on 4-D
         probs = ops.softmax(ops.reshape(scores, (-1, kl)), -1)
         if self.attention_dropout is not None:

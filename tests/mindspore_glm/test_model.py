@@ -69,6 +69,27 @@ def test_logits_loss_grads_match_golden(loaded, graph):
     _check_grads(model, params, grads, path)
 
 
+def test_broadcasting_path_matches_golden():
+    """The path other devices than CPU take (:func:`mindspore_glm.model.broadcasts_explicitly` False: the
+    norms, rotary tables and mask broadcast inside the ops) gives the golden logits, loss and gradients too."""
+    model = ChatGLM2ForConditionalGeneration.from_pretrained(TINY_MODEL)
+    model.set_train(False)
+    flipped = [c for _, c in model.cells_and_names() if getattr(c, "explicit_broadcast", False)]
+    assert flipped
+    for c in flipped:
+        c.explicit_broadcast = False
+    g = _golden(TINY_MODEL)
+    params = model.trainable_params()
+
+    def forward(input_ids, attention_mask, position_ids, labels):
+        return model(input_ids, attention_mask, position_ids, labels)
+
+    (loss, logits), grads = ms.jit(ms.value_and_grad(forward, None, params, has_aux=True))(*_batch(g))
+    _check_logits(logits, g)
+    assert abs(float(loss) - float(g["batch_loss"])) <= 1e-5 * abs(float(g["batch_loss"]))
+    _check_grads(model, params, grads, TINY_MODEL)
+
+
 def test_single_causal_path(loaded):
     """No mask and no position ids: the plain causal path."""
     path, model = loaded
