@@ -40,8 +40,8 @@ from mindspore_glm.generate import GenerationMixin
 from mindspore_glm.prefix import PrefixEncoder
 
 __all__ = ["WeightError", "RMSNorm", "Linear", "Embedding", "build_rope_cache", "apply_rope", "rope_tables",
-           "pair_swap_matrix", "apply_rope_tables", "broadcasts_explicitly", "build_attention_mask", "SelfAttention", "MLP", "GLMBlock",
-           "GLMTransformer", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "causal_lm_loss", "ms_dtype",
+           "pair_swap_matrix", "apply_rope_tables", "broadcasts_explicitly", "build_attention_mask", "SelfAttention",
+           "MLP", "GLMBlock", "GLMTransformer", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "causal_lm_loss", "ms_dtype",
            "DTYPE_NAMES"]
 
 DTYPE_NAMES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
