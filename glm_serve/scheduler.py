@@ -53,6 +53,9 @@ class Scheduler:
         self.stopping = False
         self.steps = 0
         self.abandoned = 0             # rows freed because their client went away
+        # called at each step boundary (before waiting requests are admitted) with the scheduler; it may
+        # block to hold the loop there. None in production; the tests use it to order requests by steps.
+        self.at_step_boundary: Optional[Callable[["Scheduler"], None]] = None
 
     # ------------------------------------------------------------------ requests
     def prepare(self, req: ChatRequest, emit: Callable) -> Job:
@@ -114,6 +117,8 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
+            if self.at_step_boundary is not None:
+                self.at_step_boundary(self)
             with self.cond:
                 for key, job in list(self.active.items()):
                     if job.cancelled:

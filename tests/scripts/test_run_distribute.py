@@ -30,10 +30,13 @@ def _launch(args, cwd, env=None, timeout=60):
     e = dict(os.environ)
     e.pop("GLM_DRY_RUN", None)
     e.update({"PYTHON": sys.executable, **(env or {})})
-    t0 = time.monotonic()
-    r = subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
-    r.wall = time.monotonic() - t0
-    return r
+    return subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def _unfinished(log_dir, *ranks):
+    """True when none of ``ranks`` (stand-ins told to run 60 s) reached its end: they were stopped, not
+    waited for. Decided by what they wrote, never by how long the launch took."""
+    return all(f"rank_{r} done" not in (log_dir / f"rank_{r}" / "worker.log").read_text() for r in ranks)
 
 
 def _fake_env(out, **extra):
@@ -249,7 +252,7 @@ def test_a_crashing_rank_stops_the_others(tmp_path):
                     FAKE_SCHED_SECONDS=60)
     r = _launch(["--grace", "5", "-", TINY_LORA, "[0,3)", "finetune"], tmp_path, env=env)
     assert r.returncode == 1
-    assert r.wall < 12, r.wall  # rank 0 and 2 would run 60 s
+    assert _unfinished(tmp_path / "output" / "log", 0, 2)  # rank 0 and 2 would run 60 s
     err = r.stderr
     assert "rank 1 failed (exit code 3)" in err and "stopping" in err
     assert f"{tmp_path}/output/log/rank_1/worker.log; its last 30 lines:" in err
@@ -259,14 +262,14 @@ def test_a_crashing_rank_stops_the_others(tmp_path):
         assert not _alive(info["pid"]), role
         if "child" in info:
             assert not _alive(info["child"]), role + " child"
-    assert "rank_0 done" not in (tmp_path / "output" / "log" / "rank_0" / "worker.log").read_text()
 
 
 def test_a_rank_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
     fake = tmp_path / "fake"
     env = _fake_env(fake, FAKE_SECONDS=60, FAKE_CRASH_RANK=0, FAKE_CRASH_AFTER=1, FAKE_IGNORE_TERM=1)
     r = _launch(["--grace", "1", "-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=env)
-    assert r.returncode == 1 and r.wall < 10, (r.returncode, r.wall)
+    assert r.returncode == 1, r.stderr
+    assert _unfinished(tmp_path / "output" / "log", 1)
     assert "rank 0 failed (exit code 3)" in r.stderr
     assert "rank 1 did not stop within 1 s of SIGTERM; SIGKILL" in r.stderr
     assert not _alive(json.loads((fake / "rank_1.json").read_text())["pid"])
@@ -276,8 +279,9 @@ def test_a_failing_scheduler_stops_the_ranks(tmp_path):
     fake = tmp_path / "fake"
     env = _fake_env(fake, FAKE_SECONDS=60, FAKE_SCHED_SECONDS=1, FAKE_SCHED_CODE=1)
     r = _launch(["-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=env)
-    assert r.returncode == 1 and r.wall < 10
+    assert r.returncode == 1, r.stderr
     assert "scheduler failed (exit code 1)" in r.stderr
+    assert _unfinished(tmp_path / "output" / "log", 0, 1)
 
 
 def test_msrun_launch_names_the_failed_rank_and_stops_the_rest(tmp_path):
@@ -287,8 +291,8 @@ def test_msrun_launch_names_the_failed_rank_and_stops_the_rest(tmp_path):
     r = _launch(["--launcher", "msrun", "-", TINY_LORA, "[0,2)", "finetune"], tmp_path, env=env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "rank 1 failed (exit code 3)" in r.stderr and "stopping msrun" in r.stderr
-    failed_at = float(r.stderr.split("rank 1 failed (exit code 3) after ")[1].split(" s")[0])
-    assert r.wall - failed_at < 12, (r.wall, failed_at)  # msrun alone would wait for its scheduler (60 s here)
+    # msrun alone would wait for its scheduler and rank 0 (60 s here): both were stopped
+    assert "rank_0 done" not in (tmp_path / "output" / "log" / "msrun" / "worker_0.log").read_text()
     assert f"{tmp_path}/output/log/msrun/worker_1.log; its last 30 lines:" in r.stderr
     assert "  | boom: injected failure" in r.stderr
     for role in ("rank_0", "rank_1", "scheduler"):
@@ -308,10 +312,9 @@ def test_ctrl_c_stops_all_ranks(tmp_path, sig):
     while not all((fake / f"{r}.json").exists() for r in ("rank_0", "rank_1", "scheduler")):
         assert time.monotonic() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.05)
-    t0 = time.monotonic()
     p.send_signal(sig)
-    out, err = p.communicate(timeout=20)
-    assert time.monotonic() - t0 < 5
+    out, err = p.communicate(timeout=50)         # a hang guard: the stand-ins would run 60 s
+    assert _unfinished(tmp_path / "output" / "log", 0, 1)
     assert p.returncode == 128 + sig, err
     assert f"{signal.Signals(sig).name} received; stopping scheduler, rank 0, rank 1" in err
     for role in ("rank_0", "rank_1", "scheduler"):
@@ -393,7 +396,9 @@ def _kill_9_and_check(p, pids, reaper, token):
     from glm_common.supervisor import _launch_pids
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=10)
-    time.sleep(5)
+    deadline = time.monotonic() + 60             # a bound on the wait (the reaper sweeps within seconds)
+    while any(_alive(x) for x in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
     survivors = [pid for pid in pids if _alive(pid)]
     assert not survivors, [open(f"/proc/{x}/cmdline").read().replace("\0", " ") for x in survivors]
     assert not _launch_pids(token)
@@ -532,8 +537,6 @@ def test_a_real_rank_crashing_mid_training_stops_the_other(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "rank 1 failed (exit code 1)" in r.stderr and "stopping scheduler, rank 0" in r.stderr
     assert "  | injected crash at epoch 1 batch 0" in r.stderr
-    failed_at = float(r.stderr.split("rank 1 failed (exit code 1) after ")[1].split(" s")[0])
-    assert r.wall - failed_at < 10, (r.wall, failed_at)  # the rest were stopped within seconds
     steps = len(open(tmp_path / "dp_out" / "loss_log.jsonl").readlines())
     assert 50 <= steps < 600, steps  # the crash came after the first epoch (62 steps), mid-training
     assert "trained" not in (tmp_path / "output" / "log" / "rank_0" / "worker.log").read_text()
