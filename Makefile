@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup system-deps demo test test-fast bench device-check clean
 
 setup: $(STAMP)
 
@@ -14,15 +14,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,mindformers]"
 	@touch $(STAMP)
 
+# Debian packages the tests need and pip cannot install: chromium (the browser test of the chat page) and a
+# CJK font (the page's Chinese). Installed quietly with apt-get when missing and when root; otherwise said.
+system-deps:
+	@missing=""; test -x /usr/bin/chromium || missing="chromium"; \
+	if ! (command -v fc-list >/dev/null && fc-list :lang=zh | grep -q .); then missing="$$missing fonts-wqy-zenhei"; fi; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing$$missing (apt-get) for the browser test"; \
+	    log=$$(mktemp); export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get -qq update && apt-get -qq install -y --no-install-recommends $$missing; } >$$log 2>&1 \
+	      || { tail -20 $$log >&2; rm -f $$log; echo "make: apt-get install$$missing failed" >&2; exit 1; }; \
+	    rm -f $$log; \
+	  else echo "make: not installed:$$missing (needs root and apt-get); the browser test is skipped" >&2; fi; \
+	fi
+
 demo: setup
 	$(PY) scripts/demo.py
 
 # pytest exits 5 when it collected no tests: a failure here, said plainly (make itself then exits 2)
-test: setup
+test: setup system-deps
 	@$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc; }
 
-test-fast: setup
+test-fast: setup system-deps
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
