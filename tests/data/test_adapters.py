@@ -32,7 +32,9 @@ def reference_epochs(feats, n, **kw):
     return out
 
 
-@pytest.mark.parametrize("padding, rank, world_size", [("max_length", 0, 1), ("bucket", 1, 2)])
+# one rank of a data-parallel run over two epochs (the unsharded batches of every padding, format and
+# feature mode are compared in tests/parity/test_twin_batches.py)
+@pytest.mark.parametrize("padding, rank, world_size", [("bucket", 1, 2)])
 def test_torch_and_mindspore_batches_are_byte_identical(feats, padding, rank, world_size):
     from mindspore_glm.data import make_dataset
     from torch_glm.data import make_dataloader
