@@ -43,5 +43,11 @@ test-fast: setup system-deps
 bench: setup
 	$(PY) bench/run_all.py
 
+# The accelerator check (README, "Device check"): DEVICE=cuda (default, one NVIDIA GPU) or DEVICE=ascend.
+# Writes output/device_check/device_check.{json,md}; fails when any step fails or cannot run.
+DEVICE ?= cuda
+device-check: setup
+	$(PY) scripts/device_check.py --device $(DEVICE) $(DEVICE_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) output build *.egg-info

@@ -50,11 +50,11 @@ def make_model(folder: str) -> None:
     model.save_pretrained(folder)
 
 
-def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: int) -> dict:
+def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: int, device: str = "cpu") -> dict:
     from glm_serve.backends import load_backend
     from glm_serve.protocol import ChatRequest
     from glm_serve.scheduler import Scheduler
-    b = load_backend(backend_name, folder, TOKENIZER)
+    b = load_backend(backend_name, folder, TOKENIZER, device=device)
     never = -1                                          # no end-of-sequence: every answer has `tokens` tokens
     sched = Scheduler(b.decoder(streams), b.tokenizer, b.settings_cls, b.seq_length, [never]).start()
     ids = b.tokenizer.encode(PROMPT)
@@ -82,7 +82,9 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
         for _ in range(n):
             if backend_name == "torch":
                 import torch
-                out = b.model.generate(torch.tensor([ids]), max_new_tokens=tokens, eos_token_id=never)
+                out = b.model.generate(torch.tensor([ids], device=next(b.model.parameters()).device),
+                                       max_new_tokens=tokens,
+                                       eos_token_id=never)
             else:
                 out = b.model.generate(np.array([ids]), max_new_tokens=tokens, eos_token_id=never)
             total += out.shape[1] - len(ids)
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per backend")
     ap.add_argument("--backends", default="torch,mindspore")
+    ap.add_argument("--device", default="cpu", help="the backends' device (torch: cpu, cuda; mindspore: cpu, ascend)")
+    ap.add_argument("--json", metavar="FILE", help="also write the medians and ratios as JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -117,8 +121,9 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         else:
             import mindspore as ms
-            ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-        print(json.dumps(worker(args.worker, args.model, args.tokens, args.streams, args.rounds)))
+            if args.device == "cpu":
+                ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+        print(json.dumps(worker(args.worker, args.model, args.tokens, args.streams, args.rounds, args.device)))
         return 0
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as folder:
@@ -128,25 +133,31 @@ def main(argv=None) -> int:
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GLOG_v": "3", "PYTHONPATH": ROOT}
             out = subprocess.run([sys.executable, __file__, "--worker", name, "--model", folder, "--tokens",
                                   str(args.tokens), "--streams", str(args.streams), "--rounds", str(args.rounds),
-                                  "--threads", str(args.threads)], capture_output=True, text=True, env=env)
+                                  "--threads", str(args.threads), "--device", args.device], capture_output=True, text=True, env=env)
             if out.returncode:
                 print(out.stderr[-3000:], file=sys.stderr)
                 return 1
             sys.stderr.write(out.stderr)
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     cfg = ", ".join(f"{k}={v}" for k, v in SMALL.items() if k in ("num_layers", "hidden_size", "ffn_hidden_size"))
-    print(f"\nServing throughput, CPU ({args.threads} threads), model {cfg}, {args.tokens} answer tokens per "
+    where = f"CPU ({args.threads} threads)" if args.device == "cpu" else args.device
+    print(f"\nServing throughput, {where}, model {cfg}, {args.tokens} answer tokens per "
           f"request, {args.rounds} rounds (medians):")
     n = args.streams
     print(f"{'backend':<10} {'1 stream':>10} {f'{n} streams':>10} {'serial':>10} {f'{n}/1':>7} {f'{n}/serial':>9}")
+    summary = {}
     for name, res in results.items():
         rows = res["rows"]
         med = {k: statistics.median(r[k] for r in rows) for k in ("one", "many", "serial")}
         r1 = statistics.median(r["many"] / r["one"] for r in rows)
         rs = statistics.median(r["many"] / r["serial"] for r in rows)
+        summary[name] = {"tokens_per_s": med, f"{n}_streams_over_1": r1, f"{n}_streams_over_serial": rs}
         print(f"{name:<10} {med['one']:>10.1f} {med['many']:>10.1f} {med['serial']:>10.1f} {r1:>6.2f}x {rs:>8.2f}x")
     print("(tokens/s: answer tokens per wall second, all requests together; serial: one request after another "
           "through the model's own generate)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "streams": n, "tokens": args.tokens, "backends": summary}, f, indent=2)
     return 0
 
 

@@ -315,6 +315,24 @@ def _bf16(tmp, sharded):
 
 
 @pytest.mark.cuda
+def test_cuda_fsdp2_one_gpu(tmp_path):
+    """FSDP2 on one GPU (a world of one under torchrun, NCCL): one forward + backward of the sharded probe
+    gives the loss and the gradients of the same probe on the CPU (gloo)."""
+    out = {}
+    for device in ("cpu", "cuda"):
+        d = tmp_path / device
+        proc = torchrun([PROBE, "--out", str(d), "--device", device, "--layers", "2", "--seq", "128"], nproc=1)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[device] = (json.loads((d / "probe.json").read_text()), np.load(d / "grads.npz"))
+    (cpu, gc), (gpu, gg) = out["cpu"], out["cuda"]
+    assert np.isfinite(gpu["loss"]) and abs(gpu["loss"] - cpu["loss"]) <= 1e-4 * abs(cpu["loss"])
+    assert sorted(gg.files) == sorted(gc.files)
+    for name in gc.files:
+        scale = float(np.abs(gc[name]).max())
+        assert scale > 0 and float(np.abs(gg[name] - gc[name]).max()) <= 1e-3 * scale, name
+
+
+@pytest.mark.cuda
 @need_two_gpus
 def test_cuda_bf16_sharded_matches_ddp(tmp_path):
     """NCCL, bfloat16 compute, float32 master weights and reduction: FSDP vs DDP losses, half the states
