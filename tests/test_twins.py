@@ -160,8 +160,9 @@ def _methods(cls) -> list:
     return out
 
 
-def divergences(ms_mod, pt_mod, mod: str) -> list:
-    """Every difference between the twin modules that :data:`ALLOWED` does not explain."""
+def divergences(ms_mod, pt_mod, mod: str, order: bool = True) -> list:
+    """Every difference between the twin modules that :data:`ALLOWED` does not explain (``order``: the
+    order of the classes in the files too, which the allow-list does not touch)."""
     problems = []
     ms_all, pt_all = list(getattr(ms_mod, "__all__", [])), list(getattr(pt_mod, "__all__", []))
     for name in sorted(set(ms_all) ^ set(pt_all)):
@@ -191,6 +192,8 @@ def divergences(ms_mod, pt_mod, mod: str) -> list:
                     problems.append(f"{mod}.{name}.{meth}: signature {_shape(ma[meth])} vs {_shape(mb[meth])}")
         elif callable(a) and _shape(a) != _shape(b):
             problems.append(f"{mod}.{name}: signature {_shape(a)} vs {_shape(b)}")
+    if not order:
+        return problems
     # the classes both have, in the same order in the file
     order_a = [n for n in classes if getattr(ms_mod, n).__module__ == ms_mod.__name__]
     order_b = [n for n in classes if getattr(pt_mod, n).__module__ == pt_mod.__name__]
@@ -246,7 +249,7 @@ def test_every_allow_list_entry_is_needed():
         ms_mod, pt_mod = (importlib.import_module(f"{b}.{mod}") for b in BACKENDS)
         del ALLOWED[mod, qual]
         try:
-            problems = divergences(ms_mod, pt_mod, mod)
+            problems = divergences(ms_mod, pt_mod, mod, order=False)
         finally:
             ALLOWED[mod, qual] = reason
         prefix = f"{mod}.{qual[:-2] if qual.endswith('.*') else qual}"
