@@ -20,10 +20,11 @@ shards. Per device, for the stage of the pipeline that holds the most, it counts
   the root module's (embedding, output layer) for the step and :data:`FSDP_UNITS_IN_FLIGHT` blocks.
 * **gradients**: one per trained parameter, in its dtype; sharded over ``dp`` with the optimizer shard
   (MindSpore semi-auto: reduce-scatter; FSDP2: sharded gradients). Only trained parameters get one.
-* **optimizer states**: AdamW's two moments per trained parameter, in the parameter's dtype (MindSpore's
-  ``nn.AdamWeightDecay`` and mindformers' ``FusedAdamWeightDecay`` clone the parameters for them,
-  torch's AdamW uses ``zeros_like``), float32 for ``FP32StateAdamWeightDecay``; over ``dp`` with the
-  optimizer shard (in MindSpore's data-parallel mode the shard splits only these).
+* **optimizer states**: AdamW's two moments per trained parameter, float32 whatever ``param_init_type``
+  (both train steps' ``make_optimizer``); over ``dp`` with the optimizer shard (in MindSpore's
+  data-parallel mode the shard splits only these).
+* **master weights**: a float32 copy of each trained parameter kept in float16/bfloat16, which the
+  optimizer updates and the weights are cast from (0 for float32 weights); split like the states.
 * **activations**: the tensors the backward reads, enumerated per layer from ChatGLM2's forward
   (:func:`layer_activation_bytes`): norm inputs, the inputs of the linears whose weights are trained,
   query/key/value (key and value expanded to every head), the softmax output and probabilities,
@@ -77,7 +78,7 @@ from glm_common.config import ChatGLM2Config
 from glm_common.names import hf_param_shapes
 
 __all__ = ["PlanError", "Layout", "MemoryPlan", "DTYPE_BYTES", "HCCL_BUFFER_BYTES", "FSDP_UNITS_IN_FLIGHT",
-           "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "parse_size", "format_size",
+           "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "STATE_DTYPE", "parse_size", "format_size",
            "layout_from_config",
            "plan_memory", "layer_activation_bytes", "layer_held_bytes", "fixes", "format_plan", "plan_line",
            "plan_from_file", "run_plan_line", "main"]
@@ -92,8 +93,8 @@ FSDP_UNITS_IN_FLIGHT = 2
 GRAD_UPDATE_COPIES = 1
 #: extra copies of the gradients DDP keeps in its communication buckets (several ranks, no shard)
 DDP_BUCKET_COPIES = 1
-#: optimizer types whose moments are float32 whatever the parameter dtype
-FP32_STATE_OPTIMIZERS = ("fp32stateadamweightdecay",)
+#: the dtype of the optimizer's moments and master weights, whatever ``param_init_type`` (both train steps)
+STATE_DTYPE = "float32"
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
           "g": 2 ** 30, "gb": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40, "tb": 2 ** 40, "tib": 2 ** 40}
 _LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -126,7 +127,7 @@ class Layout:
     compute_dtype: str = "float16"
     layernorm_dtype: str = "float32"
     softmax_dtype: str = "float32"
-    state_dtype: Optional[str] = None  # None: the parameter's dtype
+    state_dtype: str = STATE_DTYPE     # the optimizer's moments and master weights
     batch_size: int = 1               # per device (a data-parallel rank's batch)
     seq_length: int = 193
     dp: int = 1
@@ -263,7 +264,7 @@ def plan_memory(L: Layout) -> dict:
     c = L.config
     pb = DTYPE_BYTES[L.param_dtype]
     cb = DTYPE_BYTES[L.compute_dtype]
-    sb = DTYPE_BYTES[L.state_dtype or L.param_dtype]
+    sb = DTYPE_BYTES[L.state_dtype]
     torch = L.backend == "torch"
     shard_weights = L.opt_shard and (torch or L.semi_auto)
     params = _params(L)
@@ -298,6 +299,8 @@ def plan_memory(L: Layout) -> dict:
         shard_grads = L.opt_shard and (torch or L.semi_auto)
         b["gradients"] = trained * pb // (L.dp if shard_grads else 1)
         b["optimizer_states"] = 2 * trained * sb // (L.dp if L.opt_shard else 1)
+        masters = L.param_dtype != L.state_dtype
+        b["master_weights"] = trained * sb // (L.dp if L.opt_shard else 1) if masters else 0
 
         full_layer = layer_activation_bytes(L, tokens, lora_on, trained_linears=L.method == "full")
         n_layers = len(layers)
@@ -338,7 +341,7 @@ def plan_memory(L: Layout) -> dict:
                       "vocab": V, "parameters": n_params, "trained_parameters": n_trained},
             "dtypes": {"param_init_type": L.param_dtype, "compute_dtype": L.compute_dtype,
                        "layernorm_compute_type": L.layernorm_dtype, "softmax_compute_type": L.softmax_dtype,
-                       "optimizer_state": L.state_dtype or L.param_dtype},
+                       "optimizer_state": L.state_dtype},
             "batch_size": L.batch_size, "seq_length": L.seq_length,
             "layout": {"devices": L.devices, "data_parallel": L.dp, "model_parallel": L.mp, "pipeline_stage": L.pp,
                        "micro_batch_num": L.micro_batch_num, "optimizer_shard": L.opt_shard,
@@ -424,7 +427,6 @@ def layout_from_config(raw: Mapping, source: str = "config", devices: Optional[i
         raise PlanError(str(e)) from None
     par = raw.get("parallel") or {}
     rec = raw.get("recompute_config") or {}
-    opt = raw.get("optimizer") or {}
     o = s.options
     L = Layout(config=s.config, method=s.pet.get("pet_type", "full"), pet=dict(s.pet), param_dtype=o.param_init_type,
                compute_dtype=o.compute_dtype, layernorm_dtype=o.layernorm_compute_type,
@@ -438,8 +440,6 @@ def layout_from_config(raw: Mapping, source: str = "config", devices: Optional[i
                backend=backend, device_target=s.device_target, source=source)
     if L.method == "qlora":
         L.method = "lora"
-    if str(opt.get("type", "")).lower() in FP32_STATE_OPTIMIZERS:
-        L.state_dtype = "float32"
     if backend == "torch" and (L.mp > 1 or L.pp > 1):
         L.notes.append(f"torch_glm has no model or pipeline parallel: planned as data parallel over "
                        f"{L.devices} ranks")
@@ -518,7 +518,7 @@ def format_plan(p: dict) -> str:
     lines.append("  per device:")
     b, a = p["per_device_bytes"], p["activations_bytes"]
     names = {"weights": "weights", "gathered_weights": "gathered weights", "gradients": "gradients",
-             "optimizer_states": "optimizer states", "activations": "activations", "workspace": "workspace"}
+             "optimizer_states": "optimizer states", "master_weights": "float32 master weights", "activations": "activations", "workspace": "workspace"}
     for k, label in names.items():
         extra = ""
         if k == "activations":

@@ -180,9 +180,9 @@ def mindpet_to_peft(name: str, prefix: str = PEFT_PREFIX, adapter: Optional[str]
 # ---------------------------------------------------------------------- training state
 #: prefixes of the optimizer / gradient-accumulation tensors a training checkpoint holds beside the
 #: weights (MindSpore's AdamWeightDecay ``adam_m.X``/``adam_v.X``, mindformers' ``moment1.X``/``accu_grads.X``,
-#: the parallel optimizer's ``accum.X``).
+#: the parallel optimizer's ``accum.X``; the float32 ``master_weights.X`` of a weight kept in float16).
 TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accu_grads.",
-                        "accumulated_grads.", "accum.")
+                        "accumulated_grads.", "accum.", "master_weights.")
 #: scalars optimizers, loss scaling and the training loop save next to the weights (ours:
 #: ``global_step``, ``epoch_num``, ``step_num``, ``loss_scale``, ``loss_scale_good_steps``, and the run's
 #: ``world_size`` / ``rank_id`` that the merger checks its ranks against; mindformers / MindSpore's

@@ -18,7 +18,9 @@ a bad value raises :class:`RunConfigError` naming the file and the key's path):
   ``gradient_accumulation_steps``, ``max_steps``;
 * ``runner_wrapper``: ``type``, ``scale_sense`` (``DynamicLossScaleUpdateCell`` with
   ``loss_scale_value``, ``scale_factor``, ``scale_window``; ``FixedLossScaleUpdateCell`` with
-  ``loss_scale_value``; or a number), ``use_clip_grad``, ``max_grad_norm``;
+  ``loss_scale_value``; or a number), ``use_clip_grad``, ``max_grad_norm``,
+  ``max_consecutive_overflows`` (ours, default 20: a run whose updates overflow that many times in a
+  row stops with one line, a stuck loss scale);
 * ``lr_schedule``: ``type`` (see :mod:`glm_common.schedules`), ``learning_rate``, ``lr_end``,
   ``warmup_steps``, ``warmup_ratio``, ``total_steps`` (-1: epochs x steps per epoch), ``power``;
 * ``optimizer``: ``type`` (AdamWeightDecay family or AdamW), ``beta1``, ``beta2``, ``eps``,
@@ -95,6 +97,7 @@ class TrainSettings:
     loss_scale_value: float = 1.0
     loss_scale_factor: float = 2.0
     loss_scale_window: int = 1000
+    max_consecutive_overflows: int = 20
     optimizer_type: str = "adamweightdecay"
     bias_correction: bool = False
     learning_rate: float = 5e-5
@@ -533,6 +536,7 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     r.raw("runner_wrapper.type")
     s.clip_grad = r.bool("runner_wrapper.use_clip_grad", True)
     s.max_grad_norm = r.float("runner_wrapper.max_grad_norm", 1.0, lo=0, open_lo=True)
+    s.max_consecutive_overflows = r.int("runner_wrapper.max_consecutive_overflows", 20, lo=1)
     sense = r.raw("runner_wrapper.scale_sense")
     if isinstance(sense, Mapping):
         kind = r.str("runner_wrapper.scale_sense.type", "DynamicLossScaleUpdateCell",

@@ -14,12 +14,30 @@ from glm_common.data import build_eval_features, build_train_features, load_samp
 from glm_common.generation import GenerationPlan, budget_groups, plan_eval_prompts
 from glm_common.run_config import RunConfigError, TrainSettings
 
-__all__ = ["TrainingError", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
+__all__ = ["TrainingError", "OverflowStreak", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
            "eval_loss_features", "eval_prompts", "generation_groups", "clean_answer", "merge_shards", "format_table"]
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (NaN/Inf loss under a fixed loss scale, ...); one line with the step."""
+
+
+class OverflowStreak:
+    """Counts updates that overflowed in a row (MindSpore: skipped by the dynamic loss scale; torch: a
+    non-finite loss or gradient); :meth:`update` raises :class:`TrainingError` when ``limit`` of them
+    (``runner_wrapper.max_consecutive_overflows``, default 20) come in a row: a run whose every update
+    overflows (a stuck loss scale) stops with one line instead of logging nothing but skips."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = int(limit), 0
+
+    def update(self, step: int, overflow: bool, loss_scale: "float | None" = None) -> None:
+        self.count = self.count + 1 if overflow else 0
+        if self.count >= self.limit:
+            at = f" (loss scale {loss_scale:g})" if loss_scale is not None else ""
+            raise TrainingError(f"step {step}: {self.count} consecutive updates overflowed{at}; stopping (the "
+                                f"loss scale is stuck or the weights are not finite; runner_wrapper."
+                                f"max_consecutive_overflows: {self.limit})")
 
 
 def train_features(s: TrainSettings, tokenizer, progress: bool = False) -> dict:

@@ -3,7 +3,8 @@
 The twin of ``torch_glm/checkpointing.py`` (the formats differ: mindformers' ``.ckpt`` here, a folder
 with ``trainable.safetensors`` and ``trainer_state.safetensors`` + ``.json`` there). Files go where mindformers puts them,
 ``<output_dir>/checkpoint/rank_<N>/<prefix>-<epoch>_<step in epoch>.ckpt``: the trainable weights (all
-weights with ``save_full_weights`` or full fine-tuning), the optimizer moments and the training-state
+weights with ``save_full_weights`` or full fine-tuning), the float32 master copies of weights kept in
+float16/bfloat16 (``master_weights.<param>``), the optimizer moments and the training-state
 scalars of :data:`glm_common.names.TRAIN_STATE_SCALARS` (``epoch_num``, ``step_num``, ``global_step``,
 ``loss_scale``, ``loss_scale_good_steps``) and, last, the run record ``world_size`` / ``rank_id`` that
 resuming checks (:mod:`mindspore_glm.resume`). Reading and writing go through :mod:`convert.ms_ckpt`.
@@ -86,7 +87,7 @@ def save_checkpoint(step_cell: TrainOneStepCell, s: TrainSettings, rank: int, st
         for p in model.get_parameters():
             if full or p.requires_grad:
                 yield p.name, p.asnumpy()
-        for m in list(opt.moments1) + list(opt.moments2):
+        for m in list(opt.masters) + list(opt.moments1) + list(opt.moments2):
             yield m.name, m.asnumpy()
         yield "epoch_num", np.array([epoch], np.int32)
         yield "step_num", np.array([step], np.int32)
@@ -107,7 +108,7 @@ def load_checkpoint(path: str, step_cell: TrainOneStepCell) -> int:
     ck = MSCheckpoint(path)
     opt = step_cell.optimizer
     targets = step_cell.network.model.param_dict()
-    targets.update({m.name: m for m in list(opt.moments1) + list(opt.moments2)})
+    targets.update({m.name: m for m in list(opt.masters) + list(opt.moments1) + list(opt.moments2)})
     targets.update({"global_step": opt.global_step, "loss_scale": step_cell.loss_scale,
                     "loss_scale_good_steps": step_cell.good_steps})
     for p in step_cell.weights:
@@ -126,4 +127,7 @@ def load_checkpoint(path: str, step_cell: TrainOneStepCell) -> int:
                 raise RunConfigError(f"{path}: {name}: shape {value.shape} does not match {tuple(p.shape)}")
             value = value.reshape(p.shape)
         p.set_data(Tensor(np.ascontiguousarray(value), p.dtype))
+    for p, m in zip(opt.low_weights, opt.masters):     # a checkpoint without float32 masters: from the weights
+        if m.name not in ck:
+            m.set_data(Tensor(p.asnumpy().astype(np.float32)))
     return int(ck.read("step_num").reshape(-1)[0])

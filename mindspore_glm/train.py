@@ -9,7 +9,10 @@ gradient mean (``use_parallel``), unscaling, an overflow check, clipping by glob
 ``nn.AdamWeightDecay`` with the learning-rate array of :func:`glm_common.schedules.learning_rates`
 (indexed by the optimizer's ``global_step``: skipped updates do not advance it). With a dynamic loss
 scale an overflow skips the update and halves the scale (mindformers' ``DynamicLossScaleUpdateCell``);
-with a fixed scale a NaN/Inf loss stops the run with its step number. With
+with a fixed scale a NaN/Inf loss stops the run with its step number, and
+``runner_wrapper.max_consecutive_overflows`` (default 20) overflows in a row stop it too
+(:class:`glm_common.training.OverflowStreak`). Moments and the weights the optimizer updates are float32
+whatever ``param_init_type`` (:func:`mindspore_glm.train_step.make_optimizer`). With
 ``runner_config.gradient_accumulation_steps`` N an update takes N micro-batches of ``batch_size``
 (:class:`AccumulateCell` for the first N-1), the loss and gradients being their mean. ``do_eval`` adds
 the eval loss and rouge/bleu rows (``{"step", "eval_loss", "rouge-1", ...}``) to the loss log every
@@ -44,8 +47,8 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import learning_rates, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
-from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, total_updates, train_features,
-                                 updates_per_epoch)
+from glm_common.training import (OverflowStreak, TrainingError, dataset_kwargs, eval_samples, total_updates,
+                                 train_features, updates_per_epoch)
 from mindspore_glm.checkpointing import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from mindspore_glm.data import make_dataset
 from mindspore_glm.evaluate import eval_loss, eval_perplexity, evaluate
@@ -214,6 +217,7 @@ def _train(s: TrainSettings, model, params) -> dict:
     bar = tqdm(total=total, initial=step, desc="train", disable=not (s.progress and rank == 0), dynamic_ncols=True)
     losses: list = []
     skipped, tokens_done, last_path = 0, 0, None
+    streak = OverflowStreak(s.max_consecutive_overflows)
     print_every = s.sink_size if s.sink_mode else s.print_every
     t0 = time.perf_counter()
     epoch = step // per_epoch
@@ -256,6 +260,11 @@ def _train(s: TrainSettings, model, params) -> dict:
                        "grad_norm": round(float(norm.asnumpy()), 6) if not overflow else None,
                        "tokens_per_s": round(n_tok / dt, 1) if dt > 0 else None, "tokens": tokens_done,
                        "time": round(time.perf_counter() - t0, 3)})
+            try:
+                streak.update(step, overflow, scale)
+            except TrainingError:
+                bar.close()
+                raise
             bar.update(1)
             if step % max(1, print_every) == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", scale=f"{scale:g}")

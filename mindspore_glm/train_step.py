@@ -9,6 +9,8 @@ is eager autograd in ``torch_glm.train``).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
@@ -17,12 +19,28 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays
 from mindspore_glm.parallel import pipeline_network, semi_auto
 
-__all__ = ["make_optimizer", "sum_squares", "TrainOneStepCell", "AccumulateCell"]
+__all__ = ["MASTER_PREFIX", "make_optimizer", "sum_squares", "saturation_mode", "FloatStatus", "TrainOneStepCell",
+           "AccumulateCell"]
+
+
+#: the name prefix of the float32 master copies of weights kept in a lower precision (``master_weights.<param>``)
+MASTER_PREFIX = "master_weights"
 
 
 def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWeightDecay:
     """``nn.AdamWeightDecay`` over ``params`` (weight decay on :func:`glm_common.schedules.decays` ones)
-    with the per-update learning rates ``lrs [n]``.
+    with the per-update learning rates ``lrs [n]``; its moments and the weights it updates are float32
+    whatever ``param_init_type`` says.
+
+    MindSpore's optimizer creates its moments at the dtype of the parameters it updates (float16 moments
+    underflow, and ``eps`` 1e-8 is 0 in float16), so a parameter kept in float16/bfloat16 is updated
+    through a float32 master copy (``Parameter.clone``, which keeps the parameter's parallel layout;
+    named ``master_weights.<param>``): the optimizer and its moments (``adam_m.<param>``,
+    ``adam_v.<param>``, named after the model's parameter) are float32 and the step cell casts the
+    updated master into the model's copy (mixed precision; mindformers' FP32StateAdamWeightDecay keeps
+    float32 moments the same way). ``optimizer.model_weights``: the model's parameters in the optimizer's
+    order (what the gradients are taken of); ``optimizer.low_weights`` / ``optimizer.masters``: the pairs
+    cast after each update (empty when every parameter is float32).
 
     ``optimizer.type: AdamW`` (bias-corrected) folds ``sqrt(1 - b2^t) / (1 - b1^t)`` into the learning
     rate and divides the weight decay by it, which is AdamW up to ``eps`` scaling (``eps`` acts as
@@ -30,9 +48,17 @@ def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWe
     """
     decay = [p for p in params if decays(p.name, len(p.shape))]
     rest = [p for p in params if not decays(p.name, len(p.shape))]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}] if decay else []
+    ordered = decay + rest
+    master = {}
+    for p in ordered:
+        if p.dtype != ms.float32:
+            m = p.clone()
+            m.name = f"{MASTER_PREFIX}.{p.name}"
+            m.set_dtype(ms.float32)         # exact: float16/bfloat16 values are float32 values
+            master[p.name] = m
+    groups = [{"params": [master.get(p.name, p) for p in decay], "weight_decay": s.weight_decay}] if decay else []
     if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
+        groups.append({"params": [master.get(p.name, p) for p in rest], "weight_decay": 0.0})
     lrs = np.asarray(lrs, np.float32)
     if s.bias_correction:
         t = np.arange(1, len(lrs) + 1, dtype=np.float64)
@@ -40,7 +66,13 @@ def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWe
         if s.weight_decay:
             raise RunConfigError(f"{s.source}: optimizer.type: AdamW with weight_decay > 0 is not available in "
                                  "the MindSpore runner; use AdamWeightDecay (mindformers' default)")
-    return nn.AdamWeightDecay(groups, Tensor(lrs), beta1=s.beta1, beta2=s.beta2, eps=s.eps)
+    opt = nn.AdamWeightDecay(groups, Tensor(lrs), beta1=s.beta1, beta2=s.beta2, eps=s.eps)
+    for p, m, v in zip(ordered, opt.moments1, opt.moments2):    # named after the model's parameter
+        m.name, v.name = f"adam_m.{p.name}", f"adam_v.{p.name}"
+    opt.model_weights = ParameterTuple(ordered)
+    opt.low_weights = ParameterTuple(p for p in ordered if p.name in master)
+    opt.masters = ParameterTuple(master[p.name] for p in ordered if p.name in master)
+    return opt
 
 
 # ExpandDims marked ``grad_scale``: under semi-auto parallel MindSpore aggregates the local square sum of a
@@ -66,6 +98,59 @@ def sum_squares(tensors, sliced: bool = False):
         t2 = ops.reshape(t, (-1, t.shape[-1]))
         rows.append(ops.reshape(ops.ReduceSum()(t2 * t2, 1), (-1,)))
     return ops.concat(rows).sum()
+
+
+def saturation_mode() -> bool:
+    """Whether this device reports float overflow only through its float-status register (Ascend
+    saturation mode: inf becomes the largest finite value and NaN 0, so gradients stay finite): the Atlas
+    training series (910A, ``ascend910``), and 910B/910_93 with ``MS_ASCEND_CHECK_OVERFLOW_MODE=SATURATION_MODE``;
+    the rule of MindSpore's ``nn.TrainOneStepWithLossScaleCell``. Elsewhere (CPU, GPU, 910B in INF/NaN
+    mode) an overflow shows as a non-finite gradient norm."""
+    if ms.get_context("device_target") != "Ascend":
+        return False
+    from mindspore._c_expression import MSContext
+    soc = MSContext.get_instance().get_ascend_soc_version()
+    return soc == "ascend910" or (soc in ("ascend910b", "ascend910_93", "ascend950") and
+                                  os.environ.get("MS_ASCEND_CHECK_OVERFLOW_MODE") == "SATURATION_MODE")
+
+
+class FloatStatus(nn.Cell):
+    """The NPU float-status overflow check of ``nn.TrainOneStepWithLossScaleCell``
+    (``start_overflow_check`` / ``get_overflow_status`` on saturation mode, MindSpore 2.9), for the step
+    cells: :meth:`start` clears the register before the computation, :meth:`overflow` reads it after
+    (summed over the devices under a parallel mode) and clears it. Off saturation mode both are no-ops
+    and :meth:`overflow` is False (the caller's non-finite check decides)."""
+
+    def __init__(self):
+        super().__init__(auto_prefix=False)
+        self.enabled = saturation_mode()
+        self.distributed = ms.get_auto_parallel_context("parallel_mode") != "stand_alone"
+        if self.enabled:
+            from mindspore.ops.operations.math_ops import NPUClearFloatStatusV2, NPUGetFloatStatusV2
+            self.clear_status = NPUClearFloatStatusV2()
+            self.get_status = NPUGetFloatStatusV2()
+            self.allreduce = ops.AllReduce()
+
+    def start(self, pre_cond, compute_input):
+        """``(status, compute_input)``: the register cleared after ``pre_cond`` and before ``compute_input``
+        is used."""
+        status = Tensor([0] * 8, ms.int32)
+        if self.enabled:
+            status = ops.depend(status, pre_cond)
+            compute_input = ops.depend(compute_input, self.clear_status(status))
+        return status, compute_input
+
+    def overflow(self, status, compute_output):
+        """bool: whether any float op since :meth:`start` overflowed (read after ``compute_output``)."""
+        if not self.enabled:
+            return ops.zeros((), ms.bool_)
+        status = ops.depend(status, compute_output)
+        got = self.get_status(status)
+        if self.distributed:
+            got = self.allreduce(got)
+        status = ops.depend(status, got)
+        got = ops.depend(got, self.clear_status(status))
+        return ops.logical_not(ops.reduce_all(ops.equal(ops.zeros((), ms.int32), got)))
 
 
 class _LossCell(nn.Cell):
@@ -95,7 +180,8 @@ class TrainOneStepCell(nn.Cell):
         super().__init__(auto_prefix=False)
         self.network = _LossCell(model)
         self.optimizer = optimizer
-        self.weights = optimizer.parameters
+        self.weights = optimizer.model_weights
+        self.low_weights, self.masters = optimizer.low_weights, optimizer.masters
         # pipeline_stage > 1 (semi-auto): micro-batches through PipelineCell, their gradients accumulated
         self.network, self.pipeline_reducer = pipeline_network(self.network, self.weights, s)
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
@@ -108,6 +194,7 @@ class TrainOneStepCell(nn.Cell):
         self.max_norm = float(s.max_grad_norm)
         self.parallel = parallel
         self.sliced_grads = semi_auto(s)
+        self.float_status = FloatStatus()
         if parallel:
             from mindspore.communication import get_group_size
             self.degree = get_group_size()
@@ -119,10 +206,13 @@ class TrainOneStepCell(nn.Cell):
                 Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"accu_grads.{p.name}", requires_grad=False)
                 for p in self.weights)
             self.accu_loss = Parameter(Tensor(np.float32(0)), name="accu_loss", requires_grad=False)
+            # saturation mode: the micro-batches' float-status overflows, counted (read with the last)
+            self.accu_overflow = Parameter(Tensor(np.float32(0)), name="accu_overflow", requires_grad=False)
             self.accumulate = AccumulateCell(self)
 
     def construct(self, input_ids, labels):
         scale = self.loss_scale * 1.0
+        status, input_ids = self.float_status.start(scale, input_ids)
         loss = self.network(input_ids, labels)
         grads = self.grad(self.network, self.weights)(input_ids, labels, scale)
         if self.accum_steps > 1:
@@ -141,7 +231,11 @@ class TrainOneStepCell(nn.Cell):
         # and clips together (a float32 overflow of the scaled squares needs an unscaled norm near
         # 1.8e19 / scale, and is handled like any overflow); accumulated gradients are sums: / N as well
         norm = ops.sqrt(sum_squares(grads, self.sliced_grads)) / (scale * self.accum_steps)
-        overflow = ops.logical_not(ops.isfinite(norm))
+        # a non-finite norm (INF/NaN mode, CPU, GPU) or, on Ascend saturation mode, the float-status register
+        overflow = ops.logical_or(ops.logical_not(ops.isfinite(norm)), self.float_status.overflow(status, norm))
+        if self.accum_steps > 1 and self.float_status.enabled:
+            overflow = ops.logical_or(overflow, self.accu_overflow > 0)
+            overflow = ops.depend(overflow, ops.assign(self.accu_overflow, ops.zeros_like(self.accu_overflow)))
         coef = 1.0 / (scale * self.accum_steps)
         if self.clip:
             coef = coef * (self.max_norm / ops.maximum(norm, self.max_norm))
@@ -156,7 +250,10 @@ class TrainOneStepCell(nn.Cell):
             loss = ops.depend(loss, ops.assign(self.loss_scale, new_scale))
             loss = ops.depend(loss, ops.assign(self.good_steps, good))
         if not overflow:
-            loss = ops.depend(loss, self.optimizer(grads))
+            done = self.optimizer(grads)
+            for p, m in zip(self.low_weights, self.masters):     # the model's copy of each float32 master
+                done = ops.depend(done, ops.assign(p, ops.cast(ops.depend(m, done), p.dtype)))
+            loss = ops.depend(loss, done)
         return loss, overflow, scale, norm
 
 
@@ -173,11 +270,17 @@ class AccumulateCell(nn.Cell):
         self.loss_scale = step_cell.loss_scale
         self.accu_grads = step_cell.accu_grads
         self.accu_loss = step_cell.accu_loss
+        self.accu_overflow = step_cell.accu_overflow
+        self.float_status = step_cell.float_status
 
     def construct(self, input_ids, labels):
         scale = self.loss_scale * 1.0
+        status, input_ids = self.float_status.start(scale, input_ids)
         loss = self.network(input_ids, labels)
         grads = self.grad(self.network, self.weights)(input_ids, labels, scale)
         for a, g in zip(self.accu_grads, grads):
             loss = ops.depend(loss, ops.assign_add(a, ops.cast(g, ms.float32)))
+        if self.float_status.enabled:
+            flag = ops.cast(self.float_status.overflow(status, loss), ms.float32)
+            loss = ops.depend(loss, ops.assign_add(self.accu_overflow, flag))
         return ops.depend(loss, ops.assign_add(self.accu_loss, loss))

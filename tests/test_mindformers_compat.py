@@ -219,9 +219,9 @@ def test_shrunk_yaml_finetunes_on_cpu(name, tmp_path):
     ckpts = sorted(os.listdir(tmp_path / "output" / "checkpoint" / "rank_0"))
     assert ckpts and all(c.startswith(prefix) and c.endswith(".ckpt") for c in ckpts), ckpts
     rows = [json.loads(x) for x in open(tmp_path / "output" / "loss_log.jsonl")]
-    assert [x["step"] for x in rows] == [1, 2] and np.isfinite(rows[0]["loss"])
-    # float16 with the YAML's loss scale 65536: a step may overflow and is skipped (mindformers' dynamic scale)
-    assert all(x["overflow"] or np.isfinite(x["loss"]) for x in rows)
+    assert [x["step"] for x in rows] == [1, 2]
+    # float16 weights with the YAML's loss scale 65536, float32 moments and masters: no update overflows
+    assert all(not x["overflow"] and np.isfinite(x["loss"]) for x in rows), rows
     if name == "finetune":     # metric.type: PerplexityMetric, the YAML's eval (of its load_checkpoint)
         r = _run(["--config", str(cfg), "--run_mode", "eval", "--use_parallel", "False"], tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -229,6 +229,79 @@ def test_shrunk_yaml_finetunes_on_cpu(name, tmp_path):
         res = json.load(open(tmp_path / "output" / "eval_results.json"))
         assert line == f"PerplexityMetric = {{'PerplexityMetric': {{'loss': {res['loss']!r}, 'PPL': {res['PPL']!r}}}}}"
         assert res["PPL"] == pytest.approx(math.exp(res["loss"]))
+
+
+#: what float16 weights and compute may move a logged loss away from the float32 run's, over 20 steps of
+#: the shrunk YAMLs (measured: at most 1.0e-3 in MindSpore, in torch_glm)
+FP16_LOSS_BUDGET = 5e-3
+STEPS = 20
+
+
+def _train_shipped(backend, name, dtype, tmp):
+    """``STEPS`` updates of the shrunk shipped YAML ``name`` (``dtype``: "float16" as shipped, or float32
+    weights and compute) in ``backend``; returns (logged rows, the loss of 8 fixed training rows before
+    and after, the saved weights)."""
+    from glm_common.data import load_samples
+    from glm_common.tokenizer import ChatGLM2Tokenizer
+    cfg = load_run_config(str(shrunk(name, tmp)))
+    mc = cfg["model"]["model_config"]
+    assert mc["param_init_type"] == mc["compute_dtype"] == "float16"       # as shipped
+    if dtype == "float32":
+        mc["param_init_type"] = mc["compute_dtype"] = "float32"
+    cfg["use_parallel"] = False
+    cfg["output_dir"] = str(tmp / f"{backend}-{dtype}")
+    s = quiet(cfg)
+    s.progress, s.max_steps, s.do_eval = False, STEPS, False
+    tok = ChatGLM2Tokenizer(str(TOKENIZER_MODEL))
+    fixed = load_samples(s.train_file)[:8]
+    if backend == "ms":
+        from convert.ms_ckpt import MSCheckpoint
+        from mindspore_glm.evaluate import eval_loss
+        from mindspore_glm.train import build_model, set_context, train
+        set_context(s)
+        model, params = build_model(s)
+        model.set_train(False)
+        before = eval_loss(model, s, tok, fixed)
+        out = train(s, model, params)
+        model.set_train(False)
+        after = eval_loss(model, s, tok, fixed)
+        ck = MSCheckpoint(out["result"])
+        weights = {n: ck.read(n) for n in ck.names if not n.startswith(("adam_", "master_weights."))}
+        assert all(ck.read(n).dtype == np.float32 for n in ck.names if n.startswith(("adam_", "master_weights.")))
+    else:
+        import torch
+        from torch_glm.evaluate import eval_loss
+        from torch_glm.train import build_model, train
+        model, params = build_model(s, "cpu")
+        assert next(p for p in model.parameters() if p.requires_grad).dtype == getattr(torch, dtype)
+        model.eval()
+        before = eval_loss(model, s, tok, fixed)
+        out = train(s, model, params, device="cpu")
+        model.eval()
+        after = eval_loss(model, s, tok, fixed)
+        weights = {n: p.detach().float().numpy() for n, p in model.named_parameters() if p.requires_grad}
+    rows = [json.loads(x) for x in open(out["log"]) if "loss" in json.loads(x)]
+    return rows, before, after, weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ms", "pt"])
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_yaml_trains_in_float16_as_in_float32(name, backend, tmp_path):
+    """Each shipped YAML, shrunk, float16 weights and compute as published, 20 updates on CPU: no update
+    overflows (the loss scale 65536 needs no warm-up with float32 moments and master weights), every
+    logged loss is finite, the loss of 8 fixed training rows falls, the trained weights are finite, and
+    the logged losses are the float32 run's within FP16_LOSS_BUDGET."""
+    rows, before, after, weights = _train_shipped(backend, name, "float16", tmp_path)
+    ref_rows, ref_before, ref_after, _ = _train_shipped(backend, name, "float32", tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert not any(r["overflow"] for r in rows), [r["step"] for r in rows if r["overflow"]]
+    losses = np.array([r["loss"] for r in rows], dtype=float)
+    assert np.isfinite(losses).all(), losses
+    assert after < before and ref_after < ref_before, (before, after, ref_before, ref_after)
+    assert all(np.isfinite(w).all() for w in weights.values())
+    ref = np.array([r["loss"] for r in ref_rows], dtype=float)
+    assert np.abs(losses - ref).max() <= FP16_LOSS_BUDGET, np.abs(losses - ref).max()
 
 
 @pytest.mark.slow

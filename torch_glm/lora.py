@@ -39,9 +39,12 @@ def lora_config(r: int = 8, lora_alpha: float = 32, lora_dropout: float = 0.1,
 
 def apply_lora(model: nn.Module, r: int = 8, lora_alpha: float = 32, lora_dropout: float = 0.1,
                target_modules: Union[str, Sequence[str], None] = None):
-    """Wrap ``model`` in a peft LoRA model (base frozen, ``lora_B`` zero: the output is unchanged at start)."""
+    """Wrap ``model`` in a peft LoRA model (base frozen, ``lora_B`` zero: the output is unchanged at start).
+    The LoRA matrices take the base weights' dtype, as mindpet's do in MindSpore (peft's
+    ``autocast_adapter_dtype`` off): a float16 model trains them through the optimizer's float32 masters."""
     from peft import get_peft_model
-    return get_peft_model(model, lora_config(r, lora_alpha, lora_dropout, target_modules))
+    return get_peft_model(model, lora_config(r, lora_alpha, lora_dropout, target_modules),
+                          autocast_adapter_dtype=False)
 
 
 def save_lora(peft_model, save_directory: Union[str, os.PathLike]) -> str:

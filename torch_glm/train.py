@@ -33,13 +33,18 @@ RNG, data position, world size, rank and step, in safetensors + JSON, no pickle:
 same loss trajectory from the newest step every rank holds complete, :mod:`torch_glm.resume`) and the
 result: ``adapter/`` (LoRA, a peft adapter directory), ``prefix/`` (P-tuning:
 ``prefix_encoder.safetensors`` + ``config.json``) or ``model/`` (full: HF layout). Under ``torchrun`` it trains with DDP (gloo on CPU, nccl on CUDA);
-rank 0 writes. On CUDA, ``model_config.compute_dtype`` float16/bfloat16 turns on autocast.
+rank 0 writes. On CUDA, ``model_config.compute_dtype`` float16/bfloat16 turns on autocast. Weights are kept
+in ``model_config.param_init_type``, the optimizer's states and master weights in float32
+(:func:`torch_glm.train_step.make_optimizer`); float16 gradients take the YAML's dynamic loss scale
+(``torch.amp.GradScaler``), an update with a non-finite gradient or loss is skipped and logged as an
+overflow, and ``runner_wrapper.max_consecutive_overflows`` of them in a row stop the run.
 With ``parallel.enable_parallel_optimizer: True`` under ``torchrun`` it shards parameters, gradients and
 optimizer states with FSDP2 instead (:mod:`torch_glm.parallel`: DCP checkpoints, streamed ``model/``);
 then every rank takes part in checkpoints, evaluation and the result (collectives), rank 0 writes the log.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -54,8 +59,8 @@ from glm_common.run_config import RunConfigError, TrainSettings, load_run_config
 from glm_common.schedules import learning_rates, lr_at, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
-from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, total_updates, train_features,
-                                 updates_per_epoch)
+from glm_common.training import (OverflowStreak, TrainingError, dataset_kwargs, eval_samples, total_updates,
+                                 train_features, updates_per_epoch)
 from torch_glm.checkpointing import base_model, checkpoint_dir, load_checkpoint, save_checkpoint, save_result
 from torch_glm.data import make_dataloader
 from torch_glm.evaluate import eval_loss, eval_perplexity, evaluate
@@ -63,7 +68,7 @@ from torch_glm import parallel as _parallel
 from torch_glm.lora import apply_pet
 from torch_glm.model import ChatGLM2ForConditionalGeneration
 from torch_glm.resume import resume_checkpoint
-from torch_glm.train_step import AdamWeightDecay, make_optimizer
+from torch_glm.train_step import AdamWeightDecay, make_optimizer, master_grads, master_weights_to_model
 
 __all__ = ["TrainingError", "init_ranks", "build_model", "train_data", "train"]
 
@@ -83,7 +88,8 @@ def build_model(s: TrainSettings, device="cpu") -> tuple:
     else:
         model = ChatGLM2ForConditionalGeneration(s.config)
     if s.pet["pet_type"] != "qlora":
-        model.to(device)
+        # model_config.param_init_type: the dtype the weights are kept in (float32 masters in the optimizer)
+        model.to(device=device, dtype=getattr(torch, s.options.param_init_type))
     model, params = apply_pet(model, s.pet)
     if s.gradient_checkpointing:
         base = base_model(model)
@@ -167,7 +173,17 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
 
     use_amp = device.startswith("cuda") and s.compute_dtype in ("float16", "bfloat16")
     amp_dtype = getattr(torch, s.compute_dtype) if use_amp else None
-    scaler = torch.amp.GradScaler("cuda") if use_amp and s.compute_dtype == "float16" else None
+    fp16 = (use_amp and s.compute_dtype == "float16") or any(
+        p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
+    # float16 gradients: the YAML's loss scale (runner_wrapper.scale_sense), dynamic as MindSpore's
+    scaler = None
+    if fp16 and s.loss_scale_dynamic:
+        scaler = torch.amp.GradScaler(device.split(":")[0], init_scale=s.loss_scale_value,
+                                      growth_factor=s.loss_scale_factor, backoff_factor=1.0 / s.loss_scale_factor,
+                                      growth_interval=s.loss_scale_window)
+    elif use_amp and s.compute_dtype == "float16":
+        scaler = torch.amp.GradScaler("cuda")
+    streak = OverflowStreak(s.max_consecutive_overflows)
     bar = tqdm(total=total, initial=step, desc="train", disable=not (s.progress and rank == 0), dynamic_ncols=True)
     _parallel.reset_peak_memory(device)  # summary["memory"]: the training loop's peak
     state_mem = None
@@ -195,16 +211,23 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
             micro += 1
             if not sync:
                 continue
+            master_grads(optimizer)         # float16/bfloat16 weights: float32 gradients of the masters
             if scaler:
                 scaler.unscale_(optimizer)
-            params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.clip_grad else float("inf"))
             lr = optimizer.param_groups[0]["lr"]
+            scale = scaler.get_scale() if scaler else None
             if scaler:
-                scaler.step(optimizer)
+                scaler.step(optimizer)      # skipped when a gradient is not finite; the scale then drops
                 scaler.update()
+                overflow = scaler.get_scale() < scale
             else:
-                optimizer.step()
+                overflow = not (math.isfinite(acc_loss) and math.isfinite(_parallel.grad_norm_value(grad_norm)))
+                if not overflow:
+                    optimizer.step()
+            if not overflow:
+                master_weights_to_model(optimizer)
             state_mem = state_mem or _parallel.state_bytes(model, optimizer)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -216,13 +239,18 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
                 torch.distributed.all_reduce(t)
                 step_loss = t.item() / world
             acc_loss = 0.0
-            first_loss = step_loss if first_loss is None else first_loss
-            last_loss = step_loss
+            if math.isfinite(step_loss):
+                first_loss = step_loss if first_loss is None else first_loss
+                last_loss = step_loss
             losses.append(step_loss)
             if rank == 0:
-                row = {"step": step, "epoch": epoch, "loss": round(step_loss, 6), "lr": lr,
-                       "grad_norm": round(_parallel.grad_norm_value(grad_norm), 6), "tokens": tokens_done * world,
+                finite = math.isfinite(step_loss)
+                row = {"step": step, "epoch": epoch, "loss": round(step_loss, 6) if finite else None, "lr": lr,
+                       "overflow": overflow, "grad_norm": None if overflow else
+                       round(_parallel.grad_norm_value(grad_norm), 6), "tokens": tokens_done * world,
                        "time": round(time.perf_counter() - t0, 3)}
+                if scale is not None:
+                    row["loss_scale"] = scale
                 log.write(row)
                 bar.update(1)
                 if step % max(1, s.print_every) == 0:
@@ -231,6 +259,11 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
                     save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)
                 if s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0 and not fsdp:
                     _log_eval(model, s, tokenizer, step, log)
+            try:
+                streak.update(step, overflow, scale)
+            except TrainingError:
+                bar.close()
+                raise
             if fsdp and s.save_steps and step % s.save_steps == 0:  # collective: every rank writes its shards
                 _parallel.save_checkpoint(model, optimizer, scheduler, s, step, epoch, k + 1)
             if fsdp and s.do_eval and s.eval_step_interval > 0 and step % s.eval_step_interval == 0:

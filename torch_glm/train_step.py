@@ -14,7 +14,10 @@ import torch
 from glm_common.run_config import TrainSettings
 from glm_common.schedules import decays
 
-__all__ = ["make_optimizer", "AdamWeightDecay"]
+__all__ = ["MASTER_PREFIX", "make_optimizer", "AdamWeightDecay", "master_grads", "master_weights_to_model"]
+
+#: the name prefix of the float32 master copies of weights kept in a lower precision (``master_weights.<param>``)
+MASTER_PREFIX = "master_weights"
 
 
 def make_optimizer(params, s: TrainSettings, lrs: np.ndarray) -> torch.optim.Optimizer:
@@ -23,9 +26,20 @@ def make_optimizer(params, s: TrainSettings, lrs: np.ndarray) -> torch.optim.Opt
     rates ``lrs [n]`` (its ``lr_scheduler``).
 
     ``AdamW`` (bias-corrected): ``torch.optim.AdamW``; the AdamWeightDecay family: :class:`AdamWeightDecay`.
+
+    Its states and the weights it updates are float32 whatever ``param_init_type``: a parameter kept in
+    float16/bfloat16 is updated through a float32 master copy (mixed precision, as MindSpore's
+    :func:`mindspore_glm.train_step.make_optimizer`); ``optimizer.master_pairs`` lists the
+    ``(model parameter, master)`` pairs the loop goes through with :func:`master_grads` before the
+    update and :func:`master_weights_to_model` after it (empty when every parameter is float32).
     """
     decay, rest = [], []
+    pairs = []
     for n, p in params:
+        if p.dtype != torch.float32:
+            master = p.detach().float().clone().requires_grad_(True)
+            pairs.append((p, master))
+            p = master
         (decay if decays(n, p.dim()) else rest).append(p)
     groups = [{"params": decay, "weight_decay": s.weight_decay}]
     if rest:
@@ -35,9 +49,24 @@ def make_optimizer(params, s: TrainSettings, lrs: np.ndarray) -> torch.optim.Opt
     else:
         optimizer = AdamWeightDecay(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), eps=s.eps)
     lrs = np.asarray(lrs, np.float64)
+    optimizer.master_pairs = pairs
     optimizer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: float(lrs[min(k, len(lrs) - 1)]) / s.learning_rate if s.learning_rate else 0.0)
     return optimizer
+
+
+def master_grads(optimizer) -> None:
+    """The model's gradients (float16/bfloat16) as float32 gradients of the optimizer's master copies."""
+    for p, master in getattr(optimizer, "master_pairs", ()):
+        master.grad = None if p.grad is None else p.grad.float()
+        p.grad = None
+
+
+@torch.no_grad()
+def master_weights_to_model(optimizer) -> None:
+    """The updated float32 masters cast into the model's copies."""
+    for p, master in getattr(optimizer, "master_pairs", ()):
+        p.copy_(master)
 
 
 class AdamWeightDecay(torch.optim.Optimizer):

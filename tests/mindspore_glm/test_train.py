@@ -136,6 +136,22 @@ def test_dynamic_loss_scale_skips_overflowing_updates(tmp_path, capsys):
         np.testing.assert_array_equal(p.asnumpy(), before[p.name])
 
 
+def test_consecutive_overflows_stop_the_run(tmp_path):
+    """runner_wrapper.max_consecutive_overflows (default 20) updates overflowing in a row stop the run with
+    one line: a stuck loss scale is not trained through."""
+    cfg = run_config(tmp_path, "lora", 5e-3, rows=16, epochs=2, batch=4)
+    cfg["runner_wrapper"]["scale_sense"] = {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 1024,
+                                            "scale_factor": 2, "scale_window": 1000}
+    assert settings(cfg).max_consecutive_overflows == 20
+    cfg["runner_wrapper"]["max_consecutive_overflows"] = 3
+    s, model, params = _poisoned(cfg)
+    with pytest.raises(TrainingError, match=r"^step 3: 3 consecutive updates overflowed \(loss scale 256\); "
+                                            r"stopping .*max_consecutive_overflows: 3\)$"):
+        train(s, model, params)
+    rows = [json.loads(r) for r in open(tmp_path / "out" / "loss_log.jsonl", encoding="utf-8")]
+    assert [r["overflow"] for r in rows] == [True] * 3
+
+
 def test_nan_loss_under_fixed_scale_stops_with_the_step(tmp_path):
     cfg = run_config(tmp_path, "lora", 5e-3, rows=16, epochs=1, batch=4)
     cfg["runner_wrapper"]["scale_sense"] = {"type": "FixedLossScaleUpdateCell", "loss_scale_value": 1}

@@ -197,3 +197,49 @@ def test_the_plan_benchmark_runs_on_a_tiny_model():
     for row in rows.values():
         assert float(row[1]) > 0 and float(row[2]) > 0, r.stdout     # predicted and measured MiB
     assert "largest deviation:" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["lora", "finetune"])
+def test_optimizer_state_and_master_bytes_are_what_the_runners_hold(name, tmp_path):
+    """The shipped YAML (float16 weights), shrunk: the plan's optimizer states (two float32 moments) and
+    float32 master weights are the bytes MindSpore's and torch_glm's optimizers hold for it; in float32
+    there are no masters."""
+    import warnings
+    import numpy as np
+    import torch
+    from glm_common.run_config import settings_from_config
+    out = tmp_path / f"{name}.yaml"
+    subprocess.run([sys.executable, "scripts/shrink_config.py", f"configs/glm2/run_glm2_6b_{name}.yaml", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    for dtype in ("float16", "float32"):
+        raw = yaml.safe_load(open(out))
+        raw["model"]["model_config"]["param_init_type"] = dtype
+        raw["use_parallel"] = False          # one device, as the runners below
+        raw["parallel_config"]["data_parallel"] = 1
+        raw["parallel"]["enable_parallel_optimizer"] = False
+        raw["load_checkpoint"] = ""
+        b = plan_memory(layout_from_config(raw, str(out)))["per_device_bytes"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = settings_from_config(raw, str(out), warn=False)
+        lrs = np.full(4, 1e-4)
+        from mindspore_glm.train import build_model as ms_build
+        from mindspore_glm.train_step import make_optimizer as ms_optimizer
+        _, params = ms_build(s)
+        opt = ms_optimizer(params, s, lrs)
+        held = sum(m.asnumpy().nbytes for m in list(opt.moments1) + list(opt.moments2))
+        masters = sum(m.asnumpy().nbytes for m in opt.masters)
+        assert (b["optimizer_states"], b["master_weights"]) == (held, masters)
+        assert held > 0 and (masters == 0) == (dtype == "float32")
+        from torch_glm.train import build_model as pt_build
+        from torch_glm.train_step import make_optimizer as pt_optimizer
+        model, _ = pt_build(s, "cpu")
+        opt = pt_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], s, lrs)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        held = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+        masters = sum(m.numel() * m.element_size() for _, m in opt.master_pairs)
+        assert (b["optimizer_states"], b["master_weights"]) == (held, masters)

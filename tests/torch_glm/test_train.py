@@ -168,6 +168,30 @@ def test_command_line(tmp_path):
     assert set(ev) == {"step", "eval_loss", "rouge-1", "rouge-2", "rouge-l", "bleu-4"} and ev["eval_loss"] > 0
 
 
+def test_consecutive_overflows_stop_the_run(tmp_path):
+    """Non-finite losses skip the update and count as overflows; runner_wrapper.max_consecutive_overflows
+    of them in a row stop the run: one line, exit status 1."""
+    bad = tmp_path / "bad_model"
+    shutil.copytree(TINY_MODEL, bad)
+    model = ChatGLM2ForConditionalGeneration.from_pretrained(str(TINY_MODEL))
+    with torch.no_grad():
+        model.transformer.output_layer.weight[:, 0] = float("nan")
+    model.save_pretrained(str(bad))
+    cfg = run_config(tmp_path, "lora", 5e-3, rows=16, epochs=2, load_checkpoint=str(bad))
+    cfg["runner_wrapper"]["max_consecutive_overflows"] = 3
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "torch_glm.train", "--config", str(path), "--no_progress"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: step 3: 3 consecutive updates overflowed; stopping (the loss scale is stuck or the weights are "
+        "not finite; runner_wrapper.max_consecutive_overflows: 3)")
+    rows = [json.loads(r) for r in open(tmp_path / "out" / "loss_log.jsonl", encoding="utf-8")]
+    assert [(r["loss"], r["overflow"]) for r in rows] == [(None, True)] * 3
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_two_processes_gloo(tmp_path):
     """2 CPU processes (gloo): each trains on its shard; rank 0 logs the mean loss and writes the result."""
