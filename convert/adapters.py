@@ -44,7 +44,7 @@ from convert.ms_ckpt import save_ms_checkpoint
 from convert.ms_to_hf import open_ms_checkpoint
 from convert.safetensors_io import numpy_dtype, output_error
 from glm_common import names as N
-from glm_common.fsutil import atomic_dir, atomic_file
+from glm_common.fsutil import atomic_dir, atomic_file, check_output
 
 __all__ = ["LoraAdapter", "read_peft_adapter", "read_ms_lora", "write_peft_adapter", "write_ms_lora",
            "read_pet_config", "write_pet_config", "peft_targets_to_regex", "peft_to_ms", "ms_to_peft",
@@ -306,13 +306,19 @@ def _peft_config_dict(adapter: LoraAdapter, base: Optional[str]) -> dict:
 # ----------------------------------------------------------------------------- commands
 def peft_to_ms(adapter_dir: str, output: str, pet_config: Optional[str] = None, dtype: str = "keep") -> str:
     adapter = read_peft_adapter(adapter_dir)
-    cfg = json.load(open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8"))
+    check_output(output, [adapter_dir], "--output")
+    if pet_config:
+        check_output(pet_config, [adapter_dir, output], "--pet-config")
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
+        cfg = json.load(f)
     ckpt, pet = write_ms_lora(adapter, output, pet_config, dtype, targets=cfg.get("target_modules"))
     return (f"peft-to-ms: {2 * len(adapter.pairs)} LoRA tensors (rank {adapter.r}, alpha {adapter.alpha:g}) "
             f"-> {ckpt} + {pet}")
 
 
-def ms_to_peft(ckpt: str, pet_config: str, output: str, dtype: str = "keep", base: Optional[str] = None) -> str:
+def ms_to_peft(ckpt: str, pet_config: str, output: str, dtype: str = "keep", base: Optional[str] = None,
+               overwrite: bool = False) -> str:
+    check_output(output, [ckpt, pet_config], "--output", overwrite=overwrite)
     adapter = read_ms_lora(ckpt, read_pet_config(pet_config), pet_config)
     write_peft_adapter(adapter, output, dtype, base)
     return (f"ms-to-peft: {2 * len(adapter.pairs)} LoRA tensors (rank {adapter.r}, alpha {adapter.alpha:g}, "
@@ -335,6 +341,7 @@ def _prefix_source(path: str):
 
 def prefix_to_ms(hf: str, output: str, dtype: str = "keep") -> str:
     """P-tuning v2 prefix weights of an HF directory / file -> mindpet names in a ``.ckpt``."""
+    check_output(output, [hf], "--output")
     src = _prefix_source(hf)
     names = [n for n in src.names if n.startswith("transformer.prefix_encoder.")]
     if not names:
@@ -346,10 +353,12 @@ def prefix_to_ms(hf: str, output: str, dtype: str = "keep") -> str:
     return f"prefix-to-ms: {len(names)} prefix tensors -> {output}"
 
 
-def ms_to_prefix(ckpt: str, output: str, dtype: str = "keep", fmt: str = "bin", config: Optional[str] = None) -> str:
+def ms_to_prefix(ckpt: str, output: str, dtype: str = "keep", fmt: str = "bin", config: Optional[str] = None,
+                 overwrite: bool = False) -> str:
     """mindpet prefix weights of a ``.ckpt`` -> an HF P-tuning checkpoint directory (as the official
     ChatGLM2 P-tuning saves it: ``pytorch_model.bin`` with ``transformer.prefix_encoder.*``), with
     ``config.json`` (``pre_seq_len`` set from the weights) when ``config`` is given."""
+    check_output(output, [ckpt, config], "--output", overwrite=overwrite)
     src = open_ms_checkpoint(ckpt)
     names = [n for n in src.names if n in N.MS_TO_HF_PREFIX]
     if not names:
@@ -376,10 +385,12 @@ _SPLIT_PARTS = {"wq": ("query_key_value", 0), "wk": ("query_key_value", 1), "wv"
 
 
 def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Optional[str] = None,
-          dtype: str = "keep", max_shard_size: Optional[str] = "2GB", progress: bool = True) -> str:
+          dtype: str = "keep", max_shard_size: Optional[str] = "2GB", progress: bool = True,
+          overwrite: bool = False) -> str:
     """Fold a LoRA into base weights, one base tensor at a time (see the module docstring)."""
     base_is_ckpt = os.path.isfile(base)
     out_is_ckpt = output.endswith((".ckpt", ".safetensors")) and not os.path.isdir(output)
+    check_output(output, [base, adapter, pet_config], "--output", overwrite=None if out_is_ckpt else overwrite)
     if base_is_ckpt and not out_is_ckpt:
         raise ConversionError(f"{output}: a .ckpt base gives a .ckpt (convert it with convert/ms_to_hf.py afterwards)")
     pet = read_pet_config(pet_config) if pet_config else None
@@ -507,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pet_config (YAML/JSON; or a mindformers run YAML) giving lora_alpha, lora_rank, lora_dropout")
     p.add_argument("--output", required=True, help="peft adapter directory to write")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output folder (replaces the files this command writes, keeps others)")
     p.add_argument("--dtype", **dt)
 
     p = sub.add_parser("prefix-to-ms", formatter_class=fmt, help="HF P-tuning v2 prefix weights -> mindpet .ckpt")
@@ -521,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="bin", choices=("bin", "safetensors"), help="weights file format")
     p.add_argument("--config", default=None,
                    help="base config.json (or mindformers YAML): also write config.json with pre_seq_len set")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output folder (replaces the files this command writes, keeps others)")
     p.add_argument("--dtype", **dt)
 
     p = sub.add_parser("merge", formatter_class=fmt, help="fold W + (alpha/r) B@A into base weights")
@@ -531,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True,
                    help="FILE.ckpt (mindformers names) or a directory (HF, from an HF base; config/tokenizer copied)")
     p.add_argument("--max-shard-size", default="2GB", help="largest shard of an HF output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output folder (replaces the files this command writes, keeps others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dtype", **dt)
     return ap
@@ -542,14 +559,14 @@ def main(argv=None) -> int:
         if args.cmd == "peft-to-ms":
             line = peft_to_ms(args.adapter, args.output, args.pet_config, args.dtype)
         elif args.cmd == "ms-to-peft":
-            line = ms_to_peft(args.ckpt, args.pet_config, args.output, args.dtype, args.base_model)
+            line = ms_to_peft(args.ckpt, args.pet_config, args.output, args.dtype, args.base_model, args.overwrite)
         elif args.cmd == "prefix-to-ms":
             line = prefix_to_ms(args.hf, args.output, args.dtype)
         elif args.cmd == "ms-to-prefix":
-            line = ms_to_prefix(args.ckpt, args.output, args.dtype, args.format, args.config)
+            line = ms_to_prefix(args.ckpt, args.output, args.dtype, args.format, args.config, args.overwrite)
         else:
             line = merge(args.base, args.output, args.adapter, args.pet_config, args.dtype, args.max_shard_size,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, overwrite=args.overwrite)
     except KNOWN_ERRORS as e:
         return report_error(e)
     print(line)

@@ -32,7 +32,7 @@ import numpy as np
 
 from convert.safetensors_io import (NP_DTYPES, CheckpointError, SafetensorsFile, bf16, dtype_name,
                                     output_error, read_safetensors_header, save_safetensors, to_dtype)
-from glm_common.fsutil import atomic_dir, atomic_file
+from glm_common.fsutil import atomic_dir, atomic_file, check_output
 
 __all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
            "read_safetensors_header", "save_safetensors", "parse_size", "dtype_name", "to_dtype", "remove_stale_weights", "NP_DTYPES", "torch_to_numpy",
@@ -311,13 +311,20 @@ def parse_size(text: str | int | None) -> Optional[int]:
                        ("KB", 10**3), ("B", 1)):
         if s.endswith(unit):
             try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
+                value = int(float(s[: -len(unit)]) * mult)
+            except (ValueError, OverflowError):
                 break
-    try:
-        return int(s)
-    except ValueError:
-        raise CheckpointError(f"max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB)") from None
+            if value > 0:
+                return value
+            break
+    else:
+        try:
+            value = int(s)
+        except ValueError:
+            value = None
+        if value is not None and value > 0:
+            return value
+    raise CheckpointError(f"max-shard-size: expected a positive size such as 2GB or 500MB, got {text!r}")
 
 
 def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, fmt: str = "safetensors",
@@ -411,12 +418,13 @@ def _fixtures_dir() -> str:
 
 
 def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_glm2",
-                      dtype: Optional[str] = None, shards: int = 3) -> str:
+                      dtype: Optional[str] = None, shards: int = 3, overwrite: bool = True) -> str:
     """Write the golden tiny ChatGLM2 (``tiny_glm2`` or ``tiny_glm2_ptuning``) as an HF directory.
 
     ``layout`` is one of :data:`LAYOUTS`; sharded layouts get ``shards`` files (about equal bytes).
     ``dtype`` casts the weights (``float32|float16|bfloat16``); ``config.json`` says the dtype.
-    ``tokenizer.model`` and ``tokenizer_config.json`` are written beside the weights.
+    ``tokenizer.model`` and ``tokenizer_config.json`` are written beside the weights. A non-empty
+    ``out_dir`` is refused unless ``overwrite`` (then only the files written here are replaced).
     """
     from glm_common.config import ChatGLM2Config
     from glm_common.tokenizer import ChatGLM2Tokenizer
@@ -426,6 +434,7 @@ def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_g
     src = os.path.join(_fixtures_dir(), "model", model)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: no such built-in model")
+    check_output(out_dir, [src], "--out", overwrite=overwrite)
     config = ChatGLM2Config.from_hf(src)
     ckpt = HFCheckpoint(src)
     tensors = [(n, a if dtype is None else to_dtype(a, dtype)) for n, a in ckpt.items()]
@@ -455,12 +464,16 @@ def main(argv=None) -> int:
     t.add_argument("--model", default="tiny_glm2", choices=("tiny_glm2", "tiny_glm2_ptuning"))
     t.add_argument("--dtype", default=None, choices=sorted(NP_DTYPES), help="cast weights (default: keep fp32)")
     t.add_argument("--shards", type=int, default=3, help="number of shards for sharded layouts")
+    t.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out (replaces the files written here, keeps the others)")
     i = sub.add_parser("info", help="list the tensors of an HF checkpoint directory")
     i.add_argument("dir")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "tiny":
-            out = write_tiny_hf_dir(args.out, args.layout, args.model, args.dtype, args.shards)
+            if args.shards < 1:
+                raise CheckpointError(f"--shards: expected at least 1, got {args.shards}")
+            out = write_tiny_hf_dir(args.out, args.layout, args.model, args.dtype, args.shards, args.overwrite)
             print(f"wrote {args.model} ({args.layout}) to {out}")
         else:
             ckpt = HFCheckpoint(args.dir)

@@ -34,6 +34,7 @@ from convert.ms_ckpt import CheckpointWriter
 from convert.safetensors_io import NP_DTYPES, SafetensorsWriter, numpy_dtype
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config
+from glm_common.fsutil import check_output
 
 __all__ = ["plan_hf_to_ms", "convert_hf_to_ms", "main", "Piece"]
 
@@ -127,6 +128,7 @@ def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str 
     config_source = config or os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"{hf_dir}: not a directory (expected an HF ChatGLM2 directory)")
+    check_output(output, [hf_dir, config_source], "--output")
     cfg = ChatGLM2Config.from_hf(config_source)
     ckpt = HFCheckpoint(hf_dir)
     pieces, notes = plan_hf_to_ms(ckpt, cfg, config_source, naming, qkv, mlp, dtype, allow_extra)

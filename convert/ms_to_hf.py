@@ -33,7 +33,7 @@ from convert.ms_ckpt import MSCheckpoint
 from convert.safetensors_io import SafetensorsFile, numpy_dtype, output_error
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config, ConfigError
-from glm_common.fsutil import atomic_dir
+from glm_common.fsutil import atomic_dir, check_output
 
 __all__ = ["load_config", "open_ms_checkpoint", "plan_ms_to_hf", "convert_ms_to_hf", "main"]
 
@@ -159,13 +159,24 @@ def _tensors(ckpt, plan: dict[str, list[str]], dtype: str, bar: Progress) -> Ite
 
 def convert_ms_to_hf(ckpt_path: str, config: str, output: str, dtype: str = "keep",
                      max_shard_size: Optional[str] = "2GB", fmt: str = "safetensors",
-                     tokenizer: Optional[str] = None, allow_extra: bool = False, progress: bool = True) -> dict:
-    """Write the HF directory ``output`` from ``ckpt_path``; return a summary (``line``, ``files`` ...)."""
+                     tokenizer: Optional[str] = None, allow_extra: bool = False, progress: bool = True,
+                     overwrite: bool = False) -> dict:
+    """Write the HF directory ``output`` from ``ckpt_path``; return a summary (``line``, ``files`` ...).
+
+    ``output`` must not be, hold or lie inside an input; an existing non-empty ``output`` is refused unless
+    ``overwrite`` (then the files this converter writes are replaced and the others are left alone)."""
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if fmt not in ("safetensors", "bin"):
         raise ConversionError(f"format: expected safetensors or bin, got {fmt!r}")
-    limit = None if str(max_shard_size).lower() in ("none", "", "0") else parse_size(max_shard_size)
+    if str(max_shard_size).strip().lower() in ("none", ""):
+        limit = None
+    else:
+        limit = parse_size(max_shard_size)
+        if limit is None or limit <= 0:
+            raise ConversionError(f"max-shard-size: expected a positive size such as 2GB or 'none', "
+                                  f"got {max_shard_size!r}")
+    check_output(output, [ckpt_path, config, tokenizer], "--output", overwrite=overwrite)
     cfg = load_config(config)
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise ConversionError(f"{tokenizer}: no such file (expected a SentencePiece tokenizer.model)")
@@ -225,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the architecture: an HF config.json (or its directory) or a mindformers run YAML with "
                          "model.model_config; every weight is checked against it and it is written as config.json")
     ap.add_argument("--output", required=True,
-                    help="HF directory to write (created; stale weight files in it are replaced)")
+                    help="HF directory to write (created; must not hold or be an input)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --output: replaces the weight files, index, config.json and "
+                         "tokenizer files this converter writes, leaves every other file")
     ap.add_argument("--dtype", default="keep", choices=DTYPE_CHOICES,
                     help="dtype of the saved floating-point tensors (config.json torch_dtype follows); keep: as stored")
     ap.add_argument("--max-shard-size", default="2GB",
@@ -243,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: convert_ms_to_hf(args.ckpt, args.config, args.output, args.dtype, args.max_shard_size,
-                                               args.format, args.tokenizer, args.allow_extra, progress=not args.no_progress))
+                                               args.format, args.tokenizer, args.allow_extra, progress=not args.no_progress,
+                                               overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

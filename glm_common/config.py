@@ -192,12 +192,8 @@ class ChatGLM2Config:
         if os.path.isdir(path) or not path.endswith(".json"):
             os.makedirs(path, exist_ok=True)
             path = os.path.join(path, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_hf_dict(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        from glm_common.fsutil import atomic_write_text
+        return atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
 
     # ------------------------------------------------------------------ mindformers YAML
     @classmethod

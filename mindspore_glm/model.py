@@ -34,6 +34,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from convert.hf_layout import CheckpointError, HFCheckpoint
 from convert.ms_ckpt import MSCheckpoint, MSCheckpointError
 from glm_common.config import DTYPES, ChatGLM2Config, ConfigError, RunOptions
+from glm_common.fsutil import atomic_path
 from glm_common.names import hf_to_ms, is_derived_buffer, is_pet_name
 
 from mindspore_glm.generate import GenerationMixin
@@ -626,8 +627,7 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
         atomically; return the checkpoint path."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, name)
-        tmp = path + ".tmp.ckpt"
-        ms.save_checkpoint([{"name": p.name, "data": p} for p in self.get_parameters()], tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, ".ckpt") as tmp:
+            ms.save_checkpoint([{"name": p.name, "data": p} for p in self.get_parameters()], tmp)
         self.config.save_hf(directory)
         return path

@@ -44,7 +44,7 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import learning_rates, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
-from glm_common.training import (TrainingError, dataset_kwargs, eval_samples, total_updates, train_features,
+from glm_common.training import (TrainingError, check_output_dir, dataset_kwargs, eval_samples, total_updates, train_features,
                                  updates_per_epoch)
 from mindspore_glm.checkpointing import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from mindspore_glm.data import make_dataset
@@ -173,6 +173,7 @@ def train(s: TrainSettings, model=None, params=None) -> dict:
     """
     if not s.vocab_file:
         raise RunConfigError(f"{s.source}: train_dataset.tokenizer.vocab_file: missing (path to tokenizer.model)")
+    check_output_dir(s)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE if s.context_mode == 0 else ms.PYNATIVE_MODE)
     try:

@@ -15,6 +15,7 @@ import os
 import sys
 
 from glm_common.data.features import MODES, build_train_features, length_stats, save_features
+from glm_common.fsutil import check_output
 from glm_common.data.formats import FORMATS, DataError, load_samples, read_samples
 
 
@@ -49,6 +50,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_features(args) -> int:
+    check_output(args.out, list(args.files) + [args.tokenizer], "--out")
     samples = load_samples(args.files, args.format, on_error="skip" if args.skip_bad_rows else "raise")
     feats = build_train_features(samples, _tokenizer(args.tokenizer), args.mode, args.max_source_length,
                                  args.max_target_length, progress=True)
