@@ -44,6 +44,20 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 # ---------------------------------------------------------------------- reading
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    """``json`` object hook: a key given twice is an error (``json`` keeps the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 class HFCheckpoint:
     """Lazy view of an HF checkpoint directory: names, shapes, dtypes; one tensor read at a time.
 
@@ -69,7 +83,10 @@ class HFCheckpoint:
             if os.path.isfile(index):
                 try:
                     with open(index, encoding="utf-8") as f:
-                        data = json.load(f)
+                        data = json.load(f, object_pairs_hook=_no_duplicate_keys)
+                except _DuplicateKey as e:
+                    raise CheckpointError(f"{index}: {e.args[0]}: listed twice (one copy would be chosen "
+                                          f"silently)") from None
                 except json.JSONDecodeError as e:
                     raise CheckpointError(f"{index}:{e.lineno}: not valid JSON: {e.msg}") from None
                 except (UnicodeDecodeError, RecursionError):
@@ -93,6 +110,11 @@ class HFCheckpoint:
                 for shard in sorted(set(wm.values())):
                     if not os.path.isfile(os.path.join(p, shard)):
                         raise CheckpointError(f"{index}: shard {shard} is named in weight_map but missing")
+                for single_name in ("model.safetensors", "pytorch_model.bin"):
+                    if os.path.isfile(os.path.join(p, single_name)) and single_name not in wm.values():
+                        raise CheckpointError(f"{p}: holds both {single_name} and the sharded checkpoint of "
+                                              f"{index_name} (which one is meant? remove the other)")
+                self._check_shards_disjoint(index, wm)
                 return layout, dict(wm)
         single = os.path.join(p, "model.safetensors")
         if os.path.isfile(single):
@@ -103,6 +125,17 @@ class HFCheckpoint:
             return "single-bin", {name: "pytorch_model.bin" for name in sd}
         raise CheckpointError(f"{p}: no weights found (expected model.safetensors, {SAFE_INDEX}, "
                               f"{BIN_INDEX} or pytorch_model.bin)")
+
+    def _check_shards_disjoint(self, index: str, wm: dict) -> None:
+        """Every tensor in exactly the shard the index names: the same tensor in two shards is refused."""
+        for shard in sorted(set(wm.values())):
+            file = os.path.join(self.path, shard)
+            names = self._st(file).names if shard.endswith(".safetensors") else list(self._load_bin(file))
+            for name in names:
+                if name in wm and wm[name] != shard:
+                    raise CheckpointError(f"{file}: {name}: also in {wm[name]} (the same tensor in two shards; "
+                                          f"{os.path.basename(index)} names {wm[name]})")
+        self._bin_cache = (None, None)
 
     def _st(self, file: str) -> SafetensorsFile:
         if file not in self._st_files:

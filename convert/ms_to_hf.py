@@ -31,6 +31,7 @@ from convert._cli import DTYPE_CHOICES, ConversionError, Progress, cast, out_dty
 from convert.hf_layout import parse_size, remove_stale_weights, write_hf_checkpoint
 from convert.ms_ckpt import MSCheckpoint
 from convert.safetensors_io import SafetensorsFile, numpy_dtype, output_error
+from convert.tensor_checks import check_cast, check_dtype, check_finite
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config, ConfigError
 from glm_common.fsutil import atomic_dir, check_output
@@ -126,7 +127,8 @@ def plan_ms_to_hf(ckpt, config: ChatGLM2Config, config_source: str, allow_extra:
         names = [slots[s] for s in range(need)]
         rows = 0
         for n in names:
-            s, _ = ckpt.info(n)
+            s, dt = ckpt.info(n)
+            check_dtype(n, dt, ckpt.path)
             if tuple(s[1:]) != shape[1:] or (need == 1 and tuple(s) != shape):
                 raise ConversionError(f"{ckpt.path}: {n}: shape {list(s)} contradicts {config_source} "
                                       f"(expected {list(shape)} for {hf})")
@@ -147,12 +149,18 @@ def plan_ms_to_hf(ckpt, config: ChatGLM2Config, config_source: str, allow_extra:
     return plan, notes
 
 
-def _tensors(ckpt, plan: dict[str, list[str]], dtype: str, bar: Progress) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(ckpt, plan: dict[str, list[str]], dtype: str, bar: Progress, extra=(),
+             allow_nonfinite: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     for hf, ms_names in plan.items():
         arrays = [ckpt.read(n) for n in ms_names]
+        checked = hf not in extra
+        bad = sum(check_finite(n, a, ckpt.path, allow_nonfinite) for n, a in zip(ms_names, arrays)) if checked else 0
         array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
         del arrays
-        array = cast(array, dtype)
+        out = cast(array, dtype)
+        if checked:
+            check_cast(ms_names[0] if len(ms_names) == 1 else hf, array, out, ckpt.path, bad)
+        array = out
         bar.update(array)
         yield hf, array
 
@@ -160,7 +168,7 @@ def _tensors(ckpt, plan: dict[str, list[str]], dtype: str, bar: Progress) -> Ite
 def convert_ms_to_hf(ckpt_path: str, config: str, output: str, dtype: str = "keep",
                      max_shard_size: Optional[str] = "2GB", fmt: str = "safetensors",
                      tokenizer: Optional[str] = None, allow_extra: bool = False, progress: bool = True,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, allow_nonfinite: bool = False) -> dict:
     """Write the HF directory ``output`` from ``ckpt_path``; return a summary (``line``, ``files`` ...).
 
     ``output`` must not be, hold or lie inside an input; an existing non-empty ``output`` is refused unless
@@ -198,7 +206,7 @@ def convert_ms_to_hf(ckpt_path: str, config: str, output: str, dtype: str = "kee
         # written beside ``output`` and moved in when complete; other files already in ``output`` stay, stale
         # weight files of another layout are removed by write_hf_checkpoint
         with atomic_dir(output, merge=True) as stage:
-            files = write_hf_checkpoint(_tensors(ckpt, plan, dtype, bar), stage, fmt=fmt, max_shard_size=limit)
+            files = write_hf_checkpoint(_tensors(ckpt, plan, dtype, bar, set(notes["extra"]), allow_nonfinite), stage, fmt=fmt, max_shard_size=limit)
             out_dtype = out_dtype_name(dtype) or _main_float_dtype(bar.dtypes) or cfg.torch_dtype
             cfg.torch_dtype = out_dtype
             cfg.save_hf(stage)
@@ -250,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SentencePiece tokenizer.model to put beside the weights (with tokenizer_config.json)")
     ap.add_argument("--allow-extra", action="store_true",
                     help="copy tensors the config does not know, unchanged, instead of stopping with an error")
+    ap.add_argument("--allow-nonfinite", action="store_true",
+                    help="convert weights holding NaN/Inf instead of stopping with an error naming the tensor")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is printed)")
     return ap
 
@@ -258,7 +268,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: convert_ms_to_hf(args.ckpt, args.config, args.output, args.dtype, args.max_shard_size,
                                                args.format, args.tokenizer, args.allow_extra, progress=not args.no_progress,
-                                               overwrite=args.overwrite))
+                                               overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite))
 
 
 if __name__ == "__main__":
