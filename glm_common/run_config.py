@@ -33,6 +33,7 @@ a bad value raises :class:`RunConfigError` naming the file and the key's path):
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -291,6 +292,11 @@ def pet_settings(pet_config: Optional[Mapping[str, Any]], source: str = "pet_con
         if not isinstance(targets, (str, list)) or (isinstance(targets, list)
                                                      and not all(isinstance(t, str) for t in targets)):
             r.fail("target_modules", f"expected a regular expression or a list of names, got {targets!r}")
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as e:
+                r.fail("target_modules", f"{targets!r} is not a valid regular expression ({e})")
         out = {"pet_type": pet_type, "r": rank, "lora_alpha": r.float("lora_alpha", 32, lo=0, open_lo=True),
                "lora_dropout": r.float("lora_dropout", 0.1, lo=0, hi=1, open_hi=True), "target_modules": targets}
     else:
