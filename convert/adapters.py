@@ -197,19 +197,17 @@ def read_pet_config(path: str) -> dict:
     mindformers run YAML (``model.model_config.pet_config``)."""
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file (expected a pet_config YAML or JSON)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    except Exception as e:  # yaml.YAMLError
-        line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
-        raise ConversionError(f"{path}:{line}: not valid YAML") from None
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise ConversionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:  # duplicate keys refused, errors name the line
+        from glm_common.run_config import load_yaml
+        data = load_yaml(path, ConversionError)
     if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
         data = data["model"].get("model_config", {})
     if isinstance(data, Mapping) and "pet_config" in data:

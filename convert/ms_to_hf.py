@@ -49,15 +49,10 @@ def open_ms_checkpoint(path: str):
 def load_config(path: str) -> ChatGLM2Config:
     """An HF ``config.json`` (or its directory) or a mindformers YAML (``model.model_config``)."""
     if path.endswith((".yaml", ".yml")):
-        import yaml
+        from glm_common.run_config import load_yaml
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: no such file")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
-                raise ConfigError(f"{path}:{line}: not valid YAML") from None
+        data = load_yaml(path, ConfigError)
         if isinstance(data, dict) and isinstance(data.get("model"), dict) and "model_config" in data["model"]:
             return ChatGLM2Config.from_model_config(data["model"]["model_config"], source=f"{path}: model.model_config")[0]
         if isinstance(data, dict) and "model_config" in data:

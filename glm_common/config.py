@@ -222,7 +222,9 @@ class ChatGLM2Config:
             elif key in MINDFORMERS_IGNORED:
                 ignored[key] = value
             else:
-                raise ConfigError(f"{source}.{key}: unknown model_config key")
+                raise ConfigError(f"{source}.{key}: unknown model_config key"
+                                  + did_you_mean(key, list(_FIELDS) + list(_RUN_FIELDS) + sorted(MINDFORMERS_IGNORED)
+                                                 + ["pet_config", "rope_ratio", "type"]))
         if "rope_ratio" in arch:
             ratio = arch["rope_ratio"]
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
@@ -289,6 +291,13 @@ class RunOptions:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{source}.top_p: must be in (0, 1], got {self.top_p}")
         return self
+
+
+def did_you_mean(key: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to ``key`` (``difflib``), or ``""``."""
+    import difflib
+    near = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 # mindformers ChatGLM2Config keys that exist for its Ascend kernels, weight download or pipeline
