@@ -46,6 +46,7 @@ from convert.safetensors_io import numpy_dtype, output_error
 from convert.tensor_checks import check_cast, check_dtype, check_finite
 from glm_common import names as N
 from glm_common.fsutil import atomic_dir, atomic_file, check_output
+from glm_common.cli import one_line_errors
 
 __all__ = ["LoraAdapter", "validate_lora", "check_lora_settings", "check_target_modules", "read_peft_adapter", "read_ms_lora", "write_peft_adapter", "write_ms_lora",
            "read_pet_config", "write_pet_config", "peft_targets_to_regex", "peft_to_ms", "ms_to_peft",
@@ -674,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

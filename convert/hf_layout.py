@@ -33,6 +33,7 @@ import numpy as np
 from convert.safetensors_io import (NP_DTYPES, CheckpointError, SafetensorsFile, bf16, dtype_name,
                                     output_error, read_safetensors_header, save_safetensors, to_dtype)
 from glm_common.fsutil import atomic_dir, atomic_file, check_output
+from glm_common.cli import one_line_errors
 
 __all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
            "read_safetensors_header", "save_safetensors", "parse_size", "dtype_name", "to_dtype", "remove_stale_weights", "NP_DTYPES", "torch_to_numpy",
@@ -487,6 +488,7 @@ def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_g
     return out_dir
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert.hf_layout",
                                  description="Inspect HF ChatGLM2 checkpoints, or write the built-in tiny model.")

@@ -36,6 +36,7 @@ from convert.tensor_checks import check_cast, check_dtype, check_file_range, che
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config
 from glm_common.fsutil import check_output
+from glm_common.cli import one_line_errors
 
 __all__ = ["plan_hf_to_ms", "convert_hf_to_ms", "main", "Piece"]
 
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: convert_hf_to_ms(args.hf_dir, args.output, args.dtype, args.naming, args.qkv, args.mlp,

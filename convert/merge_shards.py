@@ -41,6 +41,7 @@ from convert.safetensors_io import CheckpointError
 from convert.strategy import Layout, Strategy, StrategyError, load_strategy
 from glm_common.fsutil import atomic_dir, check_output
 from glm_common.names import TRAIN_STATE_PREFIXES, TRAIN_STATE_SCALARS, is_train_state
+from glm_common.cli import one_line_errors
 
 __all__ = ["MergeError", "merge_shards", "split_checkpoint", "find_rank_files", "select_params", "main"]
 
@@ -504,6 +505,7 @@ def _split_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

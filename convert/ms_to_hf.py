@@ -35,6 +35,7 @@ from convert.tensor_checks import check_cast, check_dtype, check_finite
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config, ConfigError
 from glm_common.fsutil import atomic_dir, check_output
+from glm_common.cli import one_line_errors
 
 __all__ = ["load_config", "open_ms_checkpoint", "plan_ms_to_hf", "convert_ms_to_hf", "main"]
 
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: convert_ms_to_hf(args.ckpt, args.config, args.output, args.dtype, args.max_shard_size,

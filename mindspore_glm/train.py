@@ -66,7 +66,12 @@ def set_context(s: TrainSettings, device_id: Optional[int] = None) -> None:
         kw["device_id"] = s.device_id if device_id is None else device_id
         if s.max_device_memory:
             kw["max_device_memory"] = s.max_device_memory
-    ms.set_context(**kw)
+    try:
+        ms.set_context(**kw)
+    except (RuntimeError, ValueError) as e:  # e.g. GPU on a MindSpore build without it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunConfigError(f"{s.source}: context.device_target: {s.device_target}: this MindSpore cannot use it "
+                             f"({first[:200]})") from None
 
 
 def init_weights(model, seed: int = 0) -> None:
@@ -118,7 +123,12 @@ def init_ranks(s: TrainSettings) -> tuple:
     if not s.use_parallel:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
-    init()
+    try:
+        init()
+    except RuntimeError as e:  # no launcher: MindSpore finds no cluster environment
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunConfigError(f"{s.source}: use_parallel: True needs a launcher (bash scripts/run_distribute.sh, "
+                             f"msrun or mpirun); for one device pass --use_parallel False ({first[:160]})") from None
     return get_rank(), get_group_size()
 
 

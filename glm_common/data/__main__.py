@@ -17,6 +17,7 @@ import sys
 from glm_common.data.features import MODES, build_train_features, length_stats, save_features
 from glm_common.fsutil import check_output
 from glm_common.data.formats import FORMATS, DataError, load_samples, read_samples
+from glm_common.cli import one_line_errors
 
 
 def _tokenizer(path):
@@ -66,6 +67,7 @@ def cmd_features(args) -> int:
     return 0
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m glm_common.data",
                                 description="Validate fine-tuning data files, print token-length statistics, write train features.")
