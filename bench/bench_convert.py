@@ -7,14 +7,16 @@ the bytes reach the disk, and each starting with the source evicted from the pag
 download; ``--warm`` keeps it cached); ours and cp alternate for ``--rounds`` rounds, best of each kept:
 
 - ``cp``: copying the same shard bytes (``cp --reflink=never``): the disk's limit for this work;
-- ``ours``: ``python convert/hf_to_ms.py`` (streaming, one tensor at a time);
+- ``ours``: ``python convert/hf_to_ms.py`` (streaming, one tensor at a time), with every weight checked on
+  the way in (float dtype, shape, NaN/Inf count over all bytes: :mod:`convert.tensor_checks`), and the
+  duplicate-tensor check over every shard;
 - ``whole``: the load-whole-model approach (``torch.load`` every shard into one dict, then
   ``mindspore.save_checkpoint`` of ``ms.Tensor`` copies), only where available memory can hold it.
 
     python bench/bench_convert.py [--small] [--workdir output/bench_convert] [--keep-source]
 
 ``--small`` uses 4 layers of full width (~2.6 GB) for a quick run. Targets (issue): peak RSS of ours
-under 2 GiB; wall time within 1.5x of ``cp``.
+under 2 GiB; wall time, weight checks included, within 1.5x of ``cp``.
 """
 import argparse
 import json
@@ -203,7 +205,7 @@ def main(argv=None):
         os.remove(whole_out)
 
     print(f"\n{'approach':<34}{'wall s':>9}{'GB/s':>8}{'peak RSS':>12}{'x cp time':>11}")
-    labels = {"cp": "cp (disk limit)", "ours": "ours: convert/hf_to_ms.py", "whole": "load whole model (torch+ms)"}
+    labels = {"cp": "cp (disk limit)", "ours": "ours: hf_to_ms.py, checks on", "whole": "load whole model (torch+ms)"}
     for key, r in results.items():
         print(f"{labels[key]:<34}{r['seconds']:>9.1f}{total / 1e9 / r['seconds']:>8.2f}"
               f"{r['peak_rss'] / GiB:>10.2f} G{r['seconds'] / results['cp']['seconds']:>10.2f}x")

@@ -17,6 +17,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from glm_common.fsutil import atomic_write_text  # noqa: E402
 
 # name, script, quick args, full args, what it compares, target (from the issue that asked for it)
 BENCHES = [
@@ -99,9 +101,7 @@ def main(argv=None) -> int:
             f"{' --full' if args.full else ''}`) on {datetime.date.today().isoformat()}.\n\n"
             f"Machine: {machine()}.\n\nEvery ratio below was measured side by side in one run of its "
             f"benchmark; the benchmarks ran one after the other on an otherwise idle machine.\n")
-    with open(args.report + ".tmp", "w", encoding="utf-8") as f:
-        f.write(head + "\n" + "\n".join(sections))
-    os.replace(args.report + ".tmp", args.report)
+    atomic_write_text(args.report, head + "\n" + "\n".join(sections))
     print(f"wrote {args.report}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -43,10 +43,12 @@ from convert.hf_layout import (HFCheckpoint, CheckpointError, parse_size, remove
 from convert.ms_ckpt import save_ms_checkpoint
 from convert.ms_to_hf import open_ms_checkpoint
 from convert.safetensors_io import numpy_dtype, output_error
+from convert.tensor_checks import check_cast, check_dtype, check_finite
 from glm_common import names as N
-from glm_common.fsutil import atomic_dir, atomic_file
+from glm_common.fsutil import atomic_dir, atomic_file, check_output
+from glm_common.cli import one_line_errors
 
-__all__ = ["LoraAdapter", "read_peft_adapter", "read_ms_lora", "write_peft_adapter", "write_ms_lora",
+__all__ = ["LoraAdapter", "validate_lora", "check_lora_settings", "check_target_modules", "read_peft_adapter", "read_ms_lora", "write_peft_adapter", "write_ms_lora",
            "read_pet_config", "write_pet_config", "peft_targets_to_regex", "peft_to_ms", "ms_to_peft",
            "prefix_to_ms", "ms_to_prefix", "merge", "main"]
 
@@ -85,6 +87,81 @@ class LoraAdapter:
         return (self.scaling * (b.astype(np.float32) @ a.astype(np.float32))).astype(np.float32)
 
 
+_LINEAR_NAME = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(self_attention\.(query_key_value|dense)"
+                          r"|mlp\.(dense_h_to_4h|dense_4h_to_h))|transformer\.output_layer")
+
+
+def check_lora_settings(r, alpha, where: str, rank_key: str = "r") -> None:
+    """``r`` a positive integer and ``alpha`` a finite number above 0 (a string, 0 or a negative alpha
+    scales every delta wrongly); :class:`ConversionError` naming ``where`` and the key."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConversionError(f"{where}: {rank_key}: expected a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConversionError(f"{where}: lora_alpha: expected a number above 0, got {alpha!r}")
+
+
+def check_target_modules(targets, where: str) -> None:
+    """peft/mindformers ``target_modules``: names of ChatGLM2's linear layers, or a valid regular
+    expression that matches one of them."""
+    import difflib
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ConversionError(f"{where}: target_modules: {targets!r} is not a valid regular expression "
+                                  f"({e})") from None
+        probes = [f"transformer.encoder.layers.0.self_attention.{t}" for t in ("query_key_value", "dense")] + \
+                 [f"transformer.encoder.layers.0.mlp.{t}" for t in ("dense_h_to_4h", "dense_4h_to_h")] + \
+                 ["transformer.output_layer"] + list(CHATGLM2_LINEARS)
+        if not any(pattern.match(p) or pattern.fullmatch(p) or pattern.search(p) for p in probes):
+            raise ConversionError(f"{where}: target_modules: {targets!r} matches no linear layer of ChatGLM2 "
+                                  f"({', '.join(CHATGLM2_LINEARS)})")
+        return
+    if not isinstance(targets, (list, tuple, set)) or not all(isinstance(t, str) for t in targets):
+        raise ConversionError(f"{where}: target_modules: expected a list of names or a regular expression, "
+                              f"got {targets!r}")
+    for t in targets:
+        leaf = t.rsplit(".", 1)[-1]
+        if leaf not in CHATGLM2_LINEARS:
+            near = difflib.get_close_matches(leaf, CHATGLM2_LINEARS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f" (ChatGLM2 has {', '.join(CHATGLM2_LINEARS)})"
+            raise ConversionError(f"{where}: target_modules: {t!r}: no such linear layer in ChatGLM2{hint}")
+
+
+def validate_lora(adapter: "LoraAdapter", config=None, config_source: str = "config",
+                  allow_nonfinite: bool = False, hf_names: bool = True) -> None:
+    """Every pair on a ChatGLM2 linear layer (HF names), in a layer the model has, with ``A [r, in]`` and
+    ``B [out, r]`` of that layer's shape (with ``config``; without it, the same shape on every layer of a
+    kind), and finite values. :class:`ConversionError` naming the adapter file and the module."""
+    expected = N.hf_param_shapes(config) if config is not None else None
+    seen: dict[str, tuple] = {}
+    for module, (a, b) in adapter.pairs.items():
+        where = f"{adapter.source}: {module}"
+        m = _LINEAR_NAME.fullmatch(module) if hf_names else None
+        if hf_names and m is None:
+            raise ConversionError(f"{where}: not a linear layer of ChatGLM2 (LoRA targets: "
+                                  f"{', '.join(CHATGLM2_LINEARS)})")
+        if config is not None and m is not None and m.group(1) is not None and int(m.group(1)) >= config.num_layers:
+            raise ConversionError(f"{where}: layer {m.group(1)} is out of range ({config_source} has "
+                                  f"{config.num_layers} layers, 0..{config.num_layers - 1})")
+        if expected is not None and m is not None:
+            out_f, in_f = expected[module + ".weight"]
+            if tuple(a.shape) != (adapter.r, in_f) or tuple(b.shape) != (out_f, adapter.r):
+                raise ConversionError(f"{where}: lora A {list(a.shape)} / B {list(b.shape)} do not fit the layer "
+                                      f"[{out_f}, {in_f}] of {config_source} at rank {adapter.r} (expected A "
+                                      f"[{adapter.r}, {in_f}], B [{out_f}, {adapter.r}])")
+        kind = module.rsplit(".", 1)[-1]
+        shapes = (tuple(a.shape), tuple(b.shape))
+        if seen.setdefault(kind, shapes) != shapes:
+            raise ConversionError(f"{where}: lora A {list(a.shape)} / B {list(b.shape)} differ from the other "
+                                  f"{kind} layers (A {list(seen[kind][0])} / B {list(seen[kind][1])})")
+        for half, arr in (("lora_A", a), ("lora_B", b)):
+            check_dtype(f"{module}.{half}", arr.dtype, adapter.source)
+            check_finite(f"{module}.{half}", arr, adapter.source, allow_nonfinite)
+
+
 def _pair_up(entries: dict[str, tuple[str, str, np.ndarray]], source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{original name: (module, "A"/"B", array)}`` grouped into ``{module: (A, B)}``; a lone half is an error."""
     halves: dict[str, dict[str, np.ndarray]] = {}
@@ -121,19 +198,17 @@ def read_pet_config(path: str) -> dict:
     mindformers run YAML (``model.model_config.pet_config``)."""
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file (expected a pet_config YAML or JSON)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    except Exception as e:  # yaml.YAMLError
-        line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
-        raise ConversionError(f"{path}:{line}: not valid YAML") from None
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise ConversionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:  # duplicate keys refused, errors name the line
+        from glm_common.run_config import load_yaml
+        data = load_yaml(path, ConversionError)
     if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
         data = data["model"].get("model_config", {})
     if isinstance(data, Mapping) and "pet_config" in data:
@@ -161,6 +236,8 @@ def _lora_settings(pet: Mapping[str, Any], source: str) -> tuple[Optional[int], 
     if "lora_alpha" not in pet:
         raise ConversionError(f"{source}: lora_alpha: missing (the scaling alpha / r needs it)")
     rank = pet.get("lora_rank")
+    check_lora_settings(rank if rank is not None else 1, pet["lora_alpha"], source, "lora_rank")
+    check_target_modules(pet.get("target_modules"), source)
     return (int(rank) if rank is not None else None), float(pet["lora_alpha"]), float(pet.get("lora_dropout", 0.0))
 
 
@@ -196,6 +273,11 @@ def read_peft_adapter(adapter_dir: str) -> LoraAdapter:
         raise ConversionError(f"{cfg_path}: fan_in_fan_out: true is not supported (ChatGLM2 linears are [out, in])")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ConversionError(f"{cfg_path}: rank_pattern/alpha_pattern: per-layer ranks have no mindpet equivalent")
+    if cfg.get("use_dora"):
+        raise ConversionError(f"{cfg_path}: use_dora: true: DoRA's magnitude vector has no mindpet equivalent "
+                              f"(converting it as plain LoRA would give wrong numbers)")
+    check_lora_settings(cfg["r"], cfg["lora_alpha"], cfg_path)
+    check_target_modules(cfg.get("target_modules"), cfg_path)
     files = [os.path.join(adapter_dir, f) for f in ADAPTER_FILES if os.path.isfile(os.path.join(adapter_dir, f))]
     if not files:
         raise ConversionError(f"{adapter_dir}: no {' or '.join(ADAPTER_FILES)}")
@@ -304,16 +386,40 @@ def _peft_config_dict(adapter: LoraAdapter, base: Optional[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- commands
-def peft_to_ms(adapter_dir: str, output: str, pet_config: Optional[str] = None, dtype: str = "keep") -> str:
+def _adapter_config(adapter_dir: str, cfg: Mapping, config: Optional[str]):
+    """``(ChatGLM2Config or None, its source)``: ``config`` (config.json, its folder or a run YAML), else the
+    local ``base_model_name_or_path`` of the adapter when it holds a config.json."""
+    from convert.ms_to_hf import load_config
+    if config:
+        return load_config(config), config
+    base = cfg.get("base_model_name_or_path")
+    if isinstance(base, str) and base and os.path.isfile(os.path.join(base, "config.json")):
+        return load_config(base), os.path.join(base, "config.json")
+    return None, ""
+
+
+def peft_to_ms(adapter_dir: str, output: str, pet_config: Optional[str] = None, dtype: str = "keep",
+               config: Optional[str] = None, allow_nonfinite: bool = False) -> str:
+    """A peft LoRA directory -> mindpet ``.ckpt`` + ``pet_config``, validated (:func:`validate_lora`) against
+    ``config`` when given (or found as the adapter's local base model)."""
     adapter = read_peft_adapter(adapter_dir)
-    cfg = json.load(open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8"))
+    check_output(output, [adapter_dir], "--output")
+    if pet_config:
+        check_output(pet_config, [adapter_dir, output], "--pet-config")
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
+        cfg = json.load(f)
+    model_cfg, model_src = _adapter_config(adapter_dir, cfg, config)
+    validate_lora(adapter, model_cfg, model_src, allow_nonfinite)
     ckpt, pet = write_ms_lora(adapter, output, pet_config, dtype, targets=cfg.get("target_modules"))
     return (f"peft-to-ms: {2 * len(adapter.pairs)} LoRA tensors (rank {adapter.r}, alpha {adapter.alpha:g}) "
             f"-> {ckpt} + {pet}")
 
 
-def ms_to_peft(ckpt: str, pet_config: str, output: str, dtype: str = "keep", base: Optional[str] = None) -> str:
+def ms_to_peft(ckpt: str, pet_config: str, output: str, dtype: str = "keep", base: Optional[str] = None,
+               overwrite: bool = False) -> str:
+    check_output(output, [ckpt, pet_config], "--output", overwrite=overwrite)
     adapter = read_ms_lora(ckpt, read_pet_config(pet_config), pet_config)
+    validate_lora(adapter)
     write_peft_adapter(adapter, output, dtype, base)
     return (f"ms-to-peft: {2 * len(adapter.pairs)} LoRA tensors (rank {adapter.r}, alpha {adapter.alpha:g}, "
             f"targets {', '.join(adapter.target_leaves)}) -> {output}")
@@ -335,6 +441,7 @@ def _prefix_source(path: str):
 
 def prefix_to_ms(hf: str, output: str, dtype: str = "keep") -> str:
     """P-tuning v2 prefix weights of an HF directory / file -> mindpet names in a ``.ckpt``."""
+    check_output(output, [hf], "--output")
     src = _prefix_source(hf)
     names = [n for n in src.names if n.startswith("transformer.prefix_encoder.")]
     if not names:
@@ -346,10 +453,12 @@ def prefix_to_ms(hf: str, output: str, dtype: str = "keep") -> str:
     return f"prefix-to-ms: {len(names)} prefix tensors -> {output}"
 
 
-def ms_to_prefix(ckpt: str, output: str, dtype: str = "keep", fmt: str = "bin", config: Optional[str] = None) -> str:
+def ms_to_prefix(ckpt: str, output: str, dtype: str = "keep", fmt: str = "bin", config: Optional[str] = None,
+                 overwrite: bool = False) -> str:
     """mindpet prefix weights of a ``.ckpt`` -> an HF P-tuning checkpoint directory (as the official
     ChatGLM2 P-tuning saves it: ``pytorch_model.bin`` with ``transformer.prefix_encoder.*``), with
     ``config.json`` (``pre_seq_len`` set from the weights) when ``config`` is given."""
+    check_output(output, [ckpt, config], "--output", overwrite=overwrite)
     src = open_ms_checkpoint(ckpt)
     names = [n for n in src.names if n in N.MS_TO_HF_PREFIX]
     if not names:
@@ -376,10 +485,14 @@ _SPLIT_PARTS = {"wq": ("query_key_value", 0), "wk": ("query_key_value", 1), "wv"
 
 
 def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Optional[str] = None,
-          dtype: str = "keep", max_shard_size: Optional[str] = "2GB", progress: bool = True) -> str:
-    """Fold a LoRA into base weights, one base tensor at a time (see the module docstring)."""
+          dtype: str = "keep", max_shard_size: Optional[str] = "2GB", progress: bool = True,
+          overwrite: bool = False, allow_nonfinite: bool = False) -> str:
+    """Fold a LoRA into base weights, one base tensor at a time (see the module docstring). The adapter is
+    validated (:func:`validate_lora`; against the base's config.json for an HF base) and every base
+    tensor is checked (float dtype, finite values, the merged values in range of the stored dtype)."""
     base_is_ckpt = os.path.isfile(base)
     out_is_ckpt = output.endswith((".ckpt", ".safetensors")) and not os.path.isdir(output)
+    check_output(output, [base, adapter, pet_config], "--output", overwrite=None if out_is_ckpt else overwrite)
     if base_is_ckpt and not out_is_ckpt:
         raise ConversionError(f"{output}: a .ckpt base gives a .ckpt (convert it with convert/ms_to_hf.py afterwards)")
     pet = read_pet_config(pet_config) if pet_config else None
@@ -393,6 +506,12 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
         if pet is None:
             raise ConversionError(f"{adapter}: --pet-config is needed with a LoRA .ckpt (for lora_alpha)")
         lora = read_ms_lora(adapter, pet, pet_config, hf_names=not base_is_ckpt)
+    base_cfg = None
+    if not base_is_ckpt and os.path.isfile(os.path.join(base, "config.json")):
+        from glm_common.config import ChatGLM2Config
+        base_cfg = ChatGLM2Config.from_hf(base)
+    validate_lora(lora, base_cfg, os.path.join(base, "config.json"), allow_nonfinite,
+                  hf_names=os.path.isdir(adapter) or not base_is_ckpt)
     if base_is_ckpt:
         if os.path.isdir(adapter):  # peft keys are HF module names; the base uses mindformers names
             lora.pairs = {N.hf_to_ms(m + ".weight")[: -len(".weight")]: ab for m, ab in lora.pairs.items()}
@@ -443,7 +562,11 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
             d = deltas[module][start:start + array.shape[0]]
         if d.shape != array.shape:
             raise ConversionError(f"{lora.source}: {module}: B @ A rows do not fit {name} {list(array.shape)} in {base}")
-        return (array.astype(np.float32) + d).astype(array.dtype)
+        total = array.astype(np.float32) + d
+        with np.errstate(over="ignore"):  # out of the dtype's range: check_cast names it
+            out = total.astype(array.dtype)
+        check_cast(name, total, out, src.file_of(name) if hasattr(src, "file_of") else base)
+        return out
 
     total = sum(int(np.prod(src.info(n)[0], dtype=np.int64)) * numpy_dtype(src.info(n)[1]).itemsize for n in names)
     bar = Progress(total, "merge", enabled=progress)
@@ -451,7 +574,12 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
     def stream():
         for n in names:
             raw = src.read(n)
-            a = cast(merged(n, raw), dtype)
+            where = src.file_of(n) if hasattr(src, "file_of") else base
+            check_dtype(n, raw.dtype, where)
+            bad = check_finite(n, raw, where, allow_nonfinite)
+            fused = merged(n, raw)
+            a = cast(fused, dtype)
+            check_cast(n, fused, a, where, bad)
             bar.update(a, read_bytes=raw.nbytes)
             del raw
             yield (N.hf_to_ms(n) if out_is_ckpt and not base_is_ckpt else n), a
@@ -498,6 +626,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="MindSpore LoRA checkpoint to write (.ckpt)")
     p.add_argument("--pet-config", default=None,
                    help="pet_config to write (.yaml or .json); default: <output stem>_pet_config.yaml")
+    p.add_argument("--config", default=None,
+                   help="the base model's config.json (or folder, or run YAML) to check layers and shapes against; "
+                        "default: the adapter's base_model_name_or_path when it is a local folder")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert NaN/Inf LoRA values instead of refusing")
     p.add_argument("--dtype", **dt)
 
     p = sub.add_parser("ms-to-peft", formatter_class=fmt, help="mindpet LoRA .ckpt + pet_config -> peft adapter directory")
@@ -507,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pet_config (YAML/JSON; or a mindformers run YAML) giving lora_alpha, lora_rank, lora_dropout")
     p.add_argument("--output", required=True, help="peft adapter directory to write")
     p.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output folder (replaces the files this command writes, keeps others)")
     p.add_argument("--dtype", **dt)
 
     p = sub.add_parser("prefix-to-ms", formatter_class=fmt, help="HF P-tuning v2 prefix weights -> mindpet .ckpt")
@@ -521,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="bin", choices=("bin", "safetensors"), help="weights file format")
     p.add_argument("--config", default=None,
                    help="base config.json (or mindformers YAML): also write config.json with pre_seq_len set")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output folder (replaces the files this command writes, keeps others)")
     p.add_argument("--dtype", **dt)
 
     p = sub.add_parser("merge", formatter_class=fmt, help="fold W + (alpha/r) B@A into base weights")
@@ -531,25 +667,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True,
                    help="FILE.ckpt (mindformers names) or a directory (HF, from an HF base; config/tokenizer copied)")
     p.add_argument("--max-shard-size", default="2GB", help="largest shard of an HF output directory")
+    p.add_argument("--allow-nonfinite", action="store_true", help="merge NaN/Inf values instead of refusing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output folder (replaces the files this command writes, keeps others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dtype", **dt)
     return ap
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "peft-to-ms":
-            line = peft_to_ms(args.adapter, args.output, args.pet_config, args.dtype)
+            line = peft_to_ms(args.adapter, args.output, args.pet_config, args.dtype, args.config,
+                              args.allow_nonfinite)
         elif args.cmd == "ms-to-peft":
-            line = ms_to_peft(args.ckpt, args.pet_config, args.output, args.dtype, args.base_model)
+            line = ms_to_peft(args.ckpt, args.pet_config, args.output, args.dtype, args.base_model, args.overwrite)
         elif args.cmd == "prefix-to-ms":
             line = prefix_to_ms(args.hf, args.output, args.dtype)
         elif args.cmd == "ms-to-prefix":
-            line = ms_to_prefix(args.ckpt, args.output, args.dtype, args.format, args.config)
+            line = ms_to_prefix(args.ckpt, args.output, args.dtype, args.format, args.config, args.overwrite)
         else:
             line = merge(args.base, args.output, args.adapter, args.pet_config, args.dtype, args.max_shard_size,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, overwrite=args.overwrite,
+                         allow_nonfinite=args.allow_nonfinite)
     except KNOWN_ERRORS as e:
         return report_error(e)
     print(line)

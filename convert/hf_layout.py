@@ -32,7 +32,8 @@ import numpy as np
 
 from convert.safetensors_io import (NP_DTYPES, CheckpointError, SafetensorsFile, bf16, dtype_name,
                                     output_error, read_safetensors_header, save_safetensors, to_dtype)
-from glm_common.fsutil import atomic_dir, atomic_file
+from glm_common.fsutil import atomic_dir, atomic_file, check_output
+from glm_common.cli import one_line_errors
 
 __all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
            "read_safetensors_header", "save_safetensors", "parse_size", "dtype_name", "to_dtype", "remove_stale_weights", "NP_DTYPES", "torch_to_numpy",
@@ -44,6 +45,20 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 # ---------------------------------------------------------------------- reading
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    """``json`` object hook: a key given twice is an error (``json`` keeps the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 class HFCheckpoint:
     """Lazy view of an HF checkpoint directory: names, shapes, dtypes; one tensor read at a time.
 
@@ -69,7 +84,10 @@ class HFCheckpoint:
             if os.path.isfile(index):
                 try:
                     with open(index, encoding="utf-8") as f:
-                        data = json.load(f)
+                        data = json.load(f, object_pairs_hook=_no_duplicate_keys)
+                except _DuplicateKey as e:
+                    raise CheckpointError(f"{index}: {e.args[0]}: listed twice (one copy would be chosen "
+                                          f"silently)") from None
                 except json.JSONDecodeError as e:
                     raise CheckpointError(f"{index}:{e.lineno}: not valid JSON: {e.msg}") from None
                 except (UnicodeDecodeError, RecursionError):
@@ -93,6 +111,11 @@ class HFCheckpoint:
                 for shard in sorted(set(wm.values())):
                     if not os.path.isfile(os.path.join(p, shard)):
                         raise CheckpointError(f"{index}: shard {shard} is named in weight_map but missing")
+                for single_name in ("model.safetensors", "pytorch_model.bin"):
+                    if os.path.isfile(os.path.join(p, single_name)) and single_name not in wm.values():
+                        raise CheckpointError(f"{p}: holds both {single_name} and the sharded checkpoint of "
+                                              f"{index_name} (which one is meant? remove the other)")
+                self._check_shards_disjoint(index, wm)
                 return layout, dict(wm)
         single = os.path.join(p, "model.safetensors")
         if os.path.isfile(single):
@@ -103,6 +126,17 @@ class HFCheckpoint:
             return "single-bin", {name: "pytorch_model.bin" for name in sd}
         raise CheckpointError(f"{p}: no weights found (expected model.safetensors, {SAFE_INDEX}, "
                               f"{BIN_INDEX} or pytorch_model.bin)")
+
+    def _check_shards_disjoint(self, index: str, wm: dict) -> None:
+        """Every tensor in exactly the shard the index names: the same tensor in two shards is refused."""
+        for shard in sorted(set(wm.values())):
+            file = os.path.join(self.path, shard)
+            names = self._st(file).names if shard.endswith(".safetensors") else list(self._load_bin(file))
+            for name in names:
+                if name in wm and wm[name] != shard:
+                    raise CheckpointError(f"{file}: {name}: also in {wm[name]} (the same tensor in two shards; "
+                                          f"{os.path.basename(index)} names {wm[name]})")
+        self._bin_cache = (None, None)
 
     def _st(self, file: str) -> SafetensorsFile:
         if file not in self._st_files:
@@ -311,13 +345,20 @@ def parse_size(text: str | int | None) -> Optional[int]:
                        ("KB", 10**3), ("B", 1)):
         if s.endswith(unit):
             try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
+                value = int(float(s[: -len(unit)]) * mult)
+            except (ValueError, OverflowError):
                 break
-    try:
-        return int(s)
-    except ValueError:
-        raise CheckpointError(f"max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB)") from None
+            if value > 0:
+                return value
+            break
+    else:
+        try:
+            value = int(s)
+        except ValueError:
+            value = None
+        if value is not None and value > 0:
+            return value
+    raise CheckpointError(f"max-shard-size: expected a positive size such as 2GB or 500MB, got {text!r}")
 
 
 def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, fmt: str = "safetensors",
@@ -411,12 +452,13 @@ def _fixtures_dir() -> str:
 
 
 def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_glm2",
-                      dtype: Optional[str] = None, shards: int = 3) -> str:
+                      dtype: Optional[str] = None, shards: int = 3, overwrite: bool = True) -> str:
     """Write the golden tiny ChatGLM2 (``tiny_glm2`` or ``tiny_glm2_ptuning``) as an HF directory.
 
     ``layout`` is one of :data:`LAYOUTS`; sharded layouts get ``shards`` files (about equal bytes).
     ``dtype`` casts the weights (``float32|float16|bfloat16``); ``config.json`` says the dtype.
-    ``tokenizer.model`` and ``tokenizer_config.json`` are written beside the weights.
+    ``tokenizer.model`` and ``tokenizer_config.json`` are written beside the weights. A non-empty
+    ``out_dir`` is refused unless ``overwrite`` (then only the files written here are replaced).
     """
     from glm_common.config import ChatGLM2Config
     from glm_common.tokenizer import ChatGLM2Tokenizer
@@ -426,6 +468,7 @@ def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_g
     src = os.path.join(_fixtures_dir(), "model", model)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: no such built-in model")
+    check_output(out_dir, [src], "--out", overwrite=overwrite)
     config = ChatGLM2Config.from_hf(src)
     ckpt = HFCheckpoint(src)
     tensors = [(n, a if dtype is None else to_dtype(a, dtype)) for n, a in ckpt.items()]
@@ -445,6 +488,7 @@ def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_g
     return out_dir
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert.hf_layout",
                                  description="Inspect HF ChatGLM2 checkpoints, or write the built-in tiny model.")
@@ -455,12 +499,16 @@ def main(argv=None) -> int:
     t.add_argument("--model", default="tiny_glm2", choices=("tiny_glm2", "tiny_glm2_ptuning"))
     t.add_argument("--dtype", default=None, choices=sorted(NP_DTYPES), help="cast weights (default: keep fp32)")
     t.add_argument("--shards", type=int, default=3, help="number of shards for sharded layouts")
+    t.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out (replaces the files written here, keeps the others)")
     i = sub.add_parser("info", help="list the tensors of an HF checkpoint directory")
     i.add_argument("dir")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "tiny":
-            out = write_tiny_hf_dir(args.out, args.layout, args.model, args.dtype, args.shards)
+            if args.shards < 1:
+                raise CheckpointError(f"--shards: expected at least 1, got {args.shards}")
+            out = write_tiny_hf_dir(args.out, args.layout, args.model, args.dtype, args.shards, args.overwrite)
             print(f"wrote {args.model} ({args.layout}) to {out}")
         else:
             ckpt = HFCheckpoint(args.dir)

@@ -32,8 +32,11 @@ from convert._cli import DTYPE_CHOICES, ConversionError, Progress, cast, run_mai
 from convert.hf_layout import HFCheckpoint
 from convert.ms_ckpt import CheckpointWriter
 from convert.safetensors_io import NP_DTYPES, SafetensorsWriter, numpy_dtype
+from convert.tensor_checks import check_cast, check_dtype, check_file_range, check_finite
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config
+from glm_common.fsutil import check_output
+from glm_common.cli import one_line_errors
 
 __all__ = ["plan_hf_to_ms", "convert_hf_to_ms", "main", "Piece"]
 
@@ -90,6 +93,7 @@ def plan_hf_to_ms(ckpt: HFCheckpoint, config: ChatGLM2Config, config_source: str
                 notes["extra"].append(name)
                 pieces.append(Piece(N.hf_to_ms(name, naming), name, None, tuple(shape), out_dtype))
                 continue
+            check_dtype(name, src_dtype, ckpt.file_of(name))
             if tuple(shape) != expected[name]:
                 raise ConversionError(f"{_describe(name, ckpt)}: shape {list(shape)} contradicts {config_source} "
                                       f"(expected {list(expected[name])})")
@@ -114,8 +118,12 @@ def plan_hf_to_ms(ckpt: HFCheckpoint, config: ChatGLM2Config, config_source: str
 
 def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str = "mindformers",
                      qkv: str = "concat", mlp: str = "concat", fmt: Optional[str] = None,
-                     config: Optional[str] = None, allow_extra: bool = False, progress: bool = True) -> dict:
+                     config: Optional[str] = None, allow_extra: bool = False, progress: bool = True,
+                     allow_nonfinite: bool = False) -> dict:
     """Convert ``hf_dir`` to ``output`` (``.ckpt``, or MindSpore safetensors with ``fmt="safetensors"``).
+
+    Every weight is checked on the way (:mod:`convert.tensor_checks`): a float dtype, finite values (unless
+    ``allow_nonfinite``), and a cast that keeps every value in range.
 
     Returns a summary: ``tensors``, ``bytes``, ``dtypes``, ``seconds``, ``output``, ``line``.
     """
@@ -127,6 +135,7 @@ def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str 
     config_source = config or os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"{hf_dir}: not a directory (expected an HF ChatGLM2 directory)")
+    check_output(output, [hf_dir, config_source], "--output")
     cfg = ChatGLM2Config.from_hf(config_source)
     ckpt = HFCheckpoint(hf_dir)
     pieces, notes = plan_hf_to_ms(ckpt, cfg, config_source, naming, qkv, mlp, dtype, allow_extra)
@@ -149,8 +158,11 @@ def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str 
             group = pieces[i:j]
             src_shape, src_dtype = ckpt.info(source)
             where = ckpt.byte_range(source) if all(p.dtype == src_dtype for p in group) else None
+            extra_tensor = source in notes["extra"]
             if where is not None:  # same dtype: the kernel copies the bytes (rows of a split are contiguous)
                 file, offset, nbytes = where
+                if not extra_tensor:
+                    check_file_range(source, file, offset, nbytes, src_dtype, file, allow_nonfinite)
                 row = nbytes // src_shape[0] if src_shape and src_shape[0] else nbytes
                 for p in group:
                     start, count = (p.rows[0] * row, (p.rows[1] - p.rows[0]) * row) if p.rows else (0, nbytes)
@@ -158,12 +170,16 @@ def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str 
                     bar.count(count, p.dtype)
             else:
                 array = ckpt.read(source, copy=False)  # written straight from the file's bytes
+                bad = 0 if extra_tensor else check_finite(source, array, ckpt.file_of(source), allow_nonfinite)
                 ckpt.prefetch(source)                  # readahead of the whole tensor in large requests
                 if j < len(pieces) and ckpt.file_of(pieces[j].source) == ckpt.file_of(source):
                     ckpt.prefetch(pieces[j].source)    # the next tensor is read while this one is written
                 for p in group:
                     part = array if p.rows is None else array[p.rows[0]:p.rows[1]]
-                    part = cast(part, dtype)
+                    out = cast(part, dtype)
+                    if not extra_tensor:
+                        check_cast(source, part, out, ckpt.file_of(source), bad if p.rows is None else None)
+                    part = out
                     writer.write(p.name, part)
                     bar.update(part)
                 del array, part
@@ -214,14 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config.json to check names and shapes against (default: the one in --hf-dir)")
     ap.add_argument("--allow-extra", action="store_true",
                     help="copy tensors the config does not know, unchanged, instead of stopping with an error")
+    ap.add_argument("--allow-nonfinite", action="store_true",
+                    help="convert weights holding NaN/Inf instead of stopping with an error naming the tensor")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is printed)")
     return ap
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: convert_hf_to_ms(args.hf_dir, args.output, args.dtype, args.naming, args.qkv, args.mlp,
-                                               args.format, args.config, args.allow_extra, progress=not args.no_progress))
+                                               args.format, args.config, args.allow_extra, progress=not args.no_progress,
+                                               allow_nonfinite=args.allow_nonfinite))
 
 
 if __name__ == "__main__":

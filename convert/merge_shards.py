@@ -39,8 +39,9 @@ import numpy as np
 from convert.ms_ckpt import CheckpointWriter, MSCheckpoint, MSCheckpointError
 from convert.safetensors_io import CheckpointError
 from convert.strategy import Layout, Strategy, StrategyError, load_strategy
-from glm_common.fsutil import atomic_dir
+from glm_common.fsutil import atomic_dir, check_output
 from glm_common.names import TRAIN_STATE_PREFIXES, TRAIN_STATE_SCALARS, is_train_state
+from glm_common.cli import one_line_errors
 
 __all__ = ["MergeError", "merge_shards", "split_checkpoint", "find_rank_files", "select_params", "main"]
 
@@ -324,6 +325,7 @@ def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "
         if world_size is not None and world_size != strat.device_num:
             raise MergeError(f"{strategy}: describes {strat.device_num} ranks, --world-size says {world_size}")
     files = find_rank_files(src, strat.device_num, step)
+    check_output(output, [strategy] + sorted({os.path.dirname(f) for f in files.values()}), "--output")
     ckpts = {r: MSCheckpoint(f) for r, f in files.items()}
     _check_recorded_ranks(ckpts, strat.device_num)
     # every name once, stage by stage, in the order the ranks hold them
@@ -369,6 +371,7 @@ def split_checkpoint(full_ckpt: str, strategy: str, output_dir: str, prefix: str
     complete or not at all.
     """
     t0 = time.time()
+    check_output(output_dir, [full_ckpt, strategy], "--output")
     try:
         strat = load_strategy(strategy)
     except StrategyError as e:
@@ -502,6 +505,7 @@ def _split_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

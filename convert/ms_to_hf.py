@@ -31,9 +31,11 @@ from convert._cli import DTYPE_CHOICES, ConversionError, Progress, cast, out_dty
 from convert.hf_layout import parse_size, remove_stale_weights, write_hf_checkpoint
 from convert.ms_ckpt import MSCheckpoint
 from convert.safetensors_io import SafetensorsFile, numpy_dtype, output_error
+from convert.tensor_checks import check_cast, check_dtype, check_finite
 from glm_common import names as N
 from glm_common.config import ChatGLM2Config, ConfigError
-from glm_common.fsutil import atomic_dir
+from glm_common.fsutil import atomic_dir, check_output
+from glm_common.cli import one_line_errors
 
 __all__ = ["load_config", "open_ms_checkpoint", "plan_ms_to_hf", "convert_ms_to_hf", "main"]
 
@@ -48,15 +50,10 @@ def open_ms_checkpoint(path: str):
 def load_config(path: str) -> ChatGLM2Config:
     """An HF ``config.json`` (or its directory) or a mindformers YAML (``model.model_config``)."""
     if path.endswith((".yaml", ".yml")):
-        import yaml
+        from glm_common.run_config import load_yaml
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: no such file")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
-                raise ConfigError(f"{path}:{line}: not valid YAML") from None
+        data = load_yaml(path, ConfigError)
         if isinstance(data, dict) and isinstance(data.get("model"), dict) and "model_config" in data["model"]:
             return ChatGLM2Config.from_model_config(data["model"]["model_config"], source=f"{path}: model.model_config")[0]
         if isinstance(data, dict) and "model_config" in data:
@@ -126,7 +123,8 @@ def plan_ms_to_hf(ckpt, config: ChatGLM2Config, config_source: str, allow_extra:
         names = [slots[s] for s in range(need)]
         rows = 0
         for n in names:
-            s, _ = ckpt.info(n)
+            s, dt = ckpt.info(n)
+            check_dtype(n, dt, ckpt.path)
             if tuple(s[1:]) != shape[1:] or (need == 1 and tuple(s) != shape):
                 raise ConversionError(f"{ckpt.path}: {n}: shape {list(s)} contradicts {config_source} "
                                       f"(expected {list(shape)} for {hf})")
@@ -147,25 +145,42 @@ def plan_ms_to_hf(ckpt, config: ChatGLM2Config, config_source: str, allow_extra:
     return plan, notes
 
 
-def _tensors(ckpt, plan: dict[str, list[str]], dtype: str, bar: Progress) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(ckpt, plan: dict[str, list[str]], dtype: str, bar: Progress, extra=(),
+             allow_nonfinite: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     for hf, ms_names in plan.items():
         arrays = [ckpt.read(n) for n in ms_names]
+        checked = hf not in extra
+        bad = sum(check_finite(n, a, ckpt.path, allow_nonfinite) for n, a in zip(ms_names, arrays)) if checked else 0
         array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
         del arrays
-        array = cast(array, dtype)
+        out = cast(array, dtype)
+        if checked:
+            check_cast(ms_names[0] if len(ms_names) == 1 else hf, array, out, ckpt.path, bad)
+        array = out
         bar.update(array)
         yield hf, array
 
 
 def convert_ms_to_hf(ckpt_path: str, config: str, output: str, dtype: str = "keep",
                      max_shard_size: Optional[str] = "2GB", fmt: str = "safetensors",
-                     tokenizer: Optional[str] = None, allow_extra: bool = False, progress: bool = True) -> dict:
-    """Write the HF directory ``output`` from ``ckpt_path``; return a summary (``line``, ``files`` ...)."""
+                     tokenizer: Optional[str] = None, allow_extra: bool = False, progress: bool = True,
+                     overwrite: bool = False, allow_nonfinite: bool = False) -> dict:
+    """Write the HF directory ``output`` from ``ckpt_path``; return a summary (``line``, ``files`` ...).
+
+    ``output`` must not be, hold or lie inside an input; an existing non-empty ``output`` is refused unless
+    ``overwrite`` (then the files this converter writes are replaced and the others are left alone)."""
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if fmt not in ("safetensors", "bin"):
         raise ConversionError(f"format: expected safetensors or bin, got {fmt!r}")
-    limit = None if str(max_shard_size).lower() in ("none", "", "0") else parse_size(max_shard_size)
+    if str(max_shard_size).strip().lower() in ("none", ""):
+        limit = None
+    else:
+        limit = parse_size(max_shard_size)
+        if limit is None or limit <= 0:
+            raise ConversionError(f"max-shard-size: expected a positive size such as 2GB or 'none', "
+                                  f"got {max_shard_size!r}")
+    check_output(output, [ckpt_path, config, tokenizer], "--output", overwrite=overwrite)
     cfg = load_config(config)
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise ConversionError(f"{tokenizer}: no such file (expected a SentencePiece tokenizer.model)")
@@ -187,7 +202,7 @@ def convert_ms_to_hf(ckpt_path: str, config: str, output: str, dtype: str = "kee
         # written beside ``output`` and moved in when complete; other files already in ``output`` stay, stale
         # weight files of another layout are removed by write_hf_checkpoint
         with atomic_dir(output, merge=True) as stage:
-            files = write_hf_checkpoint(_tensors(ckpt, plan, dtype, bar), stage, fmt=fmt, max_shard_size=limit)
+            files = write_hf_checkpoint(_tensors(ckpt, plan, dtype, bar, set(notes["extra"]), allow_nonfinite), stage, fmt=fmt, max_shard_size=limit)
             out_dtype = out_dtype_name(dtype) or _main_float_dtype(bar.dtypes) or cfg.torch_dtype
             cfg.torch_dtype = out_dtype
             cfg.save_hf(stage)
@@ -225,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the architecture: an HF config.json (or its directory) or a mindformers run YAML with "
                          "model.model_config; every weight is checked against it and it is written as config.json")
     ap.add_argument("--output", required=True,
-                    help="HF directory to write (created; stale weight files in it are replaced)")
+                    help="HF directory to write (created; must not hold or be an input)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --output: replaces the weight files, index, config.json and "
+                         "tokenizer files this converter writes, leaves every other file")
     ap.add_argument("--dtype", default="keep", choices=DTYPE_CHOICES,
                     help="dtype of the saved floating-point tensors (config.json torch_dtype follows); keep: as stored")
     ap.add_argument("--max-shard-size", default="2GB",
@@ -236,14 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SentencePiece tokenizer.model to put beside the weights (with tokenizer_config.json)")
     ap.add_argument("--allow-extra", action="store_true",
                     help="copy tensors the config does not know, unchanged, instead of stopping with an error")
+    ap.add_argument("--allow-nonfinite", action="store_true",
+                    help="convert weights holding NaN/Inf instead of stopping with an error naming the tensor")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is printed)")
     return ap
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: convert_ms_to_hf(args.ckpt, args.config, args.output, args.dtype, args.max_shard_size,
-                                               args.format, args.tokenizer, args.allow_extra, progress=not args.no_progress))
+                                               args.format, args.tokenizer, args.allow_extra, progress=not args.no_progress,
+                                               overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite))
 
 
 if __name__ == "__main__":

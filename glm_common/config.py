@@ -192,12 +192,8 @@ class ChatGLM2Config:
         if os.path.isdir(path) or not path.endswith(".json"):
             os.makedirs(path, exist_ok=True)
             path = os.path.join(path, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_hf_dict(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        from glm_common.fsutil import atomic_write_text
+        return atomic_write_text(path, json.dumps(self.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
 
     # ------------------------------------------------------------------ mindformers YAML
     @classmethod
@@ -226,7 +222,9 @@ class ChatGLM2Config:
             elif key in MINDFORMERS_IGNORED:
                 ignored[key] = value
             else:
-                raise ConfigError(f"{source}.{key}: unknown model_config key")
+                raise ConfigError(f"{source}.{key}: unknown model_config key"
+                                  + did_you_mean(key, list(_FIELDS) + list(_RUN_FIELDS) + sorted(MINDFORMERS_IGNORED)
+                                                 + ["pet_config", "rope_ratio", "type"]))
         if "rope_ratio" in arch:
             ratio = arch["rope_ratio"]
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
@@ -293,6 +291,13 @@ class RunOptions:
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{source}.top_p: must be in (0, 1], got {self.top_p}")
         return self
+
+
+def did_you_mean(key: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to ``key`` (``difflib``), or ``""``."""
+    import difflib
+    near = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 # mindformers ChatGLM2Config keys that exist for its Ascend kernels, weight download or pipeline

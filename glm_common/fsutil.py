@@ -3,15 +3,22 @@
 :func:`atomic_dir` stages a folder beside its destination (``<dest>.partial``) and moves it into place
 only when the block that fills it completes; :func:`atomic_file` does the same for one file. Both name
 the destination, not the staging path, in the :class:`OutputError` they raise for an unusable location.
+
+:func:`check_output` is the one gate every writer passes its output through first: it resolves the
+output (real path and inode) and refuses one that is, contains or lies inside any of the run's inputs,
+and an output folder that already holds files unless the run was told it may replace its own files in it
+(``--overwrite``). :func:`atomic_write_bytes` / :func:`atomic_write_text` write a small file in one go
+through :func:`atomic_file`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-from typing import Iterator
+from typing import Iterator, Optional
 
-__all__ = ["OutputError", "atomic_dir", "atomic_file", "check_writable_dir"]
+__all__ = ["OutputError", "atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output",
+           "check_writable_dir"]
 
 
 class OutputError(OSError):
@@ -20,6 +27,61 @@ class OutputError(OSError):
 
 def _say(path: str, e: OSError) -> str:
     return f"{path}: cannot write: {e.strerror or e}"
+
+
+def _ids(path: str, depth: int = 1) -> set:
+    """``(st_dev, st_ino)`` of ``path`` and, for a folder, of the entries ``depth`` levels under it."""
+    out = set()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return out
+    out.add((st.st_dev, st.st_ino))
+    if depth and os.path.isdir(path):
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return out
+        for name in names:
+            out |= _ids(os.path.join(path, name), depth - 1)
+    return out
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output(output: str, inputs=(), what: str = "output", overwrite: Optional[bool] = None,
+                 contains: bool = True) -> str:
+    """The absolute path of ``output`` once it is safe to write; :class:`OutputError` naming it otherwise.
+
+    Refused: an output that is one of ``inputs`` (same real path, or the same file reached through a link
+    or a hard link), lies inside an input folder, or contains an input (it would be replaced or removed
+    under the reader). With ``overwrite`` given (``False`` / ``True``: the ``--overwrite`` flag of a command
+    that writes a folder), an existing non-empty output folder is refused unless ``overwrite`` (which then
+    replaces only the files the command writes). Inputs that are ``None`` or empty are skipped.
+    ``contains=False`` allows an output folder that holds inputs among its files (a run's result folder
+    that only adds files of its own names), though never an input at the path of a file it writes.
+    """
+    out = os.path.abspath(output)
+    real_out = os.path.realpath(out)
+    out_ids = _ids(real_out, depth=1)
+    for inp in inputs:
+        if not inp:
+            continue
+        real_in = os.path.realpath(os.path.abspath(os.fspath(inp)))
+        if real_in == real_out or (out_ids and os.path.exists(real_in) and os.path.samefile(real_in, real_out)):
+            raise OutputError(f"{output}: {what} is the input {inp} (refusing to overwrite an input)")
+        if _inside(real_out, real_in) and os.path.isdir(real_in):
+            raise OutputError(f"{output}: {what} lies inside the input folder {inp} (choose a folder of its own)")
+        if contains and _inside(real_in, real_out):
+            raise OutputError(f"{output}: {what} contains the input {inp} (choose a folder of its own)")
+        if contains and out_ids and out_ids & _ids(real_in, depth=1):
+            raise OutputError(f"{output}: {what} holds a file of the input {inp} (a link or hard link to it)")
+    if overwrite is not None and os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise OutputError(f"{output}: {what} folder is not empty (--overwrite replaces this command's own files "
+                          f"in it and leaves the others)")
+    return out
 
 
 def check_writable_dir(directory: str) -> None:
@@ -107,3 +169,41 @@ def atomic_file(dest: str, mode: str = "w", **kw) -> Iterator:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str, suffix: str = "") -> Iterator[str]:
+    """Yield the path ``<dest>.partial<suffix>`` for a writer that takes a file name (``savefig``,
+    ``save_checkpoint``, ``copyfile``); on success it is renamed to ``dest``, on error removed."""
+    dest = os.path.abspath(dest)
+    if os.path.isdir(dest):
+        raise OutputError(f"{dest}: is a directory (expected a file name)")
+    check_writable_dir(os.path.dirname(dest))
+    tmp = dest + ".partial" + suffix
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(_say(dest, e)) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(dest: str, data: bytes) -> str:
+    """Write ``data`` to ``dest`` through :func:`atomic_file`; return ``dest``."""
+    with atomic_file(dest, "wb") as f:
+        f.write(data)
+    return dest
+
+
+def atomic_write_text(dest: str, text: str, encoding: str = "utf-8") -> str:
+    """Write ``text`` to ``dest`` through :func:`atomic_file`; return ``dest``."""
+    with atomic_file(dest, "w", encoding=encoding) as f:
+        f.write(text)
+    return dest

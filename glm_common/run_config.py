@@ -1,7 +1,9 @@
 """The mindformers-shaped run YAML both backends read, flattened into :class:`TrainSettings`.
 
-Keys honoured (anything else is listed once in a :class:`RunConfigWarning`, never silently dropped;
-a bad value raises :class:`RunConfigError` naming the file and the key's path):
+Keys honoured (mindformers keys without effect here, :data:`MINDFORMERS_RUN_IGNORED`, are listed once in a
+:class:`RunConfigWarning`; any other key is an error with a "did you mean" (``difflib``); a key given twice
+in one mapping is an error (:func:`load_yaml`); a bad value raises :class:`RunConfigError` naming the file
+and the key's path):
 
 * ``seed``, ``run_mode``, ``output_dir``, ``load_checkpoint``, ``resume_training``, ``do_eval``,
   ``eval_step_interval``;
@@ -35,15 +37,16 @@ a bad value raises :class:`RunConfigError` naming the file and the key's path):
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from glm_common.config import ChatGLM2Config, ConfigError, RunOptions
+from glm_common.config import ChatGLM2Config, ConfigError, RunOptions, did_you_mean
 from glm_common.schedules import BIAS_CORRECTED, OPTIMIZERS, SCHEDULES
 
-__all__ = ["RunConfigError", "RunConfigWarning", "TrainSettings", "load_run_config", "settings_from_config",
-           "pet_settings", "parse_bool", "RUN_MODES", "PET_TYPES"]
+__all__ = ["RunConfigError", "RunConfigWarning", "TrainSettings", "load_run_config", "load_yaml", "settings_from_config",
+           "pet_settings", "parse_bool", "RUN_MODES", "PET_TYPES", "MINDFORMERS_RUN_IGNORED"]
 
 RUN_MODES = ("train", "finetune", "eval", "predict")
 PET_TYPES = ("lora", "ptuning2", "qlora")
@@ -150,18 +153,53 @@ class TrainSettings:
 
 
 # ---------------------------------------------------------------------------------------- YAML
-def load_run_config(path: str) -> dict:
-    """Parse a run YAML into a mapping; errors name the file and line."""
+def _strict_loader():
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
     import yaml
-    if not os.path.isfile(path):
-        raise RunConfigError(f"{path}: no such file")
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        hash(key)
+                    except TypeError:
+                        continue
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}; the last one "
+                            f"would win silently)", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def load_yaml(path: str, error=None):
+    """The YAML file ``path`` parsed with duplicate keys refused; ``error`` (default :class:`RunConfigError`)
+    names the file and line of a problem."""
+    import yaml
+    error = error or RunConfigError
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            return yaml.load(f, Loader=_strict_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise RunConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        raise error(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def load_run_config(path: str) -> dict:
+    """Parse a run YAML into a mapping; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise RunConfigError(f"{path}: no such file")
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise RunConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -179,6 +217,58 @@ def parse_bool(value, what: str = "value") -> bool:
 
 
 _MISSING = object()
+
+#: keys of mindformers' run YAMLs that have no effect here: accepted and named in the one warning
+#: (``callbacks[]`` stands for any callback's index; a key stands for its whole subtree). Any other key
+#: the reader does not honour is an error.
+MINDFORMERS_RUN_IGNORED = frozenset({
+    "remote_save_url", "auto_tune", "filepath_prefix", "autotune_per_step", "profile", "profile_start_step",
+    "profile_stop_step", "init_start_profile", "profile_communication", "profile_memory", "local_rank",
+    "device_num", "swap_config", "ascend_config",
+    "context.enable_graph_kernel", "context.graph_kernel_flags", "context.max_call_depth", "context.save_graphs",
+    "context.save_graphs_path", "context.jit_config", "context.memory_optimize_level",
+    "context.runtime_num_threads", "context.ascend_config", "context.mempool_block_size",
+    "context.enable_compile_cache", "context.compile_cache_path", "context.jit_level", "context.infer_boost",
+    "parallel.enable_alltoall", "parallel.loss_repeated_mean", "parallel.full_batch", "parallel.search_mode",
+    "parallel.strategy_ckpt_config", "parallel.strategy_ckpt_save_file", "parallel.dataset_strategy",
+    "parallel.pipeline_config", "parallel.parallel_optimizer_config",
+    "parallel_config.expert_parallel", "parallel_config.gradient_aggregation_group",
+    "parallel_config.use_seq_parallel", "parallel_config.optimizer_shard", "parallel_config.context_parallel",
+    "recompute_config.select_recompute", "recompute_config.parallel_optimizer_comm_recompute",
+    "recompute_config.mp_comm_recompute", "recompute_config.recompute_slice_activation",
+    "recompute_config.select_comm_recompute", "moe_config", "trainer",
+    "callbacks[].integrated_save", "callbacks[].async_save", "callbacks[].save_checkpoint_seconds",
+    "callbacks[].keep_checkpoint_per_n_minutes", "callbacks[].directory", "callbacks[].remove_redundancy",
+    "callbacks[].checkpoint_format", "callbacks[].save_network_params", "callbacks[].save_trainable_params",
+    "callbacks[].embedding_local_norm_threshold", "callbacks[].learning_rate", "callbacks[].micro_batch_num",
+    "callbacks[].micro_batch_interleave_num", "callbacks[].origin_epochs", "callbacks[].dataset_size",
+    "callbacks[].initial_epoch", "callbacks[].initial_step", "callbacks[].global_batch_size",
+    "callbacks[].gradient_accumulation_steps", "callbacks[].check_for_nan_in_loss_and_grad",
+})
+#: mindformers callback types: the two honoured (:func:`_callbacks`) and the ones named as ignored.
+MINDFORMERS_CALLBACKS = ("MFLossMonitor", "CheckpointMonitor", "CheckpointMointor", "ObsMonitor", "SummaryMonitor",
+                         "ProfileMonitor", "EvalCallBack", "TrainingStateMonitor", "TrainCallBack")
+#: mindformers pet_config keys without meaning here (named in the warning).
+MINDFORMERS_PET_IGNORED = frozenset({"projection_dim", "freeze_include", "freeze_exclude", "lora_a_init",
+                                     "lora_b_init", "param_init_type", "compute_dtype", "exclude_layers"})
+
+
+def _mindformers_ignored(path: str) -> bool:
+    norm = re.sub(r"\[\d+\]", "[]", path)
+    return any(norm == k or norm.startswith(k + ".") for k in MINDFORMERS_RUN_IGNORED)
+
+
+def _refuse_unknown(source: str, unread: list, known, join: str = ": ") -> None:
+    """:class:`RunConfigError` for the first key of ``unread`` that is neither honoured nor a mindformers key
+    named as ignored, with the closest known key."""
+    for path in unread:
+        if _mindformers_ignored(path):
+            continue
+        cands = set()
+        for k in known:
+            parts = k.split(".")
+            cands.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        raise RunConfigError(f"{source}{join}{path}: unknown key" + did_you_mean(path, sorted(cands)))
 
 
 class _Reader:
@@ -294,6 +384,11 @@ def pet_settings(pet_config: Optional[Mapping[str, Any]], source: str = "pet_con
         if not isinstance(targets, (str, list)) or (isinstance(targets, list)
                                                      and not all(isinstance(t, str) for t in targets)):
             r.fail("target_modules", f"expected a regular expression or a list of names, got {targets!r}")
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as e:
+                r.fail("target_modules", f"{targets!r} is not a valid regular expression ({e})")
         out = {"pet_type": pet_type, "r": rank, "lora_alpha": r.float("lora_alpha", 32, lo=0, open_lo=True),
                "lora_dropout": r.float("lora_dropout", 0.1, lo=0, hi=1, open_hi=True), "target_modules": targets}
     else:
@@ -302,6 +397,9 @@ def pet_settings(pet_config: Optional[Mapping[str, Any]], source: str = "pet_con
         out = {"pet_type": "ptuning2", "pre_seq_len": r.int("pre_seq_len", None, lo=1),
                "prefix_projection": r.bool("prefix_projection", False),
                "dropout_prob": r.float("dropout_prob", 0.1, lo=0, hi=1, open_hi=True)}
+    for k in r.unread():
+        if k not in MINDFORMERS_PET_IGNORED:
+            r.fail(k, "unknown key" + did_you_mean(k, sorted(r.seen | MINDFORMERS_PET_IGNORED)))
     out["ignored"] = [f"{source}.{k}" for k in r.unread()]
     return out
 
@@ -324,13 +422,22 @@ def _callbacks(r: _Reader, s: TrainSettings, ignored: list) -> None:
             s.print_every = sub.int("per_print_times", 1, lo=1, prefix=f"{where}.")
         elif ctype in _CKPT_MONITORS:
             s.ckpt_prefix = sub.str("prefix", s.ckpt_prefix, prefix=f"{where}.")
-            s.save_steps = sub.int("save_checkpoint_steps", 0, lo=0, prefix=f"{where}.")
+            s.save_steps = sub.int("save_checkpoint_steps", 0, prefix=f"{where}.")
+            if "save_checkpoint_steps" in cb and s.save_steps < 1:
+                sub.fail(f"{where}.save_checkpoint_steps", f"must be >= 1 (steps between checkpoints), got "
+                         f"{s.save_steps}")
             s.keep_max = sub.int("keep_checkpoint_max", 1, lo=1, prefix=f"{where}.")
             s.save_full_weights = sub.bool("save_full_weights", False, prefix=f"{where}.")
         else:
+            if str(cb.get("type")) not in MINDFORMERS_CALLBACKS:
+                r.fail(f"{where}.type", f"unknown callback {cb.get('type')!r}"
+                       + did_you_mean(cb.get("type"), MINDFORMERS_CALLBACKS))
             ignored.append(f"{where} (type {cb.get('type')!r})")
             continue
-        ignored.extend(f"{where}.{k}" for k in sub.unread())
+        extra = [f"{where}.{k}" for k in sub.unread()]
+        _refuse_unknown(r.source, extra, [f"{where}.{k}" for k in sub.seen] + [f"{where}.{k.split('.', 1)[1]}" for k in
+                                          MINDFORMERS_RUN_IGNORED if k.startswith("callbacks[].")])
+        ignored.extend(extra)
 
 
 #: mindformers' ChatGLM2Tokenizer keyword defaults: names of the special tokens ``tokenizer.model`` fixes
@@ -436,6 +543,25 @@ def _compact(ignored: list) -> list:
     return out
 
 
+def _check_seq_length(r: _Reader, s: TrainSettings) -> None:
+    """``model.model_config.seq_length`` within the model's own (the ``config.json`` of ``load_checkpoint``, or
+    beside a ``.ckpt``): positions beyond what the model was built for are refused."""
+    ck = s.load_checkpoint
+    if not ck:
+        return
+    cfg_path = os.path.join(ck, "config.json") if os.path.isdir(ck) else os.path.join(os.path.dirname(ck),
+                                                                                         "config.json")
+    if not os.path.isfile(cfg_path):
+        return
+    try:
+        model = ChatGLM2Config.from_hf(cfg_path)
+    except ConfigError:
+        return
+    if s.config.seq_length > model.seq_length:
+        r.fail("model.model_config.seq_length", f"{s.config.seq_length} is beyond the model's {model.seq_length} "
+               f"({cfg_path})")
+
+
 def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True) -> TrainSettings:
     """Flatten a mindformers-shaped run mapping into :class:`TrainSettings`; check every value.
 
@@ -463,7 +589,7 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s = TrainSettings(config=config, options=opts, pet=pet, source=source)
     s.compute_dtype = opts.compute_dtype
     s.run_mode = r.str("run_mode", "finetune", choices=RUN_MODES).lower()
-    s.seed = r.int("seed", 0)
+    s.seed = r.int("seed", 0, lo=0)
     s.output_dir = r.str("output_dir", "./output")
     s.load_checkpoint = r.str("load_checkpoint", "")
     s.resume = r.bool("resume_training", False)
@@ -524,6 +650,8 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s.eval_batch_size = r.int("eval_dataset.batch_size", 8, lo=1)
     s.do_eval = r.bool("do_eval", False) and bool(s.eval_file)
     s.eval_step_interval = r.int("eval_step_interval", -1)
+    if s.eval_step_interval == 0 or s.eval_step_interval < -1:
+        r.fail("eval_step_interval", f"expected -1 (at the end) or a positive integer, got {s.eval_step_interval}")
     if r.int("eval_epoch_interval", -1) > 0:
         r.fail("eval_epoch_interval", "only -1 is supported (evaluate every eval_step_interval updates)")
     # runner
@@ -531,6 +659,8 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
     s.batch_size = r.int("runner_config.batch_size", r.int("train_dataset.batch_size", 1, lo=1), lo=1)
     s.grad_accum = r.int("runner_config.gradient_accumulation_steps", 1, lo=1)
     s.max_steps = r.int("runner_config.max_steps", -1)
+    if s.max_steps == 0 or s.max_steps < -1:
+        r.fail("runner_config.max_steps", f"expected -1 (all steps) or a positive integer, got {s.max_steps}")
     s.sink_mode = r.bool("runner_config.sink_mode", False)
     s.sink_size = r.int("runner_config.sink_size", 1, lo=1)
     r.raw("runner_wrapper.type")
@@ -609,7 +739,10 @@ def settings_from_config(cfg: Mapping, source: str = "config", warn: bool = True
         ignored.append("model.model_config.use_past (generation always uses the KV cache: the same tokens)")
     if s.options.batch_size != 1:
         ignored.append("model.model_config.batch_size (eval/predict batches follow eval_dataset.batch_size)")
-    s.ignored = _compact(r.unread() + ignored)
+    unread = r.unread()
+    _refuse_unknown(source, unread, sorted(r.seen) + sorted(MINDFORMERS_RUN_IGNORED))
+    _check_seq_length(r, s)
+    s.ignored = _compact(unread + ignored)
     if warn and s.ignored:
         warnings.warn(f"{source}: keys that mean nothing here, ignored: {', '.join(s.ignored)}",
                       RunConfigWarning, stacklevel=2)

@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from glm_common.fsutil import atomic_path, atomic_write_text
 from glm_common.prompt import build_prompt as _build_prompt
 
 __all__ = ["ChatGLM2Tokenizer", "TokenizerError", "SPECIAL_TOKENS", "VOCAB_FILE", "TOKENIZER_CONFIG_FILE"]
@@ -107,18 +108,13 @@ class ChatGLM2Tokenizer:
         os.makedirs(save_directory, exist_ok=True)
         vocab_out = os.path.join(save_directory, VOCAB_FILE)
         if os.path.abspath(vocab_out) != os.path.abspath(self.vocab_file):
-            tmp = vocab_out + ".tmp"
-            shutil.copyfile(self.vocab_file, tmp)
-            os.replace(tmp, vocab_out)
+            with atomic_path(vocab_out) as tmp:
+                shutil.copyfile(self.vocab_file, tmp)
         cfg_out = os.path.join(save_directory, TOKENIZER_CONFIG_FILE)
         cfg = {"tokenizer_class": "ChatGLMTokenizer", "padding_side": "left", "remove_space": False,
                "do_lower_case": False, "clean_up_tokenization_spaces": False,
                "model_max_length": 1000000000000000019884624838656}
-        tmp = cfg_out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, cfg_out)
+        atomic_write_text(cfg_out, json.dumps(cfg, indent=2) + "\n")
         return vocab_out, cfg_out
 
     # ------------------------------------------------------------------ vocabulary

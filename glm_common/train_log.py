@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Optional
 
+from glm_common.fsutil import atomic_path, atomic_write_text
 from glm_common.run_config import RunConfigError
 
 __all__ = ["LossLog", "LossLogError", "read_rows", "plot_losses", "summary_line"]
@@ -71,9 +72,7 @@ class LossLog:
         if not self.enabled:
             return
         rows = [line for r, line in read_rows(self.path, lines=True) if r["step"] <= step] if step else []
-        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(rows)
-        os.replace(self.path + ".tmp", self.path)
+        atomic_write_text(self.path, "".join(rows))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -104,10 +103,11 @@ def plot_losses(log_path: str, png_path: str) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_path(png_path, ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return png_path
 
 

@@ -8,13 +8,16 @@ eval set in both.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from glm_common.data import build_eval_features, build_train_features, load_samples
+from glm_common.fsutil import OutputError, check_output
 from glm_common.generation import GenerationPlan, budget_groups, plan_eval_prompts
 from glm_common.run_config import RunConfigError, TrainSettings
 
-__all__ = ["TrainingError", "OverflowStreak", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
+__all__ = ["TrainingError", "OverflowStreak", "check_output_dir", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
            "eval_loss_features", "eval_prompts", "generation_groups", "clean_answer", "merge_shards", "format_table"]
 
 
@@ -38,6 +41,27 @@ class OverflowStreak:
             raise TrainingError(f"step {step}: {self.count} consecutive updates overflowed{at}; stopping (the "
                                 f"loss scale is stuck or the weights are not finite; runner_wrapper."
                                 f"max_consecutive_overflows: {self.limit})")
+
+
+def check_output_dir(s: TrainSettings) -> str:
+    """Refuse an ``output_dir`` that is, contains or lies inside the run's data files, tokenizer or
+    ``load_checkpoint`` (a checkpoint under ``<output_dir>/checkpoint`` is the run's own, for resuming);
+    :class:`glm_common.fsutil.OutputError` naming ``output_dir``. Returns its absolute path."""
+    own = os.path.realpath(os.path.join(s.output_dir, "checkpoint"))
+    ckpt = s.load_checkpoint
+    if ckpt and os.path.realpath(ckpt).startswith(own + os.sep):
+        ckpt = ""
+    inputs = [s.train_file, s.eval_file, s.vocab_file, ckpt]
+    out = check_output(s.output_dir, inputs, f"{s.source}: output_dir", contains=False)
+    written = [os.path.join(out, n) for n in ("loss_log.jsonl", "loss_curve.png", "checkpoint", "strategy", "adapter",
+                                              "prefix", "model", "eval_results.json", "predict_results.jsonl")]
+    for inp in filter(None, inputs):
+        real = os.path.realpath(inp)
+        for w in written:
+            if real == os.path.realpath(w) or real.startswith(os.path.realpath(w) + os.sep):
+                raise OutputError(f"{s.output_dir}: {s.source}: output_dir: the run writes {w}, which holds the "
+                                  f"input {inp}")
+    return out
 
 
 def train_features(s: TrainSettings, tokenizer, progress: bool = False) -> dict:

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from hccl.rank_table import (RankTableError, is_ipv4, new_device, new_server, new_table,
                              parse_device_range, write_table)
+from glm_common.cli import one_line_errors
 
 __all__ = ["RULES", "check_device_range", "parse_visible_devices", "read_hccn_conf", "query_hccn_tool",
            "find_device_ips", "host_ip", "build_table", "table_file_name", "make_rank_table", "main"]
@@ -244,6 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 from hccl.rank_table import RankTableError, load_table, new_device, new_server, new_table, write_table
 from hccl.validate import check_table
+from glm_common.cli import one_line_errors
 
 __all__ = ["merge_tables", "merge_files", "merged_file_name", "main"]
 
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:

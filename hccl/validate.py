@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from hccl.rank_table import (TABLE_STATUS, TABLE_VERSION, RankTableError, is_ipv4, load_table,
                              parse_device_range)
+from glm_common.cli import one_line_errors
 
 __all__ = ["check_table", "check_file", "validate_file", "rank_plan", "table_summary", "main"]
 
@@ -286,6 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = _parser()
     args = p.parse_args(argv)

@@ -448,8 +448,7 @@ def format_plan(plan: Plan, dry_run: bool = False) -> str:
 def write_run_config(plan: Plan) -> None:
     import yaml
     os.makedirs(os.path.dirname(plan.run_config), exist_ok=True)
-    tmp = plan.run_config + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from glm_common.fsutil import atomic_file
+    with atomic_file(plan.run_config, "w", encoding="utf-8") as f:
         f.write(f"# written by run_distribute.sh from {plan.config}; relative paths resolved\n")
         yaml.safe_dump(plan.resolved, f, allow_unicode=True, sort_keys=False)
-    os.replace(tmp, plan.run_config)

@@ -33,7 +33,9 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from convert.hf_layout import CheckpointError, HFCheckpoint
 from convert.ms_ckpt import MSCheckpoint, MSCheckpointError
+from convert.tensor_checks import check_tensor
 from glm_common.config import DTYPES, ChatGLM2Config, ConfigError, RunOptions
+from glm_common.fsutil import atomic_path
 from glm_common.names import hf_to_ms, is_derived_buffer, is_pet_name
 
 from mindspore_glm.generate import GenerationMixin
@@ -576,6 +578,10 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
             if tuple(array.shape) != tuple(p.shape):
                 raise WeightError(f"{source}: {name}: shape {tuple(array.shape)} does not match the model's "
                                   f"{tuple(p.shape)}")
+            try:
+                check_tensor(name, array, source)
+            except CheckpointError as e:
+                raise WeightError(str(e)) from None
             p.set_data(Tensor(np.ascontiguousarray(np.asarray(array, dtype=np.float32)), p.dtype))
             loaded.add(ms_name)
         if strict:
@@ -626,8 +632,7 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
         atomically; return the checkpoint path."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, name)
-        tmp = path + ".tmp.ckpt"
-        ms.save_checkpoint([{"name": p.name, "data": p} for p in self.get_parameters()], tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, ".ckpt") as tmp:
+            ms.save_checkpoint([{"name": p.name, "data": p} for p in self.get_parameters()], tmp)
         self.config.save_hf(directory)
         return path

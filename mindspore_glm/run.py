@@ -47,6 +47,7 @@ from mindspore_glm.checkpointing import is_adapter_checkpoint
 from convert.ms_ckpt import MSCheckpoint
 from mindspore_glm.evaluate import eval_perplexity, eval_samples, evaluate, predict
 from mindspore_glm.train import build_model, init_ranks, set_context, train
+from glm_common.cli import one_line_errors
 
 __all__ = ["main"]
 
@@ -105,6 +106,7 @@ def _check_adapter_weights(s: TrainSettings, adapter: str) -> None:
         raise RunConfigError(f"{s.source}: model.model_config.pet_config: {msg}")
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mindspore_glm.run", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="run YAML (mindformers-shaped)")

@@ -47,8 +47,8 @@ from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import learning_rates, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
-from glm_common.training import (OverflowStreak, TrainingError, dataset_kwargs, eval_samples, total_updates,
-                                 train_features, updates_per_epoch)
+from glm_common.training import (OverflowStreak, TrainingError, check_output_dir, dataset_kwargs, eval_samples,
+                                 total_updates, train_features, updates_per_epoch)
 from mindspore_glm.checkpointing import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from mindspore_glm.data import make_dataset
 from mindspore_glm.evaluate import eval_loss, eval_perplexity, evaluate
@@ -69,7 +69,12 @@ def set_context(s: TrainSettings, device_id: Optional[int] = None) -> None:
         kw["device_id"] = s.device_id if device_id is None else device_id
         if s.max_device_memory:
             kw["max_device_memory"] = s.max_device_memory
-    ms.set_context(**kw)
+    try:
+        ms.set_context(**kw)
+    except (RuntimeError, ValueError) as e:  # e.g. GPU on a MindSpore build without it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunConfigError(f"{s.source}: context.device_target: {s.device_target}: this MindSpore cannot use it "
+                             f"({first[:200]})") from None
 
 
 def init_weights(model, seed: int = 0) -> None:
@@ -121,7 +126,12 @@ def init_ranks(s: TrainSettings) -> tuple:
     if not s.use_parallel:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
-    init()
+    try:
+        init()
+    except RuntimeError as e:  # no launcher: MindSpore finds no cluster environment
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunConfigError(f"{s.source}: use_parallel: True needs a launcher (bash scripts/run_distribute.sh, "
+                             f"msrun or mpirun); for one device pass --use_parallel False ({first[:160]})") from None
     return get_rank(), get_group_size()
 
 
@@ -176,6 +186,7 @@ def train(s: TrainSettings, model=None, params=None) -> dict:
     """
     if not s.vocab_file:
         raise RunConfigError(f"{s.source}: train_dataset.tokenizer.vocab_file: missing (path to tokenizer.model)")
+    check_output_dir(s)
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.GRAPH_MODE if s.context_mode == 0 else ms.PYNATIVE_MODE)
     try:

@@ -315,17 +315,10 @@ def format_table(report: dict) -> str:
 
 
 def _write_atomic(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".parity-", suffix=os.path.splitext(path)[1], dir=d)
-    os.close(fd)
-    try:
+    from glm_common.fsutil import atomic_path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, os.path.splitext(path)[1]) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------- main

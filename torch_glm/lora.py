@@ -59,6 +59,14 @@ def load_lora(model: nn.Module, adapter_dir: Union[str, os.PathLike], is_trainab
     adapter_dir = os.fspath(adapter_dir)
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a peft adapter directory)")
+    from convert._cli import KNOWN_ERRORS
+    from convert.adapters import read_peft_adapter, validate_lora
+    config = getattr(getattr(model, "base_model", model), "config", None) or getattr(model, "config", None)
+    try:  # alpha, targets, layers, shapes and values checked as the converters check them
+        validate_lora(read_peft_adapter(adapter_dir), config if hasattr(config, "num_layers") else None,
+                      f"{getattr(model, 'name_or_path', 'the model')}")
+    except KNOWN_ERRORS as e:
+        raise RunConfigError(str(e)) from None
     from peft import PeftModel
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
 

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from convert.hf_layout import CheckpointError, HFCheckpoint, numpy_to_torch, torch_to_numpy, write_hf_checkpoint
+from convert.tensor_checks import check_tensor
 from glm_common.config import ChatGLM2Config
 from glm_common.names import hf_param_shapes, is_derived_buffer, is_prefix_name
 from torch_glm.generate import GenerationMixin
@@ -441,6 +442,7 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Module):
                     continue
                 if tuple(array.shape) != expected[name]:
                     raise WeightError(f"{source}: {name}: shape {list(array.shape)}, expected {list(expected[name])}")
+                check_tensor(name, array, source)
                 with torch.no_grad():
                     params[name].copy_(numpy_to_torch(array))  # one tensor at a time
                 loaded.add(name)

@@ -20,10 +20,12 @@ from glm_common.memory_plan import run_plan_line
 from glm_common.run_config import RunConfigError, load_run_config, settings_from_config
 from glm_common.training import TrainingError
 from torch_glm.train import train
+from glm_common.cli import one_line_errors
 
 __all__ = ["main"]
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="glm2-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="run YAML (mindformers-shaped)")

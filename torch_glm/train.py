@@ -59,8 +59,8 @@ from glm_common.run_config import RunConfigError, TrainSettings, load_run_config
 from glm_common.schedules import learning_rates, lr_at, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
-from glm_common.training import (OverflowStreak, TrainingError, dataset_kwargs, eval_samples, total_updates,
-                                 train_features, updates_per_epoch)
+from glm_common.training import (OverflowStreak, TrainingError, check_output_dir, dataset_kwargs, eval_samples,
+                                 total_updates, train_features, updates_per_epoch)
 from torch_glm.checkpointing import base_model, checkpoint_dir, load_checkpoint, save_checkpoint, save_result
 from torch_glm.data import make_dataloader
 from torch_glm.evaluate import eval_loss, eval_perplexity, evaluate
@@ -139,6 +139,7 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
     device = device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if not s.vocab_file:
         raise RunConfigError("train_dataset.tokenizer.vocab_file: missing (path to the tokenizer.model)")
+    check_output_dir(s)
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)

@@ -15,7 +15,9 @@ import os
 import sys
 
 from glm_common.data.features import MODES, build_train_features, length_stats, save_features
+from glm_common.fsutil import check_output
 from glm_common.data.formats import FORMATS, DataError, load_samples, read_samples
+from glm_common.cli import one_line_errors
 
 
 def _tokenizer(path):
@@ -49,6 +51,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_features(args) -> int:
+    check_output(args.out, list(args.files) + [args.tokenizer], "--out")
     samples = load_samples(args.files, args.format, on_error="skip" if args.skip_bad_rows else "raise")
     feats = build_train_features(samples, _tokenizer(args.tokenizer), args.mode, args.max_source_length,
                                  args.max_target_length, progress=True)
@@ -64,6 +67,7 @@ def cmd_features(args) -> int:
     return 0
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m glm_common.data",
                                 description="Validate fine-tuning data files, print token-length statistics, write train features.")

@@ -46,7 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
-from glm_common.fsutil import atomic_file
+from glm_common.fsutil import OutputError, atomic_file
 from glm_common.prompt import build_prompt, round_text
 
 __all__ = ["MODES", "IGNORE_INDEX", "build_train_features", "build_eval_features", "length_stats",
@@ -293,8 +293,11 @@ def save_features(path: str, features: dict, **meta) -> None:
     arrays = {k: np.asarray(v) for k, v in features.items() if isinstance(v, np.ndarray)}
     for k, v in meta.items():
         arrays[f"meta_{k}"] = np.asarray(v)
-    with atomic_file(path, "wb") as f:  # (an OutputError naming ``path`` if it cannot be written)
-        np.savez(f, **arrays)
+    try:
+        with atomic_file(path, "wb") as f:  # (an OutputError naming ``path`` if it cannot be written)
+            np.savez(f, **arrays)
+    except ValueError as e:  # zipfile reports a write failure (disk full) as "seek of closed file"
+        raise OutputError(f"{path}: cannot write: {e}") from None
 
 
 def load_features(path: str) -> dict:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import sys
 from typing import Callable, Optional
 
@@ -309,6 +310,16 @@ def detect_format(row) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------- file reading
 def _decode(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: is a directory, expected a data file")
+    if not stat.S_ISREG(mode):  # a FIFO, /dev/zero ...: reading it would block or never end
+        raise DataError(f"{path}: not a regular file (a pipe or device), expected a data file")
     try:
         with open(path, "rb") as f:
             data = f.read()
