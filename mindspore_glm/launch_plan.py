@@ -104,6 +104,7 @@ class Plan:
     procs: List[Proc] = field(default_factory=list)
     port: Optional[int] = None
     memory: Optional[dict] = None  # the memory plan of a train/finetune run (glm_common.memory_plan)
+    lock_dir: Optional[str] = None  # the training output_dir whose lock this launch holds (rank 0's node)
 
 
 # ---------------------------------------------------------------------------------------- planning
@@ -416,7 +417,30 @@ def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cw
         plan.procs.append(Proc(f"rank {rank_id}", cmd, env, os.path.join(work, f"rank_{rank_id}"),
                                os.path.join(logs, f"rank_{rank_id}", "worker.log"), rank=rank_id,
                                device_id=device_id))
+    plan.lock_dir = _lock_dir(plan, run_args)
     return plan, opts
+
+
+def _lock_dir(plan: Plan, run_args: List[str]) -> Optional[str]:
+    """The output_dir of a train/finetune run whose lock (:mod:`glm_common.run_lock`) the launcher takes
+    for all its ranks: the node that starts global rank 0 takes it; None elsewhere. The ranks' value:
+    ``-- --output_dir`` over the YAML's ``output_dir`` (default ``./output``), relative to rank 0's
+    working directory."""
+    if plan.run_status not in ("train", "finetune"):
+        return None
+    first = next((p for p in plan.procs if p.rank == 0), None)
+    if first is None:
+        first = next((p for p in plan.procs if p.name == "msrun"), None)
+        if first is None or "--node_rank" not in first.cmd or first.cmd[first.cmd.index("--node_rank") + 1] != "0":
+            return None
+    out = plan.resolved.get("output_dir") if isinstance(plan.resolved, dict) else None
+    for i, a in enumerate(run_args):
+        if a == "--output_dir" and i + 1 < len(run_args):
+            out = run_args[i + 1]
+        elif a.startswith("--output_dir="):
+            out = a.split("=", 1)[1]
+    out = out if isinstance(out, str) and out and out not in ("None", "null") else "./output"
+    return os.path.normpath(os.path.join(first.cwd, os.path.expanduser(out)))
 
 
 def format_plan(plan: Plan, dry_run: bool = False) -> str:
@@ -431,6 +455,9 @@ def format_plan(plan: Plan, dry_run: bool = False) -> str:
              f"  config: {plan.config}",
              f"  ranks read: {plan.run_config} (relative paths resolved)",
              f"  rank table: {plan.table or 'none'}"]
+    if plan.lock_dir is not None:
+        from glm_common.run_lock import lock_path
+        lines.append(f"  output_dir: {plan.lock_dir} (locked for the run: {lock_path(plan.lock_dir)})")
     if plan.memory is not None:
         from glm_common.memory_plan import plan_line
         lines.append(f"  {plan_line(plan.memory)}")

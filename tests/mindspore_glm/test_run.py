@@ -91,3 +91,16 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys):
     assert main(["--config", good, "--run_mode", "predict", "--load_checkpoint", str(tmp_path / "x.ckpt"),
                  "--output_dir", str(tmp_path / "o")]) == 2
     assert "load_checkpoint" in capsys.readouterr().err
+
+
+def test_busy_output_dir_is_refused_in_one_line(tmp_path, capsys):
+    """Two runs on one output_dir: the second is refused naming the first (glm_common.run_lock)."""
+    from glm_common.run_lock import OutputLock
+    out = tmp_path / "out"
+    good = str(ROOT / "configs" / "tiny" / "run_tiny_lora.yaml")
+    with OutputLock(out) as held:  # stands for a run in progress (this process: pid and host in the file)
+        assert main(["--config", good, "--run_mode", "finetune", "--train_steps", "1", "--no_progress",
+                     "--output_dir", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and f"pid {os.getpid()} on host" in err[-1] and held.held
+        assert os.listdir(out) == [".glm2_run.lock"]    # no loss log, no checkpoint

@@ -318,6 +318,36 @@ def test_ctrl_c_stops_all_ranks(tmp_path, sig):
         assert not _alive(json.loads((fake / f"{role}.json").read_text())["pid"]), role
 
 
+def test_one_output_dir_lock_for_the_whole_launch(tmp_path):
+    """The launcher holds the output_dir lock for its ranks (its token in their environment, so they do not
+    refuse each other); a second launch on the same output_dir is refused in one line naming the first."""
+    fake = tmp_path / "fake"
+    env = dict(os.environ, PYTHON=sys.executable, **_fake_env(fake, FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60))
+    env.pop("GLM_DRY_RUN", None)
+    p = subprocess.Popen(["bash", SCRIPT, "-", TINY_LORA, "[0,2)", "finetune"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not all((fake / f"{r}.json").exists() for r in ("rank_0", "rank_1")):
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        lock = json.loads((tmp_path / "output" / ".glm2_run.lock").read_text())
+        assert lock["pid"] == p.pid
+        for rank in (0, 1):
+            assert json.loads((fake / f"rank_{rank}.json").read_text())["env"]["GLM_OUTPUT_LOCK_TOKEN"] == lock["token"]
+        r = _launch(["-", TINY_LORA, "[0,2)", "finetune", "--output", "other"], tmp_path, env=_fake_env(tmp_path / "f2"))
+        assert r.returncode == 2
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and f"in use by another run (pid {p.pid} on host" in err[0], r.stderr
+        assert not (tmp_path / "f2" / "rank_0.json").exists()
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    assert not (tmp_path / "output" / ".glm2_run.lock").exists()   # released when the launch ends
+    r = _launch(["--dry-run", "-", TINY_LORA, "[0,2)", "finetune", "--", "--output_dir", "elsewhere"], tmp_path)
+    assert f"output_dir: {tmp_path}/output/work/rank_0/elsewhere (locked for the run" in r.stdout
+
+
 # ------------------------------------------------------------------------------------------- memory plan
 GLM2_FT = os.path.join(ROOT, "configs", "glm2", "run_glm2_6b_finetune.yaml")
 
