@@ -548,6 +548,36 @@ def case_merge_corrupt_rank_file(ctx, d):
     return Run(merge(src, os.path.join(d, "m.ckpt")), ["glm2-1_10.ckpt"], [os.path.join(d, "m.ckpt")])
 
 
+def case_merge_every_newest_rank_file_empty(ctx, d):
+    src = _dp_run(d)
+    for r in (0, 1):
+        open(os.path.join(src, f"rank_{r}", "glm2-1_10.ckpt"), "wb").close()
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["glm2-1_10.ckpt", "empty"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_one_newest_rank_file_empty(ctx, d):
+    src = _dp_run(d, steps=(5, 10))
+    open(os.path.join(src, "rank_1", "glm2-1_10.ckpt"), "wb").close()
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["rank_1", "empty"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_strategy_splits_data_parallel_replicas(ctx, d):
+    src = _dp_run(d)
+    s = os.path.join(d, "strategy.ckpt")
+    from convert.strategy import Layout, write_strategy_file
+    write_strategy_file(s, {"transformer.encoder.final_layernorm.weight": Layout((2,), (0, -1))}, 0)
+    return Run(merge(src, os.path.join(d, "m.ckpt"), "--strategy", s), ["final_layernorm", "replicas"],
+               [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_mixed_checkpoint_prefixes(ctx, d):
+    src = _dp_run(d)
+    for r in (0, 1):
+        import shutil
+        shutil.copy(os.path.join(src, f"rank_{r}", "glm2-1_10.ckpt"), os.path.join(src, f"rank_{r}", "other-1_12.ckpt"))
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["prefixes", "--prefix"], [os.path.join(d, "m.ckpt")])
+
+
 def case_split_output_not_empty(ctx, d):
     out = os.path.join(d, "out")
     os.makedirs(os.path.join(out, "keep"))
