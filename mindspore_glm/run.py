@@ -46,6 +46,7 @@ from glm_common.training import TrainingError, format_table
 from mindspore_glm.checkpointing import is_adapter_checkpoint
 from convert.ms_ckpt import MSCheckpoint
 from mindspore_glm.evaluate import eval_perplexity, eval_samples, evaluate, predict
+from mindspore_glm.launch_plan import launcher_device_id
 from mindspore_glm.train import build_model, init_ranks, set_context, train
 
 __all__ = ["main"]
@@ -152,6 +153,8 @@ def _run(s: TrainSettings, args) -> int:
         s.data_seed = args.seed
     if args.device_id is not None:
         s.device_id = args.device_id
+    elif launcher_device_id() is not None:  # a dynamic cluster (msrun): the launcher's device, not the YAML's
+        s.device_id = launcher_device_id()
     if args.train_steps is not None:
         if args.train_steps <= 0:
             raise RunConfigError(f"--train_steps: expected a positive integer, got {args.train_steps}")

@@ -676,6 +676,21 @@ def case_rank_table_bad_ip(ctx, d):
     return Run([PY, _script("hccl/validate.py"), p], ["t.json", "device_ip"])
 
 
+def case_rank_table_devices_outside_the_range(ctx, d):
+    t = _table()
+    for dev, entry in zip((2, 3), t["server_list"][0]["device"]):
+        entry["device_id"] = str(dev)
+    p = _data(d, json.dumps(t), "t.json")
+    return Run([PY, _script("hccl/validate.py"), p, "--device-range", "[0,2)"], ["t.json", "devices 2, 3"])
+
+
+def case_rank_table_device_past_the_node(ctx, d):
+    t = _table()
+    t["server_list"][0]["device"][1]["device_id"] = "9"
+    p = _data(d, json.dumps(t), "t.json")
+    return Run([PY, _script("hccl/validate.py"), p, "--device-count", "8"], ["t.json", "device 9"])
+
+
 def case_merge_hccl_duplicate_server(ctx, d):
     a = _data(d, json.dumps(_table()), "a.json")
     b = _data(d, json.dumps(_table(ips=("192.1.28.6", "192.2.28.6"))), "b.json")

@@ -42,9 +42,11 @@ def _fake_env(out, **extra):
             **{k: str(v) for k, v in extra.items()}}
 
 
-def _table(path, n=8, servers=1):
-    """A version 1.0 rank table: ``servers`` x ``n`` devices, ranks in order."""
-    srv = [new_server(f"10.0.0.{s + 1}", [new_device(d, f"192.{d + 1}.{27 + s}.6", s * n + d) for d in range(n)])
+def _table(path, n=8, servers=1, devices=None):
+    """A version 1.0 rank table: ``servers`` x ``n`` devices (ids ``devices``, default 0..n-1), ranks in order."""
+    devices = list(range(n)) if devices is None else list(devices)
+    srv = [new_server(f"10.0.0.{s + 1}", [new_device(dev, f"192.{d + 1}.{27 + s}.6", s * n + d)
+                                          for d, dev in enumerate(devices)])
            for s in range(servers)]
     path.write_text(json.dumps(new_table(srv), indent=2))
     return str(path)
@@ -178,6 +180,62 @@ def test_dry_run_ascend_single_and_multi_node(tmp_path):
         assert f"--device_id {rank - 8}" in r.stdout
 
 
+def test_each_rank_binds_the_device_its_table_entry_names(tmp_path):
+    """The table, not the range's order, gives DEVICE_ID; a table naming other devices than the range is
+    refused before anything starts."""
+    t = _table(tmp_path / "hccl_2p.json", 2, devices=(3, 2))
+    r = _launch(["--dry-run", t, GLM2_LORA, "[2,4)", "finetune"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    for rank, dev in ((0, 3), (1, 2)):
+        assert f"rank {rank} (device {dev})\n    env: RANK_SIZE=2 RANK_TABLE_FILE={t} RANK_ID={rank} " \
+               f"DEVICE_ID={dev}\n" in r.stdout
+        assert f"--device_id {dev}" in r.stdout.split(f"rank {rank} (device")[1].split("cmd:")[1].splitlines()[0]
+    t23 = _table(tmp_path / "hccl_23.json", 2, devices=(2, 3))
+    r = _launch(["--dry-run", t23, GLM2_LORA, "[0,2)", "finetune"], tmp_path)
+    assert r.returncode == 2 and "the table names devices 2, 3, but device range [0,2) is devices 0, 1" in r.stderr
+    t9 = _table(tmp_path / "hccl_9.json", 2, devices=(0, 9))
+    r = _launch(["--dry-run", t9, GLM2_LORA, "[0,2)", "finetune"], tmp_path)
+    assert r.returncode == 2 and "device 9 does not exist on a node of" in r.stderr
+
+
+def test_msrun_ranks_take_the_launchers_device_not_the_yamls(tmp_path):
+    """Under msrun (a dynamic cluster) the device of a rank comes from the launcher: the table's devices are
+    made visible in rank order, msrun's worker i gets DEVICE_ID=i, and the rank uses it, not the YAML's
+    context.device_id (mindformers drops it there)."""
+    from mindspore_glm.launch_plan import launcher_device_id
+    cfg = yaml.safe_load(open(GLM2_LORA))
+    cfg["context"]["device_id"] = 0
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    t = _table(tmp_path / "hccl_4p.json", 4, devices=(5, 4, 7, 6))
+    plan, _ = build_plan(["--launcher", "msrun", t, str(tmp_path / "run.yaml"), "[4,8)", "finetune"],
+                         environ={"PATH": os.environ.get("PATH", "")}, cwd=str(tmp_path))
+    (msrun,) = plan.procs
+    assert msrun.env["ASCEND_RT_VISIBLE_DEVICES"] == "5,4,7,6"
+    assert "--device_id" not in msrun.cmd
+    assert launcher_device_id({"MS_ROLE": "MS_WORKER", "DEVICE_ID": "2", "RANK_ID": "2"}) == 2  # device 7
+    assert launcher_device_id({"DEVICE_ID": "2"}) is None          # rank-table launch: --device_id decides
+
+
+def test_msrun_rank_ignores_the_yaml_device_id(tmp_path, monkeypatch):
+    """mindspore_glm.run under msrun: the launcher's DEVICE_ID reaches set_context, the YAML's 0 does not."""
+    import mindspore_glm.run as run
+    seen = {}
+
+    def stop(s, *a, **k):
+        seen["device_id"] = s.device_id
+        raise SystemExit(0)
+    monkeypatch.setattr(run, "set_context", stop)
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
+    monkeypatch.setenv("DEVICE_ID", "3")
+    with pytest.raises(SystemExit):
+        run.main(["--config", TINY_LORA, "--run_mode", "predict", "--predict_data", "x"])
+    assert seen["device_id"] == 3
+    monkeypatch.delenv("MS_ROLE")
+    with pytest.raises(SystemExit):
+        run.main(["--config", TINY_LORA, "--run_mode", "predict", "--predict_data", "x"])
+    assert seen["device_id"] == 0
+
+
 def test_dry_run_predict_and_msrun(tmp_path):
     r = _launch(["--dry-run", "--launcher", "msrun", "-", TINY_LORA, "[0,2)", "predict", "类型#裙", "你好"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -232,7 +290,7 @@ def test_all_ranks_succeed_with_their_variables(tmp_path):
 
 def test_ascend_launch_exports_the_rank_table(tmp_path):
     fake = tmp_path / "fake"
-    t4 = _table(tmp_path / "hccl_4p.json", 4)
+    t4 = _table(tmp_path / "hccl_4p.json", 4, devices=range(4, 8))
     r = _launch([t4, GLM2_LORA, "[4,8)", "finetune"], tmp_path, env=_fake_env(fake))
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (fake / "scheduler.json").exists()
