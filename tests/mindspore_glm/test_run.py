@@ -104,3 +104,39 @@ def test_busy_output_dir_is_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and f"pid {os.getpid()} on host" in err[-1] and held.held
         assert os.listdir(out) == [".glm2_run.lock"]    # no loss log, no checkpoint
+
+
+def _bad_rows_file(tmp_path):
+    bad = tmp_path / "bad_rows.json"
+    bad.write_text('{"content": "类型#裙", "summary": "好看的裙子。"}\n{"content": "类型#裤", "summary": 5}\n',
+                   encoding="utf-8")
+    return bad
+
+
+def _flags(parser_main):
+    """The option strings the runner's parser accepts."""
+    import argparse
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        seen.update({o: 1 for act in self._actions for o in act.option_strings})
+        raise SystemExit(0)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            parser_main(["--config", "x"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return set(seen)
+
+
+def test_bad_rows_refusal_names_only_flags_the_runner_has(tmp_path, capsys):
+    import re
+    bad = _bad_rows_file(tmp_path)
+    good = str(ROOT / "configs" / "tiny" / "run_tiny_lora.yaml")
+    assert main(["--config", good, "--run_mode", "finetune", "--train_steps", "1", "--no_progress",
+                 "--train_dataset_dir", str(bad), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and f"{bad}:2:" in err and "glm_common.data check" in err
+    assert set(re.findall(r"(?<![\w-])--[a-z_-]+", err)) <= _flags(main), err
