@@ -199,3 +199,13 @@ def test_bad_rows_refusal_names_only_flags_the_runner_has(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and f"{bad}:2:" in err and "glm_common.data check" in err
     assert set(re.findall(r"(?<![\w-])--[a-z_-]+", err)) <= _flags(main), err
+
+
+def test_resume_on_an_empty_output_dir_says_so(tmp_path, capsys):
+    cfg = run_config(tmp_path, "full", 1e-3, rows=4, epochs=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    assert main(["--config", str(path), "--resume", "--no_progress", "--device", "cpu", "--max_steps", "1"]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "resume_training" in x]
+    assert lines == [f"resume_training: no checkpoint in {tmp_path / 'out' / 'checkpoint'}; starting from step 0"], err
