@@ -60,8 +60,19 @@ def _tokenizer(s: TrainSettings):
     return ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
 
 
+#: file names ``--predict_data`` reads as a data file, never as a prompt
+_DATA_SUFFIXES = (".json", ".jsonl", ".txt")
+
+
 def _predict_inputs(items) -> list:
-    """Texts, or the queries of one data file (any format of glm_common.data, or plain text lines)."""
+    """Texts, or the queries of one data file (any format of glm_common.data, or plain text lines). One
+    item named like a data file (``.json``, ``.jsonl``, ``.txt``, no spaces or newlines) that does not exist is
+    an error, not a prompt."""
+    if len(items) == 1 and not os.path.isfile(items[0]) and items[0].lower().endswith(_DATA_SUFFIXES) \
+            and not any(c.isspace() for c in items[0]):
+        what = "a directory, not a data file" if os.path.isdir(items[0]) else "no such file"
+        raise RunConfigError(f"--predict_data: {items[0]}: {what} (texts to answer are given as they are; "
+                             f"a data file must exist)")
     if len(items) == 1 and os.path.isfile(items[0]):
         path = items[0]
         if path.endswith((".json", ".jsonl")):
@@ -177,6 +188,7 @@ def _run(s: TrainSettings, args) -> int:
         out = train(s, model, params)
         print(json.dumps({k: v for k, v in out.items() if k not in ("model", "losses")}, default=str))
         return 0
+    texts = _predict_inputs(args.predict_data) if mode == "predict" and args.predict_data else None
     rank, world = init_ranks(s)
     _check_adapter_weights(s, adapter)
     model, _ = build_model(s, adapter)
@@ -204,7 +216,7 @@ def _run(s: TrainSettings, args) -> int:
         return 0
     if not args.predict_data:
         raise RunConfigError("--predict_data: needed for run_mode predict (texts or a data file)")
-    rows = predict(model, s, tokenizer, _predict_inputs(args.predict_data), rank, world)
+    rows = predict(model, s, tokenizer, texts, rank, world)
     if rank != 0:
         return _others_done(rank, world, len(rows), "texts")
     for r in rows:

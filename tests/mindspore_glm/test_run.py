@@ -140,3 +140,17 @@ def test_bad_rows_refusal_names_only_flags_the_runner_has(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and f"{bad}:2:" in err and "glm_common.data check" in err
     assert set(re.findall(r"(?<![\w-])--[a-z_-]+", err)) <= _flags(main), err
+
+
+def test_predict_data_naming_a_missing_file_is_an_error(tmp_path, capsys):
+    good = str(ROOT / "configs" / "tiny" / "run_tiny_lora_eval.yaml")
+    missing = tmp_path / "prompts.json"
+    assert main(["--config", good, "--run_mode", "predict", "--predict_data", str(missing),
+                 "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: --predict_data: {missing}: no such file (texts to answer are given as they are; "
+                       f"a data file must exist)")
+    assert not (tmp_path / "o" / "predict_results.jsonl").exists()
+    from mindspore_glm.run import _predict_inputs
+    assert _predict_inputs(["类型#裙*颜色#红色"]) == ["类型#裙*颜色#红色"]      # a text stays a text
+    assert _predict_inputs(["what is in notes.txt"]) == ["what is in notes.txt"]
