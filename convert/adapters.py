@@ -42,7 +42,7 @@ from convert.hf_layout import (HFCheckpoint, CheckpointError, parse_size, remove
                                torch_to_numpy, write_hf_checkpoint)
 from convert.ms_ckpt import save_ms_checkpoint
 from convert.ms_to_hf import open_ms_checkpoint
-from convert.safetensors_io import numpy_dtype, output_error
+from convert.safetensors_io import format_mismatch, numpy_dtype, output_error, torch_load_refusal
 from glm_common import names as N
 from glm_common.fsutil import atomic_dir, atomic_file, atomic_files
 
@@ -171,10 +171,13 @@ def _read_tensor_file(path: str) -> dict[str, np.ndarray]:
         f = open_ms_checkpoint(path)
         return {n: f.read(n) for n in f.names}
     import torch
+    mismatch = format_mismatch(path, "torch-zip")
+    if mismatch:
+        raise CheckpointError(mismatch)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: truncated or corrupt .bin file ({str(e).strip().splitlines()[0]})") from None
+        raise CheckpointError(torch_load_refusal(path, e)) from None
     return {k: torch_to_numpy(v) for k, v in sd.items()}
 
 

@@ -31,7 +31,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from convert.safetensors_io import (NP_DTYPES, CheckpointError, SafetensorsFile, bf16, dtype_name,
-                                    output_error, read_safetensors_header, save_safetensors, to_dtype)
+                                    format_mismatch, output_error, read_safetensors_header, save_safetensors, to_dtype,
+                                    torch_load_refusal)
 from glm_common.fsutil import atomic_dir, atomic_file
 
 __all__ = ["CheckpointError", "HFCheckpoint", "write_hf_checkpoint", "write_tiny_hf_dir", "LAYOUTS",
@@ -113,11 +114,13 @@ class HFCheckpoint:
         if self._bin_cache[0] != file:
             import torch
             self._bin_cache = (None, None)
+            mismatch = format_mismatch(file, "torch-zip")
+            if mismatch:
+                raise CheckpointError(mismatch)
             try:
                 sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{file}: truncated or corrupt .bin checkpoint ({msg})") from None
+            except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, UnpicklingError ...
+                raise CheckpointError(torch_load_refusal(file, e, ".bin checkpoint")) from None
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{file}: expected a state dict, got {type(sd).__name__}")
             for key, value in sd.items():

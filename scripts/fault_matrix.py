@@ -449,6 +449,24 @@ def case_ms_to_hf_yaml_without_model_config(ctx, d):
     return Run(ms_to_hf(ctx.ms_ckpt(), os.path.join(d, "hf"), y), ["run.yaml"], [os.path.join(d, "hf")])
 
 
+def case_ms_to_hf_safetensors_named_ckpt(ctx, d):
+    fake = os.path.join(d, "model.ckpt")
+    shutil.copy(os.path.join(ctx.hf(), "model.safetensors"), fake)
+    out = os.path.join(d, "out")
+    return Run(ms_to_hf(fake, out), ["model.ckpt", "format does not match the extension"], [out])
+
+
+def case_hf_to_ms_malicious_pickle_bin(ctx, d):
+    import torch
+    hf = os.path.join(d, "hf")
+    shutil.copytree(ctx.hf(), hf)
+    os.remove(os.path.join(hf, "model.safetensors"))
+    marker = os.path.join(d, "pwned")
+    torch.save({"transformer.embedding.word_embeddings.weight": _Planted(marker)}, os.path.join(hf, "pytorch_model.bin"))
+    out = os.path.join(d, "o.ckpt")
+    return Run(hf_to_ms(hf, out), ["pytorch_model.bin", "refused", "more than tensors"], [out, marker])
+
+
 def case_ms_to_hf_output_is_a_file(ctx, d):
     out = os.path.join(d, "hf")
     open(out, "w").write("x")
