@@ -94,6 +94,10 @@ def build_model(s: TrainSettings, adapter: str = ""):
     holding only LoRA/prefix weights, e.g. of a LoRA run) over them. Returns ``(model, trainable params)``."""
     if s.pet["pet_type"] == "qlora":
         raise RunConfigError(f"{s.source}: pet_config.pet_type: qlora needs CUDA (torch_glm); use lora here")
+    # MindSpore's nn.Dropout takes its kernel seeds from the global seed when it is constructed (no global
+    # seed: (0, 0), a random seed every run); seeded here, the dropout masks repeat from run to run (the twin
+    # seeds torch here too)
+    ms.set_seed(s.seed)
     path = s.load_checkpoint
     if path and not os.path.exists(path):
         raise RunConfigError(f"{s.source}: load_checkpoint: {path}: no such file or directory")
