@@ -42,10 +42,10 @@ from convert.hf_layout import (HFCheckpoint, CheckpointError, parse_size, remove
                                torch_to_numpy, write_hf_checkpoint)
 from convert.ms_ckpt import save_ms_checkpoint
 from convert.ms_to_hf import open_ms_checkpoint
-from convert.safetensors_io import numpy_dtype, output_error
+from convert.safetensors_io import format_mismatch, numpy_dtype, output_error, torch_load_refusal
 from convert.tensor_checks import check_cast, check_dtype, check_finite
 from glm_common import names as N
-from glm_common.fsutil import atomic_dir, atomic_file, check_output
+from glm_common.fsutil import atomic_dir, atomic_file, atomic_files, check_output
 from glm_common.cli import one_line_errors
 
 __all__ = ["LoraAdapter", "validate_lora", "check_lora_settings", "check_target_modules", "read_peft_adapter", "read_ms_lora", "write_peft_adapter", "write_ms_lora",
@@ -218,10 +218,11 @@ def read_pet_config(path: str) -> dict:
     return dict(data)
 
 
-def write_pet_config(pet: Mapping[str, Any], path: str) -> str:
-    """Write ``{"pet_config": pet}`` as YAML (or JSON for ``*.json``) atomically."""
+def write_pet_config(pet: Mapping[str, Any], path: str, fmt_of: Optional[str] = None) -> str:
+    """Write ``{"pet_config": pet}`` as YAML (or JSON for ``*.json``; ``fmt_of``: the name that decides, where
+    ``path`` is a staging name) atomically."""
     with atomic_file(path, "w", encoding="utf-8") as f:
-        if path.endswith(".json"):
+        if (fmt_of or path).endswith(".json"):
             json.dump({"pet_config": dict(pet)}, f, indent=2)
             f.write("\n")
         else:
@@ -247,10 +248,13 @@ def _read_tensor_file(path: str) -> dict[str, np.ndarray]:
         f = open_ms_checkpoint(path)
         return {n: f.read(n) for n in f.names}
     import torch
+    mismatch = format_mismatch(path, "torch-zip")
+    if mismatch:
+        raise CheckpointError(mismatch)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: truncated or corrupt .bin file ({str(e).strip().splitlines()[0]})") from None
+        raise CheckpointError(torch_load_refusal(path, e)) from None
     return {k: torch_to_numpy(v) for k, v in sd.items()}
 
 
@@ -342,8 +346,9 @@ def write_ms_lora(adapter: LoraAdapter, output: str, pet_config_path: Optional[s
         raise ConversionError(f"{adapter.source}: use_rslora: mindpet scales by alpha / r; rsLoRA has no equivalent")
     pet = {"pet_type": "lora", "lora_rank": adapter.r, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
            "target_modules": peft_targets_to_regex(targets if targets is not None else adapter.target_leaves)}
-    save_ms_checkpoint(pairs, output)
-    write_pet_config(pet, pet_config_path)
+    with atomic_files(output, pet_config_path) as (ckpt_stage, pet_stage):  # the pair appears whole or not at all
+        save_ms_checkpoint(pairs, ckpt_stage)
+        write_pet_config(pet, pet_stage, fmt_of=pet_config_path)
     return output, pet_config_path
 
 

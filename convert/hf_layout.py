@@ -31,7 +31,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from convert.safetensors_io import (NP_DTYPES, CheckpointError, SafetensorsFile, bf16, dtype_name,
-                                    output_error, read_safetensors_header, save_safetensors, to_dtype)
+                                     format_mismatch, output_error, read_safetensors_header, save_safetensors, to_dtype,
+                                     torch_load_refusal)
 from glm_common.fsutil import atomic_dir, atomic_file, check_output
 from glm_common.cli import one_line_errors
 
@@ -147,11 +148,13 @@ class HFCheckpoint:
         if self._bin_cache[0] != file:
             import torch
             self._bin_cache = (None, None)
+            mismatch = format_mismatch(file, "torch-zip")
+            if mismatch:
+                raise CheckpointError(mismatch)
             try:
                 sd = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, ...
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{file}: truncated or corrupt .bin checkpoint ({msg})") from None
+            except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors, UnpicklingError ...
+                raise CheckpointError(torch_load_refusal(file, e, ".bin checkpoint")) from None
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{file}: expected a state dict, got {type(sd).__name__}")
             for key, value in sd.items():
@@ -361,12 +364,35 @@ def parse_size(text: str | int | None) -> Optional[int]:
     raise CheckpointError(f"max-shard-size: expected a positive size such as 2GB or 500MB, got {text!r}")
 
 
+def shard_groups(sizes: list[int], num_shards: int, where: str = "shards") -> list[int]:
+    """The shard (0..num_shards-1) of each of the tensors of byte sizes ``sizes``, in order: exactly
+    ``num_shards`` consecutive groups of about equal bytes, none empty."""
+    if num_shards < 1:
+        raise CheckpointError(f"{where}: expected at least 1 shard, got {num_shards}")
+    if num_shards > len(sizes):
+        raise CheckpointError(f"{where}: {num_shards} shards for {len(sizes)} tensors (at most one shard a tensor)")
+    out, group, cur = [], 0, 0
+    remaining = sum(sizes)
+    for i, nbytes in enumerate(sizes):
+        left_groups = num_shards - group
+        if cur and left_groups > 1:
+            target = remaining / left_groups
+            # close the group when it is full enough, or when every tensor left must open a group of its own
+            if cur + nbytes / 2 > target or len(sizes) - i == left_groups - 1:
+                remaining -= cur
+                group, cur = group + 1, 0
+        out.append(group)
+        cur += nbytes
+    return out
+
+
 def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, fmt: str = "safetensors",
-                        max_shard_size: int | str | None = None) -> list[str]:
+                        max_shard_size: int | str | None = None, num_shards: Optional[int] = None) -> list[str]:
     """Write ``(name, array)`` pairs as an HF checkpoint into ``out_dir``; return the files written.
 
     ``fmt``: ``safetensors`` or ``bin``. Without ``max_shard_size`` one file (``model.safetensors`` /
-    ``pytorch_model.bin``); with it, ``*-0000N-of-0000M.*`` shards plus the index json. Tensors are
+    ``pytorch_model.bin``); with it, ``*-0000N-of-0000M.*`` shards plus the index json; with ``num_shards``
+    exactly that many shards of about equal bytes (:func:`shard_groups`; the tensors are listed first). Tensors are
     consumed one at a time; a shard is written when it is full. Nothing appears in ``out_dir`` until
     every file is complete; then weight files of another layout (``model.safetensors``,
     ``pytorch_model.bin`` and the index files) that would shadow the new ones are removed.
@@ -374,6 +400,12 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
     if fmt not in ("safetensors", "bin"):
         raise CheckpointError(f"format: expected safetensors or bin, got {fmt!r}")
     limit = parse_size(max_shard_size)
+    group_of: dict[str, int] = {}
+    if num_shards is not None:
+        tensors = list(tensors)
+        group_of = dict(zip((n for n, _ in tensors),
+                            shard_groups([a.size * a.dtype.itemsize for _, a in tensors], num_shards)))
+        limit = None
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -409,20 +441,21 @@ def write_hf_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
             if name in weight_map or any(name == n for n, _ in current):
                 raise CheckpointError(f"{out_dir}: tensor {name} written twice")
             nbytes = arr.size * arr.dtype.itemsize
-            if limit and current and size + nbytes > limit:
+            if (limit and current and size + nbytes > limit) or \
+                    (group_of and current and group_of[name] != group_of[current[-1][0]]):
                 flush()
             current.append((name, arr))
             size += nbytes
             total += nbytes
         flush()
         n = len(shards)
-        if limit is None:
+        if limit is None and num_shards is None:
             final = [f"{base}.{ext}"]
         else:
             final = [f"{base}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
         for i, fname in enumerate(final):
             os.replace(os.path.join(stage, f"shard{i}"), os.path.join(stage, fname))
-        if limit is not None:
+        if limit is not None or num_shards is not None:
             index = {"metadata": {"total_size": total},
                      "weight_map": {name: final[i] for name, i in weight_map.items()}}
             index_name = SAFE_INDEX if fmt == "safetensors" else BIN_INDEX
@@ -455,7 +488,7 @@ def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_g
                       dtype: Optional[str] = None, shards: int = 3, overwrite: bool = True) -> str:
     """Write the golden tiny ChatGLM2 (``tiny_glm2`` or ``tiny_glm2_ptuning``) as an HF directory.
 
-    ``layout`` is one of :data:`LAYOUTS`; sharded layouts get ``shards`` files (about equal bytes).
+    ``layout`` is one of :data:`LAYOUTS`; sharded layouts get exactly ``shards`` files (about equal bytes).
     ``dtype`` casts the weights (``float32|float16|bfloat16``); ``config.json`` says the dtype.
     ``tokenizer.model`` and ``tokenizer_config.json`` are written beside the weights. A non-empty
     ``out_dir`` is refused unless ``overwrite`` (then only the files written here are replaced).
@@ -472,15 +505,16 @@ def write_tiny_hf_dir(out_dir: str, layout: str = "single", model: str = "tiny_g
     config = ChatGLM2Config.from_hf(src)
     ckpt = HFCheckpoint(src)
     tensors = [(n, a if dtype is None else to_dtype(a, dtype)) for n, a in ckpt.items()]
-    total = sum(a.nbytes for _, a in tensors)
     fmt = "bin" if layout.endswith("bin") else "safetensors"
-    limit = None if layout in ("single", "single-bin") else -(-total // shards)
+    num_shards = None if layout in ("single", "single-bin") else shards
+    if num_shards is not None:
+        shard_groups([a.nbytes for _, a in tensors], num_shards, "--shards")   # refused before anything is written
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     except OSError as e:
         raise output_error(out_dir, e) from None
     with atomic_dir(out_dir, merge=True) as stage:
-        write_hf_checkpoint(tensors, stage, fmt=fmt, max_shard_size=limit)
+        write_hf_checkpoint(tensors, stage, fmt=fmt, num_shards=num_shards)
         if dtype is not None:
             config.torch_dtype = NP_DTYPES.get(dtype, dtype)
         config.save_hf(stage)

@@ -12,6 +12,10 @@ Model-parallel splits on any axis, data-parallel replicas, optimizer-parallel sh
 are all read from the strategy (see ``convert/strategy.py``). Each parameter is assembled from the
 slices of the ranks that hold it, checking that the slices cover it completely and that replicas of a
 slice are bit-identical, then written and freed: peak memory is one full parameter plus one slice.
+The shards are checked against the strategy by their content too: slices said to be different parts of a
+tensor that hold the same (non-constant) values are whole replicas, e.g. of a data-parallel run, and are
+refused. Rank files that are empty (0 bytes) or unreadable are refused, and so are rank folders holding
+checkpoints of more than one prefix (``--prefix`` picks one).
 
 Split (the inverse)::
 
@@ -96,6 +100,63 @@ def _step_key(path: str) -> Optional[tuple[int, int]]:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _prefix_of(path: str, rank: int) -> Optional[str]:
+    """The checkpoint prefix of ``<prefix>-<epoch>_<step>.ckpt``, with this rank's own number (mindformers
+    names files ``<prefix>_rank_<N>-...``) written ``{rank}`` so that the ranks' prefixes compare; None for
+    a file without a step in its name."""
+    name = os.path.basename(path)
+    m = _CKPT_NAME.search(name)
+    if not m:
+        return None
+    return re.sub(rf"(rank_?){rank}(?![0-9])", r"\1{rank}", name[:m.start()])
+
+
+def _check_files(files: dict[int, list[str]], src: str, prefix: Optional[str]) -> dict[int, list[str]]:
+    """The rank folders' files of one checkpoint prefix: several prefixes (files of different runs) are an
+    error unless ``prefix`` picks one (as shown in the error: the rank's number written ``N``)."""
+    def shown(f: str, r: int) -> Optional[str]:
+        p = _prefix_of(f, r)
+        return None if p is None else p.replace("{rank}", "N")
+
+    if prefix is not None:
+        def match(f: str, r: int) -> bool:
+            raw = os.path.basename(f)[:_CKPT_NAME.search(os.path.basename(f)).start()] \
+                if _CKPT_NAME.search(os.path.basename(f)) else None
+            return raw is not None and prefix in (shown(f, r), raw, raw.replace(f"_rank_{r}", ""))
+        keep = {r: [f for f in fs if match(f, r)] for r, fs in files.items()}
+        if not any(keep.values()):
+            found = sorted({q for r, fs in files.items() for f in fs if (q := shown(f, r)) is not None})
+            raise MergeError(f"{src}: --prefix {prefix}: no checkpoint of that prefix in the rank folders "
+                             f"(prefixes found: {', '.join(found) or 'none'})")
+        return keep
+    first: dict[str, str] = {}
+    for r, fs in files.items():
+        for f in fs:
+            q = shown(f, r)
+            if q is not None:
+                first.setdefault(q, f)
+    if len(first) > 1:
+        names = sorted(first)
+        raise MergeError(f"{src}: checkpoints of {len(names)} prefixes in the rank folders ({', '.join(names)}; "
+                         f"e.g. {os.path.relpath(first[names[0]], src)} and {os.path.relpath(first[names[1]], src)}): "
+                         f"files of different runs; pick one with --prefix {names[0]} or move the others away")
+    return files
+
+
+def _check_readable(path: str) -> None:
+    """A rank checkpoint must be a file with content: a 0-byte ``.ckpt`` (a save cut short by a full disk or
+    a kill) holds no parameter, and skipping it would merge the other ranks without their replica check."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read: {e.strerror or e}") from None
+    if size == 0:
+        raise MergeError(f"{path}: empty file (0 bytes): a checkpoint cut short (full disk, or the run killed "
+                         f"while saving?); pass --step with an older step every rank holds")
+
+
 def _rank_dirs(src: str) -> dict[int, str]:
     if not os.path.isdir(src):
         raise MergeError(f"{src}: no such checkpoint folder")
@@ -103,14 +164,24 @@ def _rank_dirs(src: str) -> dict[int, str]:
             if (m := re.fullmatch(r"rank_(\d+)", d)) and os.path.isdir(os.path.join(src, d))}
 
 
-def find_rank_files(src: str, num_ranks: int, step: Optional[int] = None) -> dict[int, str]:
+def find_rank_files(src: str, num_ranks: int, step: Optional[int] = None,
+                    prefix: Optional[str] = None) -> dict[int, str]:
     """``{rank: checkpoint file}`` for ranks ``0 .. num_ranks-1`` of ``src/rank_N/``.
 
     Files are named ``<prefix>-<epoch>_<step>.ckpt``. Without ``step`` every rank's newest checkpoint is
     taken, and they must be of the same step: ranks that disagree (one lacks the newest step, e.g. killed
     while saving) are an error naming them, and ``--step`` picks an older step every rank has. A rank
-    folder holding a single ``.ckpt`` needs no step in its name. A missing rank folder is an error.
+    folder holding a single ``.ckpt`` needs no step in its name. A missing rank folder is an error. The
+    folders must hold one checkpoint prefix (``prefix`` picks one), and the files taken must be readable and
+    not empty.
     """
+    out = _find_rank_files(src, num_ranks, step, prefix)
+    for r in sorted(out):
+        _check_readable(out[r])
+    return out
+
+
+def _find_rank_files(src: str, num_ranks: int, step: Optional[int], prefix: Optional[str]) -> dict[int, str]:
     found = _rank_dirs(src)
     extra = sorted(r for r in found if r >= num_ranks)
     if extra:
@@ -128,6 +199,10 @@ def find_rank_files(src: str, num_ranks: int, step: Optional[int] = None) -> dic
         if not ckpts:
             raise MergeError(f"{d}: missing: no checkpoint for rank {r} (the run has {num_ranks} ranks)")
         files[r] = [os.path.join(d, f) for f in ckpts]
+    files = _check_files(files, src, prefix)
+    for r, fs in files.items():
+        if not fs:
+            raise MergeError(f"{found[r]}: no checkpoint of prefix {prefix} for rank {r}")
     out: dict[int, str] = {}
     if step is not None:
         for r, fs in files.items():
@@ -264,7 +339,29 @@ def _assemble(plan: _Plan, ckpts: dict[int, MSCheckpoint], base_rank: int) -> np
             full[region] = piece
             source[idx] = r
         del piece
+    _check_slices_differ(plan, ckpts, source, full)
     return full
+
+
+def _check_slices_differ(plan: _Plan, ckpts: dict[int, MSCheckpoint], source: dict, full: np.ndarray) -> None:
+    """The shards' real content against the strategy: slices the strategy says are different parts of a
+    tensor, found bit-identical (and not a constant, like a zero-initialised LoRA B), are whole replicas of a
+    run that did not split it (data parallel): concatenating them would give a tensor of the wrong shape."""
+    if len(source) < 2:
+        return
+    lay = plan.layout
+    (i0, r0), *rest = sorted(source.items())
+    first = full[lay.region(i0, plan.full_shape)]
+    flat = first.reshape(-1)
+    if flat.size < 2 or _same_bits(flat, np.full_like(flat, flat[0])):
+        return
+    for idx, r in rest:
+        if not _same_bits(full[lay.region(idx, plan.full_shape)], first):
+            return
+    raise MergeError(f"{ckpts[rest[0][1]].path}: {plan.name}: holds {list(first.shape)}, the same values as rank "
+                     f"{r0}, but the strategy splits it into {lay.num_slices()} different slices ({lay.describe()}) "
+                     f"of a {list(plan.full_shape)} tensor: these are whole replicas (a run that did not split it, "
+                     f"e.g. data parallel, which needs no --strategy): strategy and shards do not match")
 
 
 # ---------------------------------------------------------------------- merge
@@ -292,7 +389,9 @@ def _count_ranks(src: str, world_size: Optional[int] = None) -> int:
     if world_size is not None:
         return world_size
     for r in sorted(found):
-        ckpts = sorted(f for f in os.listdir(found[r]) if f.endswith(".ckpt"))
+        # the newest file with content (an empty or unreadable one is refused by find_rank_files when it is used)
+        ckpts = [f for f in sorted(f for f in os.listdir(found[r]) if f.endswith(".ckpt"))
+                 if os.path.isfile(os.path.join(found[r], f)) and os.path.getsize(os.path.join(found[r], f))]
         if ckpts:
             recorded = _recorded_scalar(MSCheckpoint(os.path.join(found[r], ckpts[-1])), "world_size")
             if recorded is not None:
@@ -305,12 +404,14 @@ def _count_ranks(src: str, world_size: Optional[int] = None) -> int:
 
 
 def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "all", keep_optimizer: bool = False,
-                 step: Optional[int] = None, progress: bool = True, world_size: Optional[int] = None) -> dict:
+                 step: Optional[int] = None, progress: bool = True, world_size: Optional[int] = None,
+                 prefix: Optional[str] = None) -> dict:
     """Merge ``src/rank_N/*.ckpt`` laid out by ``strategy`` into the single checkpoint ``output``.
 
     ``strategy=None`` is a pure data-parallel run: every rank holds full replicas, checked bit for bit;
     its rank count is ``world_size``, or what the checkpoints record, or the rank folders (no gaps).
-    Every rank must be present, and hold the same (newest, or ``step``) step.
+    Every rank must be present, and hold the same (newest, or ``step``) step of one checkpoint prefix
+    (``prefix`` picks one where the rank folders hold several).
 
     Returns a summary ``{"params", "bytes", "ranks", "stages", "dropped", "seconds"}``.
     """
@@ -324,7 +425,7 @@ def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "
             raise MergeError(str(e)) from None
         if world_size is not None and world_size != strat.device_num:
             raise MergeError(f"{strategy}: describes {strat.device_num} ranks, --world-size says {world_size}")
-    files = find_rank_files(src, strat.device_num, step)
+    files = find_rank_files(src, strat.device_num, step, prefix)
     check_output(output, [strategy] + sorted({os.path.dirname(f) for f in files.values()}), "--output")
     ckpts = {r: MSCheckpoint(f) for r, f in files.items()}
     _check_recorded_ranks(ckpts, strat.device_num)
@@ -481,6 +582,9 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None,
                    help="merge the checkpoints of this step (default: every rank's newest, which must be the same "
                         "step: ranks that disagree are an error naming them)")
+    p.add_argument("--prefix", default=None,
+                   help="merge the checkpoints of this prefix (<prefix>-<epoch>_<step>.ckpt; a rank's own number in "
+                        "it written N) where the rank folders hold several (default: they must hold one)")
     p.add_argument("--world-size", type=int, default=None,
                    help="number of ranks of the run (default: the strategy's device count; without a strategy, "
                         "the world_size the checkpoints record, else the rank_N folders, which must have no gaps)")
@@ -523,7 +627,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.world_size is not None and a.world_size < 1:
             raise MergeError(f"--world-size: {a.world_size} must be at least 1")
         s = merge_shards(a.src, a.strategy, a.output, a.params, a.keep_optimizer, a.step, progress=not a.quiet,
-                         world_size=a.world_size)
+                         world_size=a.world_size, prefix=a.prefix)
         print(f"merged {s['ranks']} ranks ({s['stages']} stage(s)): {s['params']} parameters, "
               f"{s['bytes'] / 2**20:.1f} MiB -> {a.output} ({s['dropped']} dropped) in {s['seconds']:.1f}s")
         if a.to_hf:

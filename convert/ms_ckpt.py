@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from convert.safetensors_io import DTYPES, AtomicWriter, copy_bytes, ms_dtype, ms_type, read_range
+from convert.safetensors_io import DTYPES, AtomicWriter, copy_bytes, format_mismatch, ms_dtype, ms_type, read_range
 
 __all__ = ["MSCheckpointError", "MSCheckpoint", "AtomicWriter", "CheckpointWriter", "save_ms_checkpoint", "MS_DTYPES",
            "copy_bytes"]
@@ -155,6 +155,9 @@ class MSCheckpoint:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise MSCheckpointError(f"{self.path}: no such file")
+        mismatch = format_mismatch(self.path, "mindspore")
+        if mismatch:
+            raise MSCheckpointError(mismatch)
         # name -> (shape, tensor_type, content offset, content length)
         self.index: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
         self._scan()

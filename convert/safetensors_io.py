@@ -30,7 +30,7 @@ from glm_common.fsutil import OutputError, atomic_file
 __all__ = ["CheckpointError", "DTYPES", "NP_DTYPES", "bf16", "numpy_dtype", "dtype_name", "to_dtype",
            "st_dtype", "st_tag", "ms_dtype", "ms_type", "read_safetensors_header", "SafetensorsFile",
            "AtomicWriter", "SafetensorsWriter", "save_safetensors", "copy_bytes", "read_range", "output_error",
-           "MAX_HEADER_BYTES"]
+           "MAX_HEADER_BYTES", "sniff_format", "format_mismatch", "torch_load_refusal", "FORMAT_NAMES"]
 
 
 class CheckpointError(ValueError):
@@ -119,6 +119,71 @@ def output_error(path: str, e: OSError) -> OutputError:
 
 
 # ---------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------- what a file is, by its first bytes
+#: what each sniffed format is called in messages
+FORMAT_NAMES = {"safetensors": "a safetensors file", "mindspore": "a MindSpore checkpoint",
+                "torch-zip": "a zip archive (as torch.save writes)", "torch-pickle": "a pickle (an old torch.save)"}
+#: the formats an extension promises
+EXTENSION_FORMATS = {".safetensors": ("safetensors",), ".ckpt": ("mindspore",),
+                     ".bin": ("torch-zip", "torch-pickle"), ".pt": ("torch-zip", "torch-pickle"),
+                     ".pth": ("torch-zip", "torch-pickle")}
+
+
+def sniff_format(path: str) -> Optional[str]:
+    """The format of ``path`` by its first bytes: ``safetensors`` (an 8-byte header length that fits the
+    file, then ``{``), ``mindspore`` (the protobuf ``Checkpoint``: field 1 holding a ``Value`` whose field 1 is
+    its name), ``torch-zip`` (``torch.save``'s zip), ``torch-pickle`` (a pickle protocol 2-5 header); None for
+    anything else (empty, corrupt, unknown: the reader of the expected format says what is wrong)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch-pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if len(head) >= 3 and head[0] == 0x0A:  # tag of field 1, length-delimited; then a varint length
+        i = 1
+        while i < len(head) and head[i] & 0x80:
+            i += 1
+        if i + 1 < len(head) and head[i + 1] == 0x0A:
+            return "mindspore"
+    return None
+
+
+def format_mismatch(path: str, expected: str) -> Optional[str]:
+    """One line when ``path`` is, by its content, a known format other than ``expected`` (a key of
+    :data:`FORMAT_NAMES`): the extension (or the tool's choice) and the content disagree. None otherwise."""
+    found = sniff_format(path)
+    if found is None or found == expected or (found.startswith("torch") and expected.startswith("torch")):
+        return None
+    ext = os.path.splitext(path)[1].lower()
+    said = f"the extension {ext} says {FORMAT_NAMES[expected]}" if ext in EXTENSION_FORMATS \
+        else f"{FORMAT_NAMES[expected]} was expected"
+    rename = next((e for e, fs in EXTENSION_FORMATS.items() if found in fs), None)
+    return (f"{path}: format does not match the extension: the file is {FORMAT_NAMES[found]}, {said}"
+            + (f" (named {rename} it would be read as what it is)" if rename else ""))
+
+
+def torch_load_refusal(path: str, e: BaseException, what: str = ".bin file") -> str:
+    """The one line for a ``torch.load(weights_only=True)`` failure: a pickle that wants more than tensors
+    is refused as such (torch's own text, which advises retrying with ``weights_only=False``, is not
+    repeated: that would run the file's code); anything else is a truncated or corrupt file."""
+    text = str(e)
+    if "Weights only load failed" in text or "weights_only" in text:
+        import re
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        detail = f"it calls {m.group(1)}" if m else "objects other than tensors"
+        return (f"{path}: refused: the pickle holds more than tensors ({detail}); a {what} is loaded without "
+                f"running code, so only plain tensors are accepted")
+    msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"{path}: truncated or corrupt {what} ({msg})"
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -203,6 +268,9 @@ class SafetensorsFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: no such file")
+        mismatch = format_mismatch(self.path, "safetensors")
+        if mismatch:
+            raise CheckpointError(mismatch)
         self.header, self.offset = read_safetensors_header(self.path)
 
     @property

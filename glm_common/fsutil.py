@@ -1,8 +1,10 @@
 """Writing files and folders so that a failure leaves nothing half-written.
 
 :func:`atomic_dir` stages a folder beside its destination (``<dest>.partial``) and moves it into place
-only when the block that fills it completes; :func:`atomic_file` does the same for one file. Both name
-the destination, not the staging path, in the :class:`OutputError` they raise for an unusable location.
+only when the block that fills it completes; :func:`atomic_file` does the same for one file, and
+:func:`atomic_files` for files that belong together (a ``.ckpt`` and its ``pet_config``): all appear, or
+none changes. They name the destination, not the staging path, in the :class:`OutputError` they raise for
+an unusable location.
 
 :func:`check_output` is the one gate every writer passes its output through first: it resolves the
 output (real path and inode) and refuses one that is, contains or lies inside any of the run's inputs,
@@ -17,8 +19,8 @@ import os
 import shutil
 from typing import Iterator, Optional
 
-__all__ = ["OutputError", "atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output",
-           "check_writable_dir"]
+__all__ = ["OutputError", "atomic_dir", "atomic_file", "atomic_files", "atomic_path", "atomic_write_bytes",
+           "atomic_write_text", "check_output", "check_writable_dir"]
 
 
 class OutputError(OSError):
@@ -207,3 +209,54 @@ def atomic_write_text(dest: str, text: str, encoding: str = "utf-8") -> str:
     with atomic_file(dest, "w", encoding=encoding) as f:
         f.write(text)
     return dest
+
+
+@contextlib.contextmanager
+def atomic_files(*dests: str) -> Iterator[list]:
+    """Yield a staging path (``<dest>.pair-partial``) for each of ``dests``; when the block completes, move
+    them all into place; on any error (in the block or while moving) none of ``dests`` is changed.
+
+    Every file is written in full before any is moved, so a full disk or a failed write stops the group
+    before it touches a destination; the moves themselves are renames in the same folders, and one that fails
+    puts back what the earlier ones replaced.
+    """
+    dests = [os.path.abspath(d) for d in dests]
+    for d in dests:
+        if os.path.isdir(d):
+            raise OutputError(f"{d}: is a directory (expected a file name)")
+        check_writable_dir(os.path.dirname(d))
+    stages = [d + ".pair-partial" for d in dests]
+
+    def clean(paths):
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+
+    try:
+        yield list(stages)
+        for d, s in zip(dests, stages):
+            if not os.path.isfile(s):
+                raise OutputError(f"{d}: was not written")
+        moved, kept = [], []   # destinations now holding the new file; (dest, backup of the old one)
+        try:
+            for d, s in zip(dests, stages):
+                if os.path.exists(d):
+                    os.replace(d, d + ".pair-old")
+                    kept.append((d, d + ".pair-old"))
+                os.replace(s, d)
+                moved.append(d)
+        except OSError as e:
+            clean(moved)
+            for d, b in kept:
+                with contextlib.suppress(OSError):
+                    os.replace(b, d)
+            raise OutputError(_say(d, e)) from None
+        clean(b for _, b in kept)
+    except OSError as e:
+        clean(stages)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(_say(dests[0], e)) from None
+    except BaseException:
+        clean(stages)
+        raise

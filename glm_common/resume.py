@@ -12,7 +12,8 @@ global step (:data:`RUN_RECORD`; the MindSpore runner stores them as the ``world
    decision from the same data (:func:`agree`): the newest step every rank holds complete. When ranks
    differ, one line says which step was chosen and which ranks lack the newer ones.
 
-Without any checkpoint on any rank the run starts at step 0 (a fresh ``output_dir``); when there are
+Without any checkpoint on any rank the run starts at step 0 (a fresh ``output_dir``), saying so in one
+line; when there are
 checkpoints but none verifies, or no step is held complete by all ranks, :class:`ResumeError` stops every
 rank with one line rather than starting over from step 0 (and pruning the checkpoints that exist).
 
@@ -143,8 +144,8 @@ def choose_resume(verified: Verified, gather: Callable[[object], list], rank: in
             "skipped": len(verified.skipped)}
     per_rank = gather(mine) if world > 1 else [mine]
     step = agree(per_rank, where)
-    if not step:
-        return Decision(0, None, None)
+    if not step:  # asked to resume, nothing to resume from: a fresh output_dir (said, not silent)
+        return Decision(0, None, f"resume_training: no checkpoint in {where}; starting from step 0")
     path = verified.paths[step]
     newest = max(max(p["steps"]) for p in per_rank)
     if world == 1:

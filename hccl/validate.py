@@ -18,7 +18,13 @@ What is checked, each problem reported as one line ``FILE: JSON.PATH: what is wr
   without ``RANK_SIZE`` (one node) the device range ``[a,b)`` starts ranks ``0..b-a-1`` on devices
   ``a..b-1``, so the table must have one server and ``b-a`` devices; with ``RANK_SIZE`` (several nodes)
   the range is the ranks this node starts (on devices ``0..b-a-1``), so ``RANK_SIZE`` must equal the
-  table's device count, ``b <= RANK_SIZE``, and those ranks must all be on one server.
+  table's device count, ``b <= RANK_SIZE``, and those ranks must all be on one server;
+- the devices against the launch and the node: one node's table must name exactly the devices of the
+  range (``[0,2)`` with a table of devices 2 and 3 is refused: the ranks would bind devices the table does
+  not name), and every ``device_id`` must exist on a node: below the node's device count (``--device-count``;
+  default: the ``/dev/davinciN`` devices of this host, else 8, ``hccl_tools.py``'s ``--device_num_per_node``).
+
+The launcher gives each rank the ``DEVICE_ID`` its table entry names (:func:`rank_plan` with the table).
 
 Exit status of the command: 0 valid, 1 invalid table or arguments (one line per problem on stderr),
 2 bad command line.
@@ -26,6 +32,8 @@ Exit status of the command: 0 valid, 1 invalid table or arguments (one line per 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -34,7 +42,11 @@ from hccl.rank_table import (TABLE_STATUS, TABLE_VERSION, RankTableError, is_ipv
                              parse_device_range)
 from glm_common.cli import one_line_errors
 
-__all__ = ["check_table", "check_file", "validate_file", "rank_plan", "table_summary", "main"]
+__all__ = ["check_table", "check_file", "validate_file", "rank_plan", "table_devices", "node_device_count",
+           "table_summary", "main", "DEFAULT_DEVICE_COUNT"]
+
+#: devices of a node when this host shows none (``hccl_tools.py --device_num_per_node``'s default)
+DEFAULT_DEVICE_COUNT = 8
 
 _NUMBER_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 
@@ -74,14 +86,31 @@ def _fmt_range(r: Tuple[int, int]) -> str:
     return f"[{r[0]},{r[1]})"
 
 
+def node_device_count(dev: str = "/dev") -> Optional[int]:
+    """The Ascend devices of this host (``/dev/davinciN``, the driver's device files), None where it has none."""
+    ids = [int(m.group(1)) for f in glob.glob(os.path.join(dev, "davinci*"))
+           if (m := re.fullmatch(r"davinci(\d+)", os.path.basename(f)))]
+    return max(ids) + 1 if ids else None
+
+
+def _ids(nums: Sequence[int]) -> str:
+    nums = sorted(nums)
+    if nums and nums == list(range(nums[0], nums[-1] + 1)) and len(nums) > 2:
+        return f"{nums[0]}..{nums[-1]}"
+    return ", ".join(map(str, nums))
+
+
 def check_table(table: Any, source: str = "rank table", device_range: RangeArg = None,
-                rank_size: Optional[int] = None) -> List[str]:
+                rank_size: Optional[int] = None, device_count: Optional[int] = None) -> List[str]:
     """All problems of an already-parsed table, one line each (empty list: valid).
 
     ``source`` names the file in the messages; ``device_range`` (``"[a,b)"`` or ``(a, b)``) and
-    ``rank_size`` are the launcher's ``DEVICE_RANGE`` and ``RANK_SIZE`` (see the module docstring).
-    A malformed ``device_range`` or ``rank_size`` is reported as a problem too.
+    ``rank_size`` are the launcher's ``DEVICE_RANGE`` and ``RANK_SIZE`` (see the module docstring);
+    ``device_count`` the devices of a node (None: :func:`node_device_count`, else
+    :data:`DEFAULT_DEVICE_COUNT`). A malformed ``device_range`` or ``rank_size`` is reported as a problem too.
     """
+    if device_count is None:
+        device_count = node_device_count() or DEFAULT_DEVICE_COUNT
     src = source
     errors: List[str] = []
     if not isinstance(table, dict):
@@ -114,6 +143,7 @@ def check_table(table: Any, source: str = "rank table", device_range: RangeArg =
     device_ips: Dict[str, str] = {}
     ranks: Dict[int, str] = {}
     rank_server: Dict[int, int] = {}  # rank -> index in server_list
+    server_devices: Dict[int, List[int]] = {}  # index in server_list -> its device ids
     n_devices = 0
     shape_ok = True
     for si, server in enumerate(servers):
@@ -161,6 +191,11 @@ def check_table(table: Any, source: str = "rank table", device_range: RangeArg =
                         errors.append(f"{src}: {dp}.device_id: device {did} repeats {device_ids[did]}")
                     else:
                         device_ids[did] = f"{dp}.device_id"
+                        server_devices.setdefault(si, []).append(did)
+                    if did >= device_count:
+                        errors.append(f"{src}: {dp}.device_id: device {did} does not exist on a node of "
+                                      f"{device_count} devices (0..{device_count - 1})")
+                        shape_ok = False
             if "device_ip" in device:
                 ip = device["device_ip"]
                 if not is_ipv4(ip):
@@ -213,6 +248,14 @@ def check_table(table: Any, source: str = "rank table", device_range: RangeArg =
             errors.append(f"{src}: device range {_fmt_range(rng)} starts {end - start} rank"
                           f"{'s' if end - start != 1 else ''}, but the table lists {n_devices} device"
                           f"{'s' if n_devices != 1 else ''}")
+        elif end > device_count:
+            errors.append(f"{src}: device range {_fmt_range(rng)} names devices up to {end - 1}, but a node "
+                          f"has {device_count} devices (0..{device_count - 1})")
+        elif sorted(server_devices.get(0, [])) != list(range(start, end)):
+            errors.append(f"{src}: server_list[0].device: the table names device"
+                          f"{'s' if n_devices != 1 else ''} {_ids(server_devices.get(0, []))}, but device range "
+                          f"{_fmt_range(rng)} is device{'s' if end - start != 1 else ''} {_ids(range(start, end))}: "
+                          f"the ranks would bind devices the table does not name")
     elif rank_size is not None:
         if rank_size != n_devices:
             errors.append(f"{src}: RANK_SIZE {rank_size} does not match the table's {n_devices} device"
@@ -231,29 +274,43 @@ def check_table(table: Any, source: str = "rank table", device_range: RangeArg =
     return errors
 
 
-def check_file(path: str, device_range: RangeArg = None, rank_size: Optional[int] = None) -> List[str]:
+def check_file(path: str, device_range: RangeArg = None, rank_size: Optional[int] = None,
+               device_count: Optional[int] = None) -> List[str]:
     """:func:`check_table` on the JSON file ``path`` (unreadable or bad JSON: one error line)."""
     try:
         table = load_table(path)
     except RankTableError as e:
         return list(e.errors)
-    return check_table(table, str(path), device_range, rank_size)
+    return check_table(table, str(path), device_range, rank_size, device_count)
 
 
-def validate_file(path: str, device_range: RangeArg = None, rank_size: Optional[int] = None) -> dict:
+def validate_file(path: str, device_range: RangeArg = None, rank_size: Optional[int] = None,
+                  device_count: Optional[int] = None) -> dict:
     """Load and check ``path``; return the table, or raise :class:`RankTableError` listing every problem."""
     table = load_table(path)
-    errors = check_table(table, str(path), device_range, rank_size)
+    errors = check_table(table, str(path), device_range, rank_size, device_count)
     if errors:
         raise RankTableError(errors)
     return table
 
 
-def rank_plan(device_range: RangeArg, rank_size: Optional[int] = None) -> List[Tuple[int, int]]:
+def table_devices(table: dict) -> Dict[int, int]:
+    """``{rank_id: device_id}`` of a valid table."""
+    return {int(d["rank_id"]): int(d["device_id"]) for s in table["server_list"] for d in s["device"]}
+
+
+def rank_plan(device_range: RangeArg, rank_size: Optional[int] = None,
+              table: Optional[dict] = None) -> List[Tuple[int, int]]:
     """``(RANK_ID, DEVICE_ID)`` of each process one launch starts, in order, as ``run_distribute.sh``
-    assigns them: one node (``rank_size`` None): device ``i`` runs rank ``i - a`` for ``i`` in
-    ``[a,b)``; several nodes: rank ``i`` runs on device ``i - a``."""
+    assigns them: one node (``rank_size`` None) starts ranks ``0..b-a-1``, several nodes the global ranks
+    ``a..b-1``. Each rank's device is the one its entry of ``table`` (a checked rank table) names; without
+    a table, one node runs rank ``i - a`` on device ``i`` for ``i`` in ``[a,b)``, several nodes rank ``i``
+    on device ``i - a``."""
     start, end = _range(device_range)
+    ranks = range(0, end - start) if rank_size is None else range(start, end)
+    if table is not None:
+        devices = table_devices(table)
+        return [(r, devices[r]) for r in ranks]
     if rank_size is None:
         return [(i - start, i) for i in range(start, end)]
     return [(i, i - start) for i in range(start, end)]
@@ -280,9 +337,12 @@ def _parser() -> argparse.ArgumentParser:
                         "devices. With --rank-size: the global ranks a..b-1 this node starts, all on one server.")
     p.add_argument("--rank-size", "--rank_size", dest="rank_size", type=int, metavar="N",
                    help="RANK_SIZE of a multi-node launch: must equal the table's device count")
+    p.add_argument("--device-count", "--device_count", dest="device_count", type=int, metavar="N",
+                   help=f"devices of a node: every device_id must be below it (default: the /dev/davinciN devices "
+                        f"of this host, else {DEFAULT_DEVICE_COUNT})")
     p.add_argument("--plan", action="store_true",
                    help="after a successful check print one line \"RANK_ID DEVICE_ID\" per process the launch "
-                        "starts (needs --device-range) instead of the summary")
+                        "starts (needs --device-range), its device from the table, instead of the summary")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     return p
 
@@ -293,13 +353,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.plan and args.device_range is None:
         p.error("--plan needs --device-range")
-    errors = check_file(args.table, args.device_range, args.rank_size)
+    if args.device_count is not None and args.device_count < 1:
+        p.error(f"--device-count: {args.device_count} must be at least 1")
+    errors = check_file(args.table, args.device_range, args.rank_size, args.device_count)
     if errors:
         for line in errors:
             print(line, file=sys.stderr)
         return 1
     if args.plan:
-        for rank_id, device_id in rank_plan(args.device_range, args.rank_size):
+        for rank_id, device_id in rank_plan(args.device_range, args.rank_size, load_table(args.table)):
             print(rank_id, device_id)
     elif not args.quiet:
         print(f"{args.table}: ok: {table_summary(load_table(args.table))}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from glm_common.run_lock import LOCK_TOKEN_ENV, OutputLock, OutputLocked
 from glm_common.supervisor import Proc, Supervisor, describe, tail
 from mindspore_glm.launch_plan import (RUN_STATUSES, LaunchError, Plan, build_plan, format_plan, free_port,
                                        memory_refusal, resolve_paths, write_run_config)
@@ -57,14 +58,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr, flush=True)
     if opts.dry_run:
         return 0
+    lock = None
     try:
+        if plan.lock_dir is not None:  # one lock for the run; rank 0 finds it held under its token
+            lock = OutputLock(plan.lock_dir).acquire()
+            for p in plan.procs:
+                p.env[LOCK_TOKEN_ENV] = lock.token
         write_run_config(plan)
         sup = Supervisor(plan, grace=opts.grace, tail_lines=opts.tail)
         return sup.run()
+    except OutputLocked as e:
+        print(f"run_distribute: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # the output directory, or a command that cannot be started
         where = getattr(e, "filename", None)
         print(f"run_distribute: error: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

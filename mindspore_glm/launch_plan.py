@@ -7,7 +7,8 @@ starts, with which variables, working directories, logs and command lines.
 The arguments are mindformers' ``run_distribute.sh`` ones: ``DEVICE_RANGE`` ``"[a,b)"`` (``"[a,b]"`` reads
 the same, ``b`` excluded); without ``RANK_SIZE`` one node starts ranks ``0..b-a-1`` on devices ``a..b-1``;
 with ``RANK_SIZE`` (several nodes, one launch per node) this node starts the global ranks ``a..b-1`` on
-devices ``0..b-a-1`` (:func:`hccl.validate.rank_plan`). ``predict`` takes the texts (or one data file)
+devices ``0..b-a-1``. With a rank table each rank's ``DEVICE_ID`` is the device its table entry names
+(:func:`hccl.validate.rank_plan`; the table must name the devices of the range, and only devices a node has). ``predict`` takes the texts (or one data file)
 after it. Arguments after ``--`` go to every rank's ``mindspore_glm.run`` (``-- --train_steps 10``).
 ``eval`` and ``predict`` split the samples (texts) over the ranks; rank 0 writes the gathered results.
 
@@ -30,8 +31,11 @@ How ranks start, by the YAML's ``context.device_target``:
   number of ranks).
 * ``--launcher msrun``: MindSpore's own ``msrun`` starts scheduler and workers (``--join True``, node
   rank from the range) and this supervisor watches it; worker logs are msrun's
-  ``output/log/msrun/worker_N.log``. On Ascend the devices of the range are made visible with
-  ``ASCEND_RT_VISIBLE_DEVICES``. Use it where msrun's own features are wanted (core binding, cluster
+  ``output/log/msrun/worker_N.log``. On Ascend the devices of the range (with a rank table: the devices
+  its entries for this node's ranks name, in rank order) are made visible with ``ASCEND_RT_VISIBLE_DEVICES``;
+  msrun gives its worker ``i`` ``DEVICE_ID=i``, an index into them, and the ranks take that (a dynamic
+  cluster's device id comes from its launcher: the YAML's ``context.device_id`` is not used, as mindformers
+  drops it; :func:`launcher_device_id`). Use it where msrun's own features are wanted (core binding, cluster
   recovery); the failed rank is read from msrun's log.
 
 Files (``--output DIR``, default ``./output``):
@@ -71,7 +75,7 @@ from typing import Dict, List, Optional, Sequence
 from glm_common.supervisor import TAIL_LINES, Proc
 
 __all__ = ["LaunchError", "Plan", "build_plan", "format_plan", "resolve_paths", "free_port", "write_run_config",
-           "RUN_STATUSES", "NO_TABLE", "memory_refusal"]
+           "RUN_STATUSES", "NO_TABLE", "memory_refusal", "launcher_device_id"]
 
 RUN_STATUSES = ("train", "finetune", "eval", "predict")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,9 +108,21 @@ class Plan:
     procs: List[Proc] = field(default_factory=list)
     port: Optional[int] = None
     memory: Optional[dict] = None  # the memory plan of a train/finetune run (glm_common.memory_plan)
+    lock_dir: Optional[str] = None  # the training output_dir whose lock this launch holds (rank 0's node)
 
 
 # ---------------------------------------------------------------------------------------- planning
+def launcher_device_id(environ=None) -> Optional[int]:
+    """The device id a rank of a MindSpore dynamic cluster (``MS_ROLE`` set: msrun, or this launcher's CPU/GPU
+    cluster) gets from its launcher (``DEVICE_ID``; msrun's is the worker's index into
+    ``ASCEND_RT_VISIBLE_DEVICES``), which replaces the YAML's ``context.device_id`` as in mindformers; None
+    outside a dynamic cluster or without ``DEVICE_ID``."""
+    environ = os.environ if environ is None else environ
+    if not environ.get("MS_ROLE") or not str(environ.get("DEVICE_ID", "")).isdigit():
+        return None
+    return int(environ["DEVICE_ID"])
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (the OS picks it; another process could still take it before use)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -361,7 +377,11 @@ def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cw
                 device_target=target, run_status=status, config=config_abs,
                 run_config=os.path.join(work, "run_config.yaml"), resolved=resolve_paths(raw, cwd),
                 table=table_abs, rank_size=rank_size or (rng[1] - rng[0]), output=output, memory=memory)
-    pairs = rank_plan(rng, rank_size)
+    table_data = None
+    if table_abs:  # each rank's DEVICE_ID is the one its entry of the (checked) table names
+        from hccl.rank_table import load_table
+        table_data = load_table(table_abs)
+    pairs = rank_plan(rng, rank_size, table_data)
 
     python = sys.executable or "python3"
     worker_cmd = shlex.split(environ["GLM_LAUNCH_WORKER"]) if environ.get("GLM_LAUNCH_WORKER") \
@@ -381,9 +401,8 @@ def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cw
         node_rank = 0 if rank_size is None else rng[0] // local
         env = dict(base)
         env["PATH"] = os.pathsep.join([os.path.dirname(python), environ.get("PATH", "")])
-        if ascend:
-            first = rng[0] if rank_size is None else 0
-            env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(first, first + local))
+        if ascend:  # msrun's worker i gets DEVICE_ID=i, an index into these: rank start+i on its table device
+            env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(str(d) for _, d in pairs)
         msrun = [python, "-m", "mindspore.parallel.cluster.run",
                  "--worker_num", str(plan.rank_size), "--local_worker_num", str(local),
                  "--master_addr", opts.master_addr, "--master_port", str(plan.port), "--node_rank", str(node_rank),
@@ -416,7 +435,30 @@ def build_plan(argv: Sequence[str], environ: Optional[Dict[str, str]] = None, cw
         plan.procs.append(Proc(f"rank {rank_id}", cmd, env, os.path.join(work, f"rank_{rank_id}"),
                                os.path.join(logs, f"rank_{rank_id}", "worker.log"), rank=rank_id,
                                device_id=device_id))
+    plan.lock_dir = _lock_dir(plan, run_args)
     return plan, opts
+
+
+def _lock_dir(plan: Plan, run_args: List[str]) -> Optional[str]:
+    """The output_dir of a train/finetune run whose lock (:mod:`glm_common.run_lock`) the launcher takes
+    for all its ranks: the node that starts global rank 0 takes it; None elsewhere. The ranks' value:
+    ``-- --output_dir`` over the YAML's ``output_dir`` (default ``./output``), relative to rank 0's
+    working directory."""
+    if plan.run_status not in ("train", "finetune"):
+        return None
+    first = next((p for p in plan.procs if p.rank == 0), None)
+    if first is None:
+        first = next((p for p in plan.procs if p.name == "msrun"), None)
+        if first is None or "--node_rank" not in first.cmd or first.cmd[first.cmd.index("--node_rank") + 1] != "0":
+            return None
+    out = plan.resolved.get("output_dir") if isinstance(plan.resolved, dict) else None
+    for i, a in enumerate(run_args):
+        if a == "--output_dir" and i + 1 < len(run_args):
+            out = run_args[i + 1]
+        elif a.startswith("--output_dir="):
+            out = a.split("=", 1)[1]
+    out = out if isinstance(out, str) and out and out not in ("None", "null") else "./output"
+    return os.path.normpath(os.path.join(first.cwd, os.path.expanduser(out)))
 
 
 def format_plan(plan: Plan, dry_run: bool = False) -> str:
@@ -431,6 +473,9 @@ def format_plan(plan: Plan, dry_run: bool = False) -> str:
              f"  config: {plan.config}",
              f"  ranks read: {plan.run_config} (relative paths resolved)",
              f"  rank table: {plan.table or 'none'}"]
+    if plan.lock_dir is not None:
+        from glm_common.run_lock import lock_path
+        lines.append(f"  output_dir: {plan.lock_dir} (locked for the run: {lock_path(plan.lock_dir)})")
     if plan.memory is not None:
         from glm_common.memory_plan import plan_line
         lines.append(f"  {plan_line(plan.memory)}")

@@ -46,6 +46,7 @@ from glm_common.training import TrainingError, format_table
 from mindspore_glm.checkpointing import is_adapter_checkpoint
 from convert.ms_ckpt import MSCheckpoint
 from mindspore_glm.evaluate import eval_perplexity, eval_samples, evaluate, predict
+from mindspore_glm.launch_plan import launcher_device_id
 from mindspore_glm.train import build_model, init_ranks, set_context, train
 from glm_common.cli import one_line_errors
 
@@ -60,8 +61,19 @@ def _tokenizer(s: TrainSettings):
     return ChatGLM2Tokenizer.from_pretrained(s.vocab_file)
 
 
+#: file names ``--predict_data`` reads as a data file, never as a prompt
+_DATA_SUFFIXES = (".json", ".jsonl", ".txt")
+
+
 def _predict_inputs(items) -> list:
-    """Texts, or the queries of one data file (any format of glm_common.data, or plain text lines)."""
+    """Texts, or the queries of one data file (any format of glm_common.data, or plain text lines). One
+    item named like a data file (``.json``, ``.jsonl``, ``.txt``, no spaces or newlines) that does not exist is
+    an error, not a prompt."""
+    if len(items) == 1 and not os.path.isfile(items[0]) and items[0].lower().endswith(_DATA_SUFFIXES) \
+            and not any(c.isspace() for c in items[0]):
+        what = "a directory, not a data file" if os.path.isdir(items[0]) else "no such file"
+        raise RunConfigError(f"--predict_data: {items[0]}: {what} (texts to answer are given as they are; "
+                             f"a data file must exist)")
     if len(items) == 1 and os.path.isfile(items[0]):
         path = items[0]
         if path.endswith((".json", ".jsonl")):
@@ -154,6 +166,8 @@ def _run(s: TrainSettings, args) -> int:
         s.data_seed = args.seed
     if args.device_id is not None:
         s.device_id = args.device_id
+    elif launcher_device_id() is not None:  # a dynamic cluster (msrun): the launcher's device, not the YAML's
+        s.device_id = launcher_device_id()
     if args.train_steps is not None:
         if args.train_steps <= 0:
             raise RunConfigError(f"--train_steps: expected a positive integer, got {args.train_steps}")
@@ -176,6 +190,7 @@ def _run(s: TrainSettings, args) -> int:
         out = train(s, model, params)
         print(json.dumps({k: v for k, v in out.items() if k not in ("model", "losses")}, default=str))
         return 0
+    texts = _predict_inputs(args.predict_data) if mode == "predict" and args.predict_data else None
     rank, world = init_ranks(s)
     _check_adapter_weights(s, adapter)
     model, _ = build_model(s, adapter)
@@ -203,7 +218,7 @@ def _run(s: TrainSettings, args) -> int:
         return 0
     if not args.predict_data:
         raise RunConfigError("--predict_data: needed for run_mode predict (texts or a data file)")
-    rows = predict(model, s, tokenizer, _predict_inputs(args.predict_data), rank, world)
+    rows = predict(model, s, tokenizer, texts, rank, world)
     if rank != 0:
         return _others_done(rank, world, len(rows), "texts")
     for r in rows:

@@ -29,6 +29,8 @@ to themselves) from the newest step every rank holds complete, files that do not
 line saying so (:mod:`mindspore_glm.resume`).
 ``<output_dir>/loss_log.jsonl`` gets one row a step (loss, lr, loss scale, tokens/s) and
 ``loss_curve.png`` the curve.
+One run per ``output_dir``: the run holds its lock (:mod:`glm_common.run_lock`; a second run there is refused
+in one line naming the first, a lock left by a dead run is taken over with a note).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from tqdm.auto import tqdm
 
 from glm_common.names import is_pet_name
 from glm_common.run_config import RunConfigError, TrainSettings
+from glm_common.run_lock import output_lock
 from glm_common.schedules import learning_rates, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
@@ -99,6 +102,10 @@ def build_model(s: TrainSettings, adapter: str = ""):
     holding only LoRA/prefix weights, e.g. of a LoRA run) over them. Returns ``(model, trainable params)``."""
     if s.pet["pet_type"] == "qlora":
         raise RunConfigError(f"{s.source}: pet_config.pet_type: qlora needs CUDA (torch_glm); use lora here")
+    # MindSpore's nn.Dropout takes its kernel seeds from the global seed when it is constructed (no global
+    # seed: (0, 0), a random seed every run); seeded here, the dropout masks repeat from run to run (the twin
+    # seeds torch here too)
+    ms.set_seed(s.seed)
     path = s.load_checkpoint
     if path and not os.path.exists(path):
         raise RunConfigError(f"{s.source}: load_checkpoint: {path}: no such file or directory")
@@ -198,6 +205,11 @@ def train(s: TrainSettings, model=None, params=None) -> dict:
 def _train(s: TrainSettings, model, params) -> dict:
     check_scaleout(s)
     rank, world = _parallel_init(s)
+    with output_lock(s.output_dir, rank):  # one run per output_dir (glm_common.run_lock)
+        return _train_locked(s, model, params, rank, world)
+
+
+def _train_locked(s: TrainSettings, model, params, rank: int, world: int) -> dict:
     ds_world = dataset_split(s, rank, world)[1]               # ranks reading distinct rows
     ms.set_seed(s.seed)
     np.random.seed(s.seed)

@@ -16,6 +16,7 @@ import os
 import sys
 
 from glm_common.config import ConfigError
+from glm_common.data import DataError
 from glm_common.memory_plan import run_plan_line
 from glm_common.run_config import RunConfigError, load_run_config, settings_from_config
 from glm_common.training import TrainingError
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     except (RunConfigError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") == "0":

@@ -38,6 +38,8 @@ in ``model_config.param_init_type``, the optimizer's states and master weights i
 (:func:`torch_glm.train_step.make_optimizer`); float16 gradients take the YAML's dynamic loss scale
 (``torch.amp.GradScaler``), an update with a non-finite gradient or loss is skipped and logged as an
 overflow, and ``runner_wrapper.max_consecutive_overflows`` of them in a row stop the run.
+One run per ``output_dir``: the run holds its lock (:mod:`glm_common.run_lock`; a second run there is refused
+in one line naming the first, a lock left by a dead run is taken over with a note).
 With ``parallel.enable_parallel_optimizer: True`` under ``torchrun`` it shards parameters, gradients and
 optimizer states with FSDP2 instead (:mod:`torch_glm.parallel`: DCP checkpoints, streamed ``model/``);
 then every rank takes part in checkpoints, evaluation and the result (collectives), rank 0 writes the log.
@@ -56,6 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glm_common.run_config import RunConfigError, TrainSettings, load_run_config, settings_from_config
+from glm_common.run_lock import output_lock
 from glm_common.schedules import learning_rates, lr_at, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
@@ -135,6 +138,11 @@ def train(s: TrainSettings, model=None, params=None, device: Optional[str] = Non
     cpu, cuda, cuda:1 ... (default: this rank's GPU when there is one).
     """
     rank, world = init_ranks(s)
+    with output_lock(s.output_dir, rank):  # one run per output_dir (glm_common.run_lock)
+        return _train_locked(s, model, params, device, rank, world)
+
+
+def _train_locked(s: TrainSettings, model, params, device: Optional[str], rank: int, world: int) -> dict:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if not s.vocab_file:

@@ -38,7 +38,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    samples = load_samples(args.files, args.format, on_error="skip" if args.skip_bad_rows else "raise")
+    samples = load_samples(args.files, args.format, on_error="skip" if args.skip_bad_rows else "raise",
+                           skip_hint="pass --skip-bad-rows to drop them")
     st = length_stats(samples, _tokenizer(args.tokenizer), args.max_source_length, args.max_target_length)
     print(f"rows: {st['rows']}")
     for key in ("prompt_tokens", "answer_tokens", "total_tokens"):
@@ -52,7 +53,8 @@ def cmd_stats(args) -> int:
 
 def cmd_features(args) -> int:
     check_output(args.out, list(args.files) + [args.tokenizer], "--out")
-    samples = load_samples(args.files, args.format, on_error="skip" if args.skip_bad_rows else "raise")
+    samples = load_samples(args.files, args.format, on_error="skip" if args.skip_bad_rows else "raise",
+                           skip_hint="pass --skip-bad-rows to drop them")
     feats = build_train_features(samples, _tokenizer(args.tokenizer), args.mode, args.max_source_length,
                                  args.max_target_length, progress=True)
     out = args.out

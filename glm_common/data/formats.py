@@ -440,12 +440,13 @@ def read_samples(path: str | os.PathLike, format: Optional[str] = None) -> tuple
     return samples, bad, format or "unknown"
 
 
-def load_samples(paths, format: Optional[str] = None, on_error: str = "raise") -> list:
+def load_samples(paths, format: Optional[str] = None, on_error: str = "raise", skip_hint: Optional[str] = None) -> list:
     """Load one file or a list of files into :class:`Sample` objects.
 
     ``on_error="raise"`` (default) raises :class:`DataError` naming the first bad row (``FILE:LINE:
     what is wrong``) and how many there are; ``"skip"`` drops bad rows and prints
-    ``FILE: skipped N bad rows`` to stderr.
+    ``FILE: skipped N bad rows`` to stderr. ``skip_hint``: how the caller's user skips bad rows (a flag of
+    that command), added to the error; without it the error names no flag (the runners have none).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
@@ -457,8 +458,9 @@ def load_samples(paths, format: Optional[str] = None, on_error: str = "raise") -
         if bad:
             if on_error == "raise":
                 more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
+                skip = f", or {skip_hint}" if skip_hint else ""
                 raise DataError(f"{bad[0]}{more}; list them with `python -m glm_common.data check "
-                                f"{os.fspath(path)}` or skip them (on_error='skip', --skip-bad-rows)")
+                                f"{os.fspath(path)}` and fix or remove them{skip}")
             print(f"{os.fspath(path)}: skipped {len(bad)} bad rows (first: {bad[0]})", file=sys.stderr)
         out.extend(samples)
     return out

@@ -88,6 +88,41 @@ def test_peft_to_ms_and_back(peft_dir, tmp_path):
     torch.testing.assert_close(_peft_logits(back), logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("where", ["second write", "second move"])
+def test_peft_to_ms_writes_the_pair_or_nothing(peft_dir, tmp_path, monkeypatch, capsys, where):
+    """A failure while the pet_config is written (a full disk), or while the pair is moved into place, leaves
+    neither a .ckpt without its pet_config nor a changed old pair."""
+    import errno
+    from glm_common import fsutil
+    adapter, _ = peft_dir
+    ckpt, pet = tmp_path / "lora.ckpt", tmp_path / "lora_pet_config.yaml"
+    if where == "second write":
+        def full_disk(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(yaml, "safe_dump", full_disk)
+    else:
+        real = os.replace
+
+        def fail_second(src, dst):
+            if str(dst) == str(pet) and str(src).endswith(".pair-partial"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real(src, dst)
+        monkeypatch.setattr(fsutil.os, "replace", fail_second)
+    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("No space left" in err[0] or "Input/output" in err[0]), err
+    assert sorted(os.listdir(tmp_path)) == []              # neither file, no staging leftovers
+    # an existing pair is kept as it was
+    ckpt.write_bytes(b"old ckpt")
+    pet.write_text("old pet")
+    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt)]) == 1
+    assert ckpt.read_bytes() == b"old ckpt" and pet.read_text() == "old pet"
+    assert sorted(os.listdir(tmp_path)) == ["lora.ckpt", "lora_pet_config.yaml"]
+    monkeypatch.undo()
+    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt)]) == 0
+    assert yaml.safe_load(open(pet))["pet_config"]["lora_rank"] == R and ckpt.stat().st_size > 100
+
+
 def test_mindformers_run_yaml_and_json_pet_config(peft_dir, tmp_path):
     adapter, _ = peft_dir
     ckpt = tmp_path / "lora.ckpt"

@@ -184,6 +184,51 @@ def test_bin_that_is_not_a_state_dict(tmp_path):
     assert_refused(res, "pytorch_model.bin", QKV0, leftovers=[tmp_path / "o.ckpt"])
 
 
+class _Planted:
+    """A pickle that would run a command when loaded the unsafe way."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_format_that_does_not_match_the_extension(tiny_single, tmp_path):
+    """A safetensors file named .ckpt, a MindSpore .ckpt named .safetensors, a safetensors file named .bin:
+    said as such, not as an encrypted, truncated or corrupt file."""
+    fake_ckpt = tmp_path / "model.ckpt"
+    shutil.copy(os.path.join(tiny_single, "model.safetensors"), fake_ckpt)
+    res = cli(ROOT / "convert" / "ms_to_hf.py", "--ckpt", fake_ckpt, "--config", tiny_single,
+              "--output", tmp_path / "o", "--no-progress")
+    line = assert_refused(res, fake_ckpt, "format does not match the extension", "is a safetensors file",
+                          "extension .ckpt", leftovers=[tmp_path / "o"])
+    assert "encrypted" not in line and "truncated" not in line
+    ms = save_ms_checkpoint([("w", np.ones((2, 2), np.float32))], tmp_path / "real.ckpt")
+    fake_st = tmp_path / "x.safetensors"
+    shutil.copy(ms, fake_st)
+    res = cli(ROOT / "convert" / "ms_to_hf.py", "--ckpt", fake_st, "--config", tiny_single,
+              "--output", tmp_path / "o", "--no-progress")
+    line = assert_refused(res, fake_st, "format does not match the extension", "is a MindSpore checkpoint",
+                          "extension .safetensors", leftovers=[tmp_path / "o"])
+    assert "truncated" not in line
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_single, d)
+    os.replace(d / "model.safetensors", d / "pytorch_model.bin")
+    res = cli(ROOT / "convert" / "hf_to_ms.py", "--hf-dir", d, "--output", tmp_path / "o.ckpt", "--no-progress")
+    assert_refused(res, "pytorch_model.bin", "format does not match the extension", "is a safetensors file",
+                   leftovers=[tmp_path / "o.ckpt"])
+
+
+def test_malicious_pickle_bin_is_refused_without_torchs_unsafe_advice(tiny_single, tmp_path):
+    import torch
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_single, d)
+    os.remove(d / "model.safetensors")
+    torch.save({QKV0: _Planted()}, d / "pytorch_model.bin")
+    res = cli(ROOT / "convert" / "hf_to_ms.py", "--hf-dir", d, "--output", tmp_path / "o.ckpt", "--no-progress")
+    line = assert_refused(res, "pytorch_model.bin", "refused", "more than tensors", "system",
+                          leftovers=[tmp_path / "o.ckpt"])
+    assert "weights_only" not in line and "False" not in line and "corrupt" not in line
+
+
 def test_ckpt_lengths_checked(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     path = save_ms_checkpoint([("w", a), ("v", a + 1)], tmp_path / "t.ckpt")

@@ -92,19 +92,20 @@ def test_truncated_safetensors(tmp_path):
 
 def test_missing_shard_named_in_index(tmp_path):
     out = write_tiny_hf_dir(str(tmp_path / "m"), "sharded-bin")
-    os.remove(os.path.join(out, "pytorch_model-00002-of-00004.bin"))
+    os.remove(os.path.join(out, "pytorch_model-00002-of-00003.bin"))
     with pytest.raises(CheckpointError) as e:
         HFCheckpoint(out)
-    assert "pytorch_model.bin.index.json: shard pytorch_model-00002-of-00004.bin is named in weight_map but missing" in str(e.value)
+    assert "pytorch_model.bin.index.json: shard pytorch_model-00002-of-00003.bin is named in weight_map but missing" in str(e.value)
 
 
 def test_truncated_bin_shard(tmp_path):
     out = write_tiny_hf_dir(str(tmp_path / "m"), "sharded-bin")
-    shard = os.path.join(out, "pytorch_model-00001-of-00004.bin")
+    shard = os.path.join(out, "pytorch_model-00001-of-00003.bin")
     data = open(shard, "rb").read()
     open(shard, "wb").write(data[: len(data) // 3])
-    with pytest.raises(CheckpointError, match="pytorch_model-00001-of-00004.bin: truncated or corrupt .bin"):
-        for _ in HFCheckpoint(out).items():   # (every shard's names are read when the directory is opened)
+    ckpt = HFCheckpoint(out)
+    with pytest.raises(CheckpointError, match="pytorch_model-00001-of-00003.bin: truncated or corrupt .bin"):
+        for _ in ckpt.items():
             pass
 
 
@@ -132,3 +133,26 @@ def test_cli_writes_tiny(tmp_path, capsys):
     assert HFCheckpoint(str(tmp_path / "x")).info("transformer.output_layer.weight")[1] == "bfloat16"
     assert main(["info", str(tmp_path / "nothing")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_cli_shards_writes_exactly_that_many(tmp_path, shards):
+    from convert.hf_layout import main
+    out = tmp_path / "x"
+    assert main(["tiny", "--out", str(out), "--layout", "sharded-safetensors", "--shards", str(shards)]) == 0
+    ckpt = HFCheckpoint(str(out))
+    assert len(ckpt.shards) == shards
+    assert sorted(os.listdir(out)) == sorted([f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+                                             + ["model.safetensors.index.json", "config.json", "tokenizer.model",
+                                                "tokenizer_config.json"])
+    for name in REFERENCE:                      # every tensor once, readable by the safetensors library
+        assert torch.equal(_independent_read(ckpt, name), REFERENCE[name]), name
+
+
+@pytest.mark.parametrize("shards", ["0", "-2", "10000"])
+def test_cli_refuses_a_shard_count_it_cannot_write(tmp_path, capsys, shards):
+    from convert.hf_layout import main
+    assert main(["tiny", "--out", str(tmp_path / "x"), "--layout", "sharded-bin", "--shards", shards]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --shards: ") and "Traceback" not in err[0]
+    assert not (tmp_path / "x").exists()

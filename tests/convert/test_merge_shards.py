@@ -384,3 +384,66 @@ def test_pure_data_parallel_without_strategy(tmp_path):
     with pytest.raises(MergeError, match="replica differs from rank 0"):
         merge_shards(str(tmp_path / "ckpt"), None, str(tmp_path / "bad.ckpt"), progress=False)
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+def _dp_run(root, ranks=2, prefix="tiny-glm2-lora", step=4, seed=3):
+    """A pure data-parallel run's rank folders: every rank holds the same full tensors."""
+    rng = np.random.default_rng(seed)
+    weights = [("transformer.encoder.layers.0.self_attention.query_key_value.mindpet_delta_lora_b",
+                rng.standard_normal((128, 8)).astype(np.float32))]
+    for r in range(ranks):
+        save_ms_checkpoint(weights, root / "ckpt" / f"rank_{r}" / f"{prefix}-1_{step}.ckpt")
+    return dict(weights)
+
+
+def _cli(root, *extra):
+    out = root / "out" / "merged.ckpt"
+    res = subprocess.run([sys.executable, SCRIPT, "--src", str(root / "ckpt"), "--output", str(out), "--quiet",
+                          *extra], capture_output=True, text=True)
+    return res, out
+
+
+def test_empty_or_unreadable_rank_checkpoints_are_refused(tmp_path):
+    _dp_run(tmp_path, step=4)
+    _dp_run(tmp_path, step=8)
+    newest = [tmp_path / "ckpt" / f"rank_{r}" / "tiny-glm2-lora-1_8.ckpt" for r in range(2)]
+    open(newest[1], "wb").close()                       # one rank's newest cut to 0 bytes
+    res, out = _cli(tmp_path)
+    assert_clean_failure(res, out, str(newest[1]), "empty file (0 bytes)", "--step")
+    open(newest[0], "wb").close()                       # every rank's newest
+    res, out = _cli(tmp_path)
+    assert_clean_failure(res, out, str(newest[0]), "empty file (0 bytes)")
+    res, out = _cli(tmp_path, "--step", "4")            # the older step every rank holds still merges
+    assert res.returncode == 0, res.stderr
+    os.remove(out)
+    for f in newest:
+        os.remove(f)
+        os.makedirs(f)                                  # a .ckpt that cannot be read as a file
+    res, out = _cli(tmp_path)
+    assert_clean_failure(res, out, str(newest[0]), "cannot read")
+
+
+def test_strategy_splitting_data_parallel_replicas_is_refused(tmp_path):
+    w = _dp_run(tmp_path)
+    name = next(iter(w))
+    strat = str(tmp_path / "strategy.ckpt")
+    write_strategy_file(strat, {name: Layout((2,), (0, -1))})  # "dim 0 split over 2 devices"
+    res, out = _cli(tmp_path, "--strategy", strat)
+    assert_clean_failure(res, out, name, "rank_1", "same values as rank 0", "[256, 8]", "replicas",
+                         "do not match")
+    res, out = _cli(tmp_path)                           # without the strategy: one replica, checked
+    assert res.returncode == 0, res.stderr
+    assert MSCheckpoint(out).info(name)[0] == (128, 8)
+
+
+def test_mixed_checkpoint_prefixes_are_refused(tmp_path):
+    w = _dp_run(tmp_path, prefix="glm2-lora", step=4)
+    _dp_run(tmp_path, prefix="other-run", step=6, seed=9)
+    res, out = _cli(tmp_path)
+    assert_clean_failure(res, out, "2 prefixes", "glm2-lora", "other-run", "--prefix")
+    res, out = _cli(tmp_path, "--prefix", "glm2-lora")
+    assert res.returncode == 0, res.stderr
+    name = next(iter(w))
+    np.testing.assert_array_equal(MSCheckpoint(out).read(name), w[name])
+    res, out2 = _cli(tmp_path, "--prefix", "nope")
+    assert res.returncode == 1 and "prefixes found: glm2-lora, other-run" in res.stderr

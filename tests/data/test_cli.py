@@ -51,6 +51,7 @@ def test_training_side_refuses_bad_rows_unless_skipped(tmp_path, capsys):
     assert main(base) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: field 'summary' must be a string, got int" in err and not out.exists()
+    assert "pass --skip-bad-rows to drop them" in err           # a flag this command has
     assert main(base + ["--skip-bad-rows"]) == 0
     assert f"{bad}: skipped 1 bad rows" in capsys.readouterr().err
     assert load_features(str(out))["input_ids"].shape == (1, 193)

@@ -443,6 +443,24 @@ def case_ms_to_hf_yaml_without_model_config(ctx, d):
     return Run(ms_to_hf(ctx.ms_ckpt(), os.path.join(d, "hf"), y), ["run.yaml"], [os.path.join(d, "hf")])
 
 
+def case_ms_to_hf_safetensors_named_ckpt(ctx, d):
+    fake = os.path.join(d, "model.ckpt")
+    shutil.copy(os.path.join(ctx.hf(), "model.safetensors"), fake)
+    out = os.path.join(d, "out")
+    return Run(ms_to_hf(fake, out), ["model.ckpt", "format does not match the extension"], [out])
+
+
+def case_hf_to_ms_malicious_pickle_bin(ctx, d):
+    import torch
+    hf = os.path.join(d, "hf")
+    shutil.copytree(ctx.hf(), hf)
+    os.remove(os.path.join(hf, "model.safetensors"))
+    marker = os.path.join(d, "pwned")
+    torch.save({"transformer.embedding.word_embeddings.weight": _Planted(marker)}, os.path.join(hf, "pytorch_model.bin"))
+    out = os.path.join(d, "o.ckpt")
+    return Run(hf_to_ms(hf, out), ["pytorch_model.bin", "refused", "more than tensors"], [out, marker])
+
+
 def case_ms_to_hf_output_is_a_file(ctx, d):
     out = os.path.join(d, "hf")
     open(out, "w").write("x")
@@ -542,6 +560,36 @@ def case_merge_corrupt_rank_file(ctx, d):
     return Run(merge(src, os.path.join(d, "m.ckpt")), ["glm2-1_10.ckpt"], [os.path.join(d, "m.ckpt")])
 
 
+def case_merge_every_newest_rank_file_empty(ctx, d):
+    src = _dp_run(d)
+    for r in (0, 1):
+        open(os.path.join(src, f"rank_{r}", "glm2-1_10.ckpt"), "wb").close()
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["glm2-1_10.ckpt", "empty"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_one_newest_rank_file_empty(ctx, d):
+    src = _dp_run(d, steps=(5, 10))
+    open(os.path.join(src, "rank_1", "glm2-1_10.ckpt"), "wb").close()
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["rank_1", "empty"], [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_strategy_splits_data_parallel_replicas(ctx, d):
+    src = _dp_run(d)
+    s = os.path.join(d, "strategy.ckpt")
+    from convert.strategy import Layout, write_strategy_file
+    write_strategy_file(s, {"transformer.encoder.final_layernorm.weight": Layout((2,), (0, -1))}, 0)
+    return Run(merge(src, os.path.join(d, "m.ckpt"), "--strategy", s), ["final_layernorm", "replicas"],
+               [os.path.join(d, "m.ckpt")])
+
+
+def case_merge_mixed_checkpoint_prefixes(ctx, d):
+    src = _dp_run(d)
+    for r in (0, 1):
+        import shutil
+        shutil.copy(os.path.join(src, f"rank_{r}", "glm2-1_10.ckpt"), os.path.join(src, f"rank_{r}", "other-1_12.ckpt"))
+    return Run(merge(src, os.path.join(d, "m.ckpt")), ["prefixes", "--prefix"], [os.path.join(d, "m.ckpt")])
+
+
 def case_split_output_not_empty(ctx, d):
     out = os.path.join(d, "out")
     os.makedirs(os.path.join(out, "keep"))
@@ -638,6 +686,21 @@ def case_rank_table_bad_json(ctx, d):
 def case_rank_table_bad_ip(ctx, d):
     p = _data(d, json.dumps(_table(ips=("192.1.27.6", "300.1.1.1"))), "t.json")
     return Run([PY, _script("hccl/validate.py"), p], ["t.json", "device_ip"])
+
+
+def case_rank_table_devices_outside_the_range(ctx, d):
+    t = _table()
+    for dev, entry in zip((2, 3), t["server_list"][0]["device"]):
+        entry["device_id"] = str(dev)
+    p = _data(d, json.dumps(t), "t.json")
+    return Run([PY, _script("hccl/validate.py"), p, "--device-range", "[0,2)"], ["t.json", "devices 2, 3"])
+
+
+def case_rank_table_device_past_the_node(ctx, d):
+    t = _table()
+    t["server_list"][0]["device"][1]["device_id"] = "9"
+    p = _data(d, json.dumps(t), "t.json")
+    return Run([PY, _script("hccl/validate.py"), p, "--device-count", "8"], ["t.json", "device 9"])
 
 
 def case_merge_hccl_duplicate_server(ctx, d):

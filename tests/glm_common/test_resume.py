@@ -39,6 +39,13 @@ def test_choose_resume_says_which_rank_lacks_the_newer_step():
     assert (one.step, one.line) == (16, "resuming from r0/16 at step 16")
 
 
+def test_resume_without_any_checkpoint_says_it_starts_from_step_0():
+    from glm_common.resume import Verified
+    d = choose_resume(Verified(), None, rank=0, world=1, where="out/checkpoint")
+    assert (d.step, d.path) == (0, None)
+    assert d.line == "resume_training: no checkpoint in out/checkpoint; starting from step 0"
+
+
 def test_verify_candidates_skips_with_a_line_naming_the_file(tmp_path):
     good, empty, cut = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     good.write_bytes(b"ok")

@@ -162,11 +162,51 @@ def test_valid_tables_pass(in_tmp):
 
 # ---- the launch arguments against the table ----
 
+def on_devices(table, *devices):
+    for d, dev in zip(table["server_list"][0]["device"], devices):
+        d["device_id"] = str(dev)
+    return table
+
+
 def test_single_node_range_matches(in_tmp):
     assert errors_of(one_server(), "[0,2)") == []
-    assert errors_of(one_server(), "[6,8]") == []  # '[a,b]' reads as b excluded, as the launcher does
+    assert errors_of(on_devices(one_server(), 6, 7), "[6,8]") == []  # '[a,b]' reads as b excluded, as the launcher
+    assert errors_of(on_devices(one_server(), 7, 6), "[6,8)") == []  # any order: each rank takes its entry's device
     assert errors_of(one_server(), "[0,4)") == [
         "hccl.json: device range [0,4) starts 4 ranks, but the table lists 2 devices"]
+
+
+def test_single_node_table_must_name_the_devices_of_the_range(in_tmp):
+    assert errors_of(on_devices(one_server(), 2, 3), "[0,2)") == [
+        "hccl.json: server_list[0].device: the table names devices 2, 3, but device range [0,2) is devices 0, 1: "
+        "the ranks would bind devices the table does not name"]
+    assert errors_of(one_server(), "[6,8]") == [
+        "hccl.json: server_list[0].device: the table names devices 0, 1, but device range [6,8) is devices 6, 7: "
+        "the ranks would bind devices the table does not name"]
+
+
+def test_device_ids_exist_on_the_node(in_tmp):
+    table = on_devices(one_server(), 0, 9)
+    expected = ["hccl.json: server_list[0].device[1].device_id: device 9 does not exist on a node of 8 devices (0..7)"]
+    with open("hccl.json", "w") as f:
+        json.dump(table, f)
+    assert check_file("hccl.json", "[0,2)", device_count=8) == expected
+    assert check_file("hccl.json", device_count=8) == expected
+    assert check_file("hccl.json", device_count=16) == []
+    res = run_cli("validate.py", "hccl.json", "--device-count", "8", cwd=in_tmp)
+    assert res.returncode == 1 and res.stderr.strip() == expected[0]
+    assert check_file("hccl.json", "[8,10)", device_count=8) != []
+
+
+def test_rank_plan_takes_each_ranks_device_from_the_table(in_tmp):
+    table = on_devices(one_server(), 3, 2)
+    assert rank_plan("[2,4)", None, table) == [(0, 3), (1, 2)]
+    t2 = two_servers()
+    t2["server_list"][1]["device"][0]["device_id"], t2["server_list"][1]["device"][1]["device_id"] = "1", "0"
+    assert rank_plan("[2,4)", 4, t2) == [(2, 1), (3, 0)]
+    dump(in_tmp / "t.json", table)
+    res = run_cli("validate.py", "t.json", "--device-range", "[2,4)", "--plan", cwd=in_tmp)
+    assert res.returncode == 0 and res.stdout.split("\n")[:2] == ["0 3", "1 2"], res.stderr
 
 
 def test_single_node_launch_needs_one_server(in_tmp):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -91,3 +92,84 @@ def test_bad_input_stops_with_one_line(tmp_path, capsys):
     assert main(["--config", good, "--run_mode", "predict", "--load_checkpoint", str(tmp_path / "x.ckpt"),
                  "--output_dir", str(tmp_path / "o")]) == 2
     assert "load_checkpoint" in capsys.readouterr().err
+
+
+def test_busy_output_dir_is_refused_in_one_line(tmp_path, capsys):
+    """Two runs on one output_dir: the second is refused naming the first (glm_common.run_lock)."""
+    from glm_common.run_lock import OutputLock
+    out = tmp_path / "out"
+    good = str(ROOT / "configs" / "tiny" / "run_tiny_lora.yaml")
+    with OutputLock(out) as held:  # stands for a run in progress (this process: pid and host in the file)
+        assert main(["--config", good, "--run_mode", "finetune", "--train_steps", "1", "--no_progress",
+                     "--output_dir", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and f"pid {os.getpid()} on host" in err[-1] and held.held
+        assert os.listdir(out) == [".glm2_run.lock"]    # no loss log, no checkpoint
+
+
+def _bad_rows_file(tmp_path):
+    bad = tmp_path / "bad_rows.json"
+    bad.write_text('{"content": "类型#裙", "summary": "好看的裙子。"}\n{"content": "类型#裤", "summary": 5}\n',
+                   encoding="utf-8")
+    return bad
+
+
+def _flags(parser_main):
+    """The option strings the runner's parser accepts."""
+    import argparse
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        seen.update({o: 1 for act in self._actions for o in act.option_strings})
+        raise SystemExit(0)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            parser_main(["--config", "x"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return set(seen)
+
+
+def test_bad_rows_refusal_names_only_flags_the_runner_has(tmp_path, capsys):
+    import re
+    bad = _bad_rows_file(tmp_path)
+    good = str(ROOT / "configs" / "tiny" / "run_tiny_lora.yaml")
+    assert main(["--config", good, "--run_mode", "finetune", "--train_steps", "1", "--no_progress",
+                 "--train_dataset_dir", str(bad), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and f"{bad}:2:" in err and "glm_common.data check" in err
+    assert set(re.findall(r"(?<![\w-])--[a-z_-]+", err)) <= _flags(main), err
+
+
+def test_predict_data_naming_a_missing_file_is_an_error(tmp_path, capsys):
+    good = str(ROOT / "configs" / "tiny" / "run_tiny_lora_eval.yaml")
+    missing = tmp_path / "prompts.json"
+    assert main(["--config", good, "--run_mode", "predict", "--predict_data", str(missing),
+                 "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: --predict_data: {missing}: no such file (texts to answer are given as they are; "
+                       f"a data file must exist)")
+    assert not (tmp_path / "o" / "predict_results.jsonl").exists()
+    from mindspore_glm.run import _predict_inputs
+    assert _predict_inputs(["类型#裙*颜色#红色"]) == ["类型#裙*颜色#红色"]      # a text stays a text
+    assert _predict_inputs(["what is in notes.txt"]) == ["what is in notes.txt"]
+
+
+def test_lora_dropout_with_a_fixed_seed_repeats_the_losses(lora_run):
+    """The YAML's seed fixes MindSpore's dropout masks too (nn.Dropout takes its kernel seeds from the global
+    seed when built): a second process on the same YAML gives the same losses, bit for bit, as torch does."""
+    tmp, _ = lora_run
+    out = tmp / "again"
+    proc = subprocess.run(["bash", "scripts/run_standalone.sh", "configs/tiny/run_tiny_lora.yaml", "0", "finetune",
+                           "--train_steps", "3", "--output_dir", str(out), "--no_progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp / "log_again")})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    cfg = yaml.safe_load(open(ROOT / "configs" / "tiny" / "run_tiny_lora.yaml", encoding="utf-8"))
+    assert cfg["model"]["model_config"]["pet_config"]["lora_dropout"] > 0
+    first = [json.loads(r)["loss"] for r in open(tmp / "out" / "loss_log.jsonl", encoding="utf-8")]
+    second = [json.loads(r)["loss"] for r in open(out / "loss_log.jsonl", encoding="utf-8")]
+    assert len(first) == 3 and all(np.isfinite(first))
+    assert second == first

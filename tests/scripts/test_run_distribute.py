@@ -46,9 +46,11 @@ def _fake_env(out, **extra):
             **{k: str(v) for k, v in extra.items()}}
 
 
-def _table(path, n=8, servers=1):
-    """A version 1.0 rank table: ``servers`` x ``n`` devices, ranks in order."""
-    srv = [new_server(f"10.0.0.{s + 1}", [new_device(d, f"192.{d + 1}.{27 + s}.6", s * n + d) for d in range(n)])
+def _table(path, n=8, servers=1, devices=None):
+    """A version 1.0 rank table: ``servers`` x ``n`` devices (ids ``devices``, default 0..n-1), ranks in order."""
+    devices = list(range(n)) if devices is None else list(devices)
+    srv = [new_server(f"10.0.0.{s + 1}", [new_device(dev, f"192.{d + 1}.{27 + s}.6", s * n + d)
+                                          for d, dev in enumerate(devices)])
            for s in range(servers)]
     path.write_text(json.dumps(new_table(srv), indent=2))
     return str(path)
@@ -182,6 +184,62 @@ def test_dry_run_ascend_single_and_multi_node(tmp_path):
         assert f"--device_id {rank - 8}" in r.stdout
 
 
+def test_each_rank_binds_the_device_its_table_entry_names(tmp_path):
+    """The table, not the range's order, gives DEVICE_ID; a table naming other devices than the range is
+    refused before anything starts."""
+    t = _table(tmp_path / "hccl_2p.json", 2, devices=(3, 2))
+    r = _launch(["--dry-run", t, GLM2_LORA, "[2,4)", "finetune"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    for rank, dev in ((0, 3), (1, 2)):
+        assert f"rank {rank} (device {dev})\n    env: RANK_SIZE=2 RANK_TABLE_FILE={t} RANK_ID={rank} " \
+               f"DEVICE_ID={dev}\n" in r.stdout
+        assert f"--device_id {dev}" in r.stdout.split(f"rank {rank} (device")[1].split("cmd:")[1].splitlines()[0]
+    t23 = _table(tmp_path / "hccl_23.json", 2, devices=(2, 3))
+    r = _launch(["--dry-run", t23, GLM2_LORA, "[0,2)", "finetune"], tmp_path)
+    assert r.returncode == 2 and "the table names devices 2, 3, but device range [0,2) is devices 0, 1" in r.stderr
+    t9 = _table(tmp_path / "hccl_9.json", 2, devices=(0, 9))
+    r = _launch(["--dry-run", t9, GLM2_LORA, "[0,2)", "finetune"], tmp_path)
+    assert r.returncode == 2 and "device 9 does not exist on a node of" in r.stderr
+
+
+def test_msrun_ranks_take_the_launchers_device_not_the_yamls(tmp_path):
+    """Under msrun (a dynamic cluster) the device of a rank comes from the launcher: the table's devices are
+    made visible in rank order, msrun's worker i gets DEVICE_ID=i, and the rank uses it, not the YAML's
+    context.device_id (mindformers drops it there)."""
+    from mindspore_glm.launch_plan import launcher_device_id
+    cfg = yaml.safe_load(open(GLM2_LORA))
+    cfg["context"]["device_id"] = 0
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    t = _table(tmp_path / "hccl_4p.json", 4, devices=(5, 4, 7, 6))
+    plan, _ = build_plan(["--launcher", "msrun", t, str(tmp_path / "run.yaml"), "[4,8)", "finetune"],
+                         environ={"PATH": os.environ.get("PATH", "")}, cwd=str(tmp_path))
+    (msrun,) = plan.procs
+    assert msrun.env["ASCEND_RT_VISIBLE_DEVICES"] == "5,4,7,6"
+    assert "--device_id" not in msrun.cmd
+    assert launcher_device_id({"MS_ROLE": "MS_WORKER", "DEVICE_ID": "2", "RANK_ID": "2"}) == 2  # device 7
+    assert launcher_device_id({"DEVICE_ID": "2"}) is None          # rank-table launch: --device_id decides
+
+
+def test_msrun_rank_ignores_the_yaml_device_id(tmp_path, monkeypatch):
+    """mindspore_glm.run under msrun: the launcher's DEVICE_ID reaches set_context, the YAML's 0 does not."""
+    import mindspore_glm.run as run
+    seen = {}
+
+    def stop(s, *a, **k):
+        seen["device_id"] = s.device_id
+        raise SystemExit(0)
+    monkeypatch.setattr(run, "set_context", stop)
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
+    monkeypatch.setenv("DEVICE_ID", "3")
+    with pytest.raises(SystemExit):
+        run.main(["--config", TINY_LORA, "--run_mode", "predict", "--predict_data", "x"])
+    assert seen["device_id"] == 3
+    monkeypatch.delenv("MS_ROLE")
+    with pytest.raises(SystemExit):
+        run.main(["--config", TINY_LORA, "--run_mode", "predict", "--predict_data", "x"])
+    assert seen["device_id"] == 0
+
+
 def test_dry_run_predict_and_msrun(tmp_path):
     r = _launch(["--dry-run", "--launcher", "msrun", "-", TINY_LORA, "[0,2)", "predict", "类型#裙", "你好"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -236,7 +294,7 @@ def test_all_ranks_succeed_with_their_variables(tmp_path):
 
 def test_ascend_launch_exports_the_rank_table(tmp_path):
     fake = tmp_path / "fake"
-    t4 = _table(tmp_path / "hccl_4p.json", 4)
+    t4 = _table(tmp_path / "hccl_4p.json", 4, devices=range(4, 8))
     r = _launch([t4, GLM2_LORA, "[4,8)", "finetune"], tmp_path, env=_fake_env(fake))
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (fake / "scheduler.json").exists()
@@ -325,6 +383,36 @@ def test_ctrl_c_stops_all_ranks(tmp_path, sig):
     assert f"{signal.Signals(sig).name} received; stopping scheduler, rank 0, rank 1" in err
     for role in ("rank_0", "rank_1", "scheduler"):
         assert not _alive(json.loads((fake / f"{role}.json").read_text())["pid"]), role
+
+
+def test_one_output_dir_lock_for_the_whole_launch(tmp_path):
+    """The launcher holds the output_dir lock for its ranks (its token in their environment, so they do not
+    refuse each other); a second launch on the same output_dir is refused in one line naming the first."""
+    fake = tmp_path / "fake"
+    env = dict(os.environ, PYTHON=sys.executable, **_fake_env(fake, FAKE_SECONDS=60, FAKE_SCHED_SECONDS=60))
+    env.pop("GLM_DRY_RUN", None)
+    p = subprocess.Popen(["bash", SCRIPT, "-", TINY_LORA, "[0,2)", "finetune"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not all((fake / f"{r}.json").exists() for r in ("rank_0", "rank_1")):
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.05)
+        lock = json.loads((tmp_path / "output" / ".glm2_run.lock").read_text())
+        assert lock["pid"] == p.pid
+        for rank in (0, 1):
+            assert json.loads((fake / f"rank_{rank}.json").read_text())["env"]["GLM_OUTPUT_LOCK_TOKEN"] == lock["token"]
+        r = _launch(["-", TINY_LORA, "[0,2)", "finetune", "--output", "other"], tmp_path, env=_fake_env(tmp_path / "f2"))
+        assert r.returncode == 2
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and f"in use by another run (pid {p.pid} on host" in err[0], r.stderr
+        assert not (tmp_path / "f2" / "rank_0.json").exists()
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    assert not (tmp_path / "output" / ".glm2_run.lock").exists()   # released when the launch ends
+    r = _launch(["--dry-run", "-", TINY_LORA, "[0,2)", "finetune", "--", "--output_dir", "elsewhere"], tmp_path)
+    assert f"output_dir: {tmp_path}/output/work/rank_0/elsewhere (locked for the run" in r.stdout
 
 
 # ------------------------------------------------------------------------------------------- memory plan

@@ -210,3 +210,26 @@ def test_torchrun_ddp_two_processes_gloo(tmp_path):
     assert mean([r["loss"] for r in rows[-4:]]) < mean([r["loss"] for r in rows[:4]]) - 0.5
     model = ChatGLM2ForConditionalGeneration.from_pretrained(tmp_path / "out" / "model")
     assert torch.isfinite(model.transformer.output_layer.weight).all()
+
+
+def test_bad_rows_refusal_names_only_flags_the_runner_has(tmp_path, capsys):
+    import re
+    from tests.mindspore_glm.test_run import _bad_rows_file, _flags
+    bad = _bad_rows_file(tmp_path)
+    cfg = run_config(tmp_path, "full", 1e-3, rows=8, epochs=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    assert main(["--config", str(path), "--train_dataset", str(bad), "--no_progress", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and f"{bad}:2:" in err and "glm_common.data check" in err
+    assert set(re.findall(r"(?<![\w-])--[a-z_-]+", err)) <= _flags(main), err
+
+
+def test_resume_on_an_empty_output_dir_says_so(tmp_path, capsys):
+    cfg = run_config(tmp_path, "full", 1e-3, rows=4, epochs=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    assert main(["--config", str(path), "--resume", "--no_progress", "--device", "cpu", "--max_steps", "1"]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "resume_training" in x]
+    assert lines == [f"resume_training: no checkpoint in {tmp_path / 'out' / 'checkpoint'}; starting from step 0"], err
