@@ -644,12 +644,12 @@ def test_two_rank_eval_and_predict_match_one_process(tmp_path):
     compute every sample alike); only rank 0 writes."""
     from mindspore_glm.run import main
     cfg = yaml.safe_load(open(_tiny_dp_config(tmp_path / "base.yaml", 4, "unused")))
-    cfg["eval_dataset"].update(num_samples=5, batch_size=1, max_target_length=8)
-    cfg["model"]["model_config"]["max_decode_length"] = 32 + 8      # the total: prompt (<= 32) + 8
+    cfg["eval_dataset"].update(num_samples=3, batch_size=1, max_target_length=4)
+    cfg["model"]["model_config"]["max_decode_length"] = 32 + 4      # the total: prompt (<= 32) + 4
     cfg["model"]["model_config"].pop("pet_config")                  # the base model: no adapter to load
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    texts = ["类型#裙*颜色#红色", "类型#上衣*材质#棉", "类型#裤*风格#休闲"]   # 3 texts on 2 ranks: uneven shares
+    texts = ["类型#裙*颜色#红色", "类型#上衣*材质#棉", "类型#裤*风格#休闲"]   # 3 items on 2 ranks: uneven shares
     env = {"GLOG_v": "3"}
     for status, extra in (("eval", []), ("predict", texts)):
         r = _launch(["-", str(config), "[0,2)", status, *extra, "--", "--output_dir", str(tmp_path / "dp"),
@@ -657,14 +657,14 @@ def test_two_rank_eval_and_predict_match_one_process(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr + "".join(
             (tmp_path / "output" / "log" / f"rank_{i}" / "worker.log").read_text()[-3000:] for i in (0, 1))
         log1 = (tmp_path / "output" / "log" / "rank_1" / "worker.log").read_text()
-        share = "answered 2 of 5 samples" if status == "eval" else "answered 1 of 3 texts"
+        share = "answered 1 of 3 samples" if status == "eval" else "answered 1 of 3 texts"
         assert f"rank 1: {share}; rank 0 writes the results" in log1
         args = ["--config", str(config), "--run_mode", status, "--output_dir", str(tmp_path / "one"), "--no_progress"]
         assert main(args + (["--predict_data", *texts] if extra else [])) == 0
     for name in ("eval_predictions.jsonl", "eval_results.json", "predict_results.jsonl"):
         one = (tmp_path / "one" / name).read_text(encoding="utf-8")
         assert (tmp_path / "dp" / name).read_text(encoding="utf-8") == one, name
-    assert len((tmp_path / "one" / "eval_predictions.jsonl").read_text().splitlines()) == 5
+    assert len((tmp_path / "one" / "eval_predictions.jsonl").read_text().splitlines()) == 3
     assert [json.loads(x)["query"] for x in open(tmp_path / "dp" / "predict_results.jsonl")] == texts
     assert not [p for p in os.listdir(tmp_path / "dp") if p.endswith(".tmp")]
 
