@@ -252,6 +252,8 @@ def _train_shipped(backend, name, dtype, tmp):
     cfg["output_dir"] = str(tmp / f"{backend}-{dtype}")
     s = quiet(cfg)
     s.progress, s.max_steps, s.do_eval = False, STEPS, False
+    # the fixed rows' loss at the training lengths (eval_loss reads the eval lengths)
+    s.eval_max_source_length, s.eval_max_target_length = s.max_source_length, s.max_target_length
     tok = ChatGLM2Tokenizer(str(TOKENIZER_MODEL))
     fixed = load_samples(s.train_file)[:8]
     if backend == "ms":
