@@ -10,8 +10,9 @@ shards. Per device, for the stage of the pipeline that holds the most, it counts
 
 * **weights**: every parameter the device stores, in ``param_init_type``. Model parallel (``mp``) splits
   the four linear weights of each layer, the query/key/value bias and the output layer (the embedding
-  too unless ``vocab_emb_dp``); pipeline parallel (``pp``) gives each stage ``ceil(layers / pp)`` layers,
-  the first the embedding (and prefix encoder), the last the final norm and output layer. Optimizer
+  too unless ``vocab_emb_dp``); pipeline parallel (``pp``) gives each stage ``(layers + 1) // pp`` layers
+  and the last the rest (mindformers' rule, the runner's), the first the embedding (and prefix encoder),
+  the last the final norm and output layer. Optimizer
   shard (``parallel.enable_parallel_optimizer``) splits stored weights over the ``dp`` replicas where the
   engine does so: MindSpore semi-auto parallel (``parallel_mode: 1``) and torch FSDP2 full shard.
 * **gathered weights**: the whole (model-parallel-local) weights an optimizer-sharded run gathers for
@@ -21,8 +22,9 @@ shards. Per device, for the stage of the pipeline that holds the most, it counts
 * **gradients**: one per trained parameter, in its dtype; sharded over ``dp`` with the optimizer shard
   (MindSpore semi-auto: reduce-scatter; FSDP2: sharded gradients). Only trained parameters get one.
 * **optimizer states**: AdamW's two moments per trained parameter, float32 whatever ``param_init_type``
-  (both train steps' ``make_optimizer``); over ``dp`` with the optimizer shard (in MindSpore's
-  data-parallel mode the shard splits only these).
+  (both train steps' ``make_optimizer``); over ``dp`` with the optimizer shard where it splits the
+  weights (MindSpore semi-auto, torch FSDP2); MindSpore's data-parallel mode keeps the whole moments on
+  every rank.
 * **master weights**: a float32 copy of each trained parameter kept in float16/bfloat16, which the
   optimizer updates and the weights are cast from (0 for float32 weights); split like the states.
 * **activations**: the tensors the backward reads, enumerated per layer from ChatGLM2's forward
@@ -76,6 +78,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from glm_common.config import ChatGLM2Config
 from glm_common.names import hf_param_shapes
+from glm_common.parallel_keys import layer_stages
 
 __all__ = ["PlanError", "Layout", "MemoryPlan", "DTYPE_BYTES", "HCCL_BUFFER_BYTES", "FSDP_UNITS_IN_FLIGHT",
            "GRAD_UPDATE_COPIES", "DDP_BUCKET_COPIES", "STATE_DTYPE", "parse_size", "format_size",
@@ -198,9 +201,10 @@ def _params(L: Layout) -> List[dict]:
     return out
 
 
-def _stage_layers(L: Layout) -> List[range]:
-    per = math.ceil(L.config.num_layers / L.pp)
-    return [range(i * per, min((i + 1) * per, L.config.num_layers)) for i in range(L.pp)]
+def _stage_layers(L: Layout) -> List[list]:
+    """The layers of each pipeline stage, as the runner places them (:func:`glm_common.parallel_keys.layer_stages`)."""
+    stages = layer_stages(L.config.num_layers, L.pp)
+    return [[i for i, s in enumerate(stages) if s == k] for k in range(L.pp)]
 
 
 def layer_activation_bytes(L: Layout, tokens: int, lora_on: Sequence[str] = (), trained_linears: bool = True) -> int:
@@ -298,9 +302,9 @@ def plan_memory(L: Layout) -> dict:
             b["gathered_weights"] = 0
         shard_grads = L.opt_shard and (torch or L.semi_auto)
         b["gradients"] = trained * pb // (L.dp if shard_grads else 1)
-        b["optimizer_states"] = 2 * trained * sb // (L.dp if L.opt_shard else 1)
+        b["optimizer_states"] = 2 * trained * sb // (L.dp if shard_weights else 1)
         masters = L.param_dtype != L.state_dtype
-        b["master_weights"] = trained * sb // (L.dp if L.opt_shard else 1) if masters else 0
+        b["master_weights"] = trained * sb // (L.dp if shard_weights else 1) if masters else 0
 
         full_layer = layer_activation_bytes(L, tokens, lora_on, trained_linears=L.method == "full")
         n_layers = len(layers)

@@ -11,22 +11,32 @@ auto-parallel context, sharding strategies, pipeline stages and recompute flags:
 * ``parallel_config.gradient_aggregation_group`` (the optimizer's communication fusion groups, as
   mindformers' layer settings use it);
 * ``recompute_config``: ``recompute``, ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``,
-  ``recompute_slice_activation``, ``select_recompute`` (``True``: the MLP of every layer; or a list of
-  names of a layer's cells, regular expressions matched whole, e.g. ``["mlp"]``; used when ``recompute``
-  is False).
+  ``recompute_slice_activation``, ``select_recompute`` (``True``: attention and the MLP of every
+  layer; or a list of names of a layer's cells, regular expressions matched whole, e.g. ``["mlp"]``, each
+  of which must match a cell; used when ``recompute`` is False).
 
 Keys that have no meaning for this model (``enable_alltoall``, ``expert_parallel``) are left unread, so
 they land in the run's one "ignored" warning.
 """
 from __future__ import annotations
 
-__all__ = ["SEARCH_MODES", "SELECT_RECOMPUTE_DEFAULT", "read_parallel_keys", "device_ignored"]
+__all__ = ["SEARCH_MODES", "SELECT_RECOMPUTE_DEFAULT", "read_parallel_keys", "device_ignored", "layer_stages"]
 
-#: MindSpore's ``search_mode`` values (auto parallel; semi-auto uses only the strategies given)
+
+def layer_stages(num_layers: int, pipeline_stage: int) -> list:
+    """The pipeline stage of each layer, as mindformers assigns them (``(layers + 1) // stages`` layers a
+    stage, the rest on the last): the embedding is on stage 0, the final norm and ``output_layer`` on the
+    last. The runner (``mindspore_glm.parallel``) and the memory plan both use it."""
+    per = max((num_layers + 1) // pipeline_stage, 1)
+    return [min(i // per, pipeline_stage - 1) for i in range(num_layers)]
+
+#: MindSpore's ``search_mode`` values (auto parallel only; named in the "ignored" warning: semi-auto uses
+#: only the strategies given)
 SEARCH_MODES = ("recursive_programming", "sharding_propagation", "dynamic_programming")
-#: the cells of a layer ``select_recompute: True`` recomputes: the MLP, whose activations (the 2 x ffn wide
-#: projection and its SwiGLU) are a layer's largest; measured by bench/bench_recompute.py on CPU
-SELECT_RECOMPUTE_DEFAULT = ("mlp",)
+#: the cells of a layer ``select_recompute: True`` recomputes: attention and the MLP, as mindformers'
+#: ``select_recompute`` does (its attention scores/softmax and the SwiGLU activation are the selected ops;
+#: here the two cells around them)
+SELECT_RECOMPUTE_DEFAULT = ("self_attention", "mlp")
 
 
 def _select_recompute(r) -> tuple:
@@ -64,7 +74,7 @@ def read_parallel_keys(r) -> dict:
         "optimizer_weight_shard_size": r.int("parallel.parallel_optimizer_config.optimizer_weight_shard_size",
                                              -1, lo=-1),
         "gradient_aggregation_group": r.int("parallel_config.gradient_aggregation_group", 4, lo=1),
-        "only_trainable_params": r.bool("parallel.strategy_ckpt_config.only_trainable_params", False),
+        "only_trainable_params": r.bool("parallel.strategy_ckpt_config.only_trainable_params", True),
     }
     save = r.raw("parallel.strategy_ckpt_config.save_file", None)
     legacy = r.raw("parallel.strategy_ckpt_save_file", None)
@@ -83,10 +93,16 @@ def read_parallel_keys(r) -> dict:
 
 
 def device_ignored(s) -> list:
-    """Keys that only act on Ascend, named (with why) for the run's "ignored" warning on CPU/GPU."""
-    if s.device_target == "Ascend":
-        return []
+    """Keys that only act on Ascend, named (with why) for the run's "ignored" warning on CPU/GPU; and
+    ``parallel.search_mode``, which MindSpore reads only in auto-parallel mode (``parallel_mode: 2``, not
+    offered): in semi-auto the operators take ``parallel_config``'s strategies and the others MindSpore's
+    default, the batch split over every device."""
     out = []
+    if s.use_parallel and getattr(s, "scaleout", None) and "search_mode" in s.scaleout:
+        out.append(f"parallel.search_mode (MindSpore reads it only in auto-parallel mode, parallel_mode 2, which is "
+                   f"not offered; semi-auto takes parallel_config's strategies)")
+    if s.device_target == "Ascend":
+        return out
     if getattr(s.options, "use_flash_attention", False):
         out.append("model.model_config.use_flash_attention (fused attention is an Ascend kernel; no effect on "
                    f"{s.device_target})")

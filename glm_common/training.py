@@ -17,7 +17,7 @@ from glm_common.fsutil import OutputError, check_output
 from glm_common.generation import GenerationPlan, budget_groups, plan_eval_prompts
 from glm_common.run_config import RunConfigError, TrainSettings
 
-__all__ = ["TrainingError", "OverflowStreak", "check_output_dir", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
+__all__ = ["TrainingError", "OverflowStreak", "check_output_dir", "loss_rank", "train_features", "dataset_kwargs", "updates_per_epoch", "total_updates", "eval_samples",
            "eval_loss_features", "eval_prompts", "generation_groups", "clean_answer", "merge_shards", "format_table"]
 
 
@@ -62,6 +62,15 @@ def check_output_dir(s: TrainSettings) -> str:
                 raise OutputError(f"{s.output_dir}: {s.source}: output_dir: the run writes {w}, which holds the "
                                   f"input {inp}")
     return out
+
+
+def loss_rank(world: int, pipeline_stage: int = 1) -> int:
+    """The rank whose step loss is the run's (it writes the loss log and the summary): 0, or with
+    ``pipeline_stage`` stages the first rank of the last stage. MindSpore returns the training loss only on
+    the last stage, and gives ranks to stages in order, ``world / pipeline_stage`` a stage."""
+    if pipeline_stage <= 1:
+        return 0
+    return world - world // pipeline_stage
 
 
 def train_features(s: TrainSettings, tokenizer, progress: bool = False) -> dict:

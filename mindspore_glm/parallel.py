@@ -5,8 +5,9 @@ the output axis (column parallel), ``dense`` and ``dense_4h_to_h`` on the input 
 partial sums are all-reduced), the embedding and the ``output_layer`` on the vocabulary axis (or the
 embedding is replicated with ``vocab_emb_dp``), attention shards its batch by ``data_parallel`` and its
 heads by ``model_parallel`` (key/value groups when ``model_parallel`` divides them, else each head reads
-its own copy of its group). Every other operator takes the strategy MindSpore's semi-auto-parallel
-propagation gives it.
+its own copy of its group). Every other operator gets MindSpore's semi-auto default, its batch dimension
+split over every device (``search_mode`` acts only in auto-parallel mode and is named in the run's
+"ignored" warning).
 
 What a run YAML's scale-out keys become (read by :mod:`glm_common.parallel_keys`):
 
@@ -21,8 +22,8 @@ What a run YAML's scale-out keys become (read by :mod:`glm_common.parallel_keys`
   ``mp_comm_recompute``, ``parallel_optimizer_comm_recompute``, ``recompute_slice_activation`` (also in
   single-device and data-parallel runs, GRAPH mode; on CPU the same gradients and a lower step peak, see
   ``bench/bench_recompute.py``), or, with ``select_recompute``,
-  ``Cell.recompute`` on the named cells of each layer only (``True``: the MLPs, whose activations are a
-  layer's largest), and ``use_flash_attention``
+  ``Cell.recompute`` on the named cells of each layer only (``True``: attention and the MLP, as
+  mindformers; a name matching no cell is refused), and ``use_flash_attention``
   through ``FlashAttentionScore`` on Ascend;
 * :func:`pipeline_network`: pipeline stages run ``micro_batch_num`` micro-batches through
   ``mindspore.parallel.nn.PipelineCell``, gradients accumulated by ``PipelineGradReducer``.
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from glm_common.config import ChatGLM2Config
+from glm_common.parallel_keys import layer_stages  # mindformers' rule, shared with the memory plan
 
 __all__ = ["ParallelConfig", "RecomputeConfig", "ParallelError", "check_parallel", "check_scaleout",
            "sharding_plan", "apply_sharding", "kv_repeat", "layer_stages", "apply_layer_settings",
@@ -198,13 +200,6 @@ def apply_sharding(model, parallel: ParallelConfig, batch_size: Optional[int] = 
     return plan
 
 
-def layer_stages(num_layers: int, pipeline_stage: int) -> list:
-    """The pipeline stage of each layer, as mindformers assigns them (``(layers + 1) // stages`` layers a
-    stage, the rest on the last): the embedding is on stage 0, the final norm and ``output_layer`` on the last."""
-    per = max((num_layers + 1) // pipeline_stage, 1)
-    return [min(i // per, pipeline_stage - 1) for i in range(num_layers)]
-
-
 def apply_recompute(model, rc: RecomputeConfig) -> list:
     """``Cell.recompute`` on every GLMBlock when ``rc.recompute``: the backward pass recomputes a layer's
     activations instead of keeping them (GRAPH mode; any device). Without it, ``rc.select_recompute`` marks
@@ -221,6 +216,11 @@ def apply_recompute(model, rc: RecomputeConfig) -> list:
         return layers
     marked = []
     for layer in layers if rc.select_recompute else ():
+        names = [name for name, _ in layer.cells_and_names() if name]
+        for p in rc.select_recompute:         # a name that matches nothing is a typo, not a choice
+            if not any(re.fullmatch(p, name) for name in names):
+                raise ParallelError(f"recompute_config.select_recompute: {p!r} matches no cell of a layer "
+                                    f"(they are {', '.join(n for n in names if '.' not in n)}, and their cells)")
         for name, cell in layer.cells_and_names():
             if name and any(re.fullmatch(p, name) for p in rc.select_recompute):
                 cell.recompute(**kw)
@@ -359,7 +359,7 @@ def context_kwargs(s, world: int, rank: int = 0) -> dict:
         kw.update(full_batch=sc.get("full_batch", False), search_mode=sc.get("search_mode", "sharding_propagation"),
                   loss_repeated_mean=sc.get("loss_repeated_mean", True), pipeline_stages=s.pipeline_stage,
                   strategy_ckpt_config={"save_file": strategy_file(s, rank),
-                                        "only_trainable_params": sc.get("only_trainable_params", False)})
+                                        "only_trainable_params": sc.get("only_trainable_params", True)})
     if sc.get("enable_parallel_optimizer", False) and s.device_target != "CPU":
         kw["enable_parallel_optimizer"] = True
         kw["parallel_optimizer_config"] = {

@@ -50,7 +50,7 @@ from glm_common.run_lock import output_lock
 from glm_common.schedules import learning_rates, schedule_total
 from glm_common.tokenizer import ChatGLM2Tokenizer
 from glm_common.train_log import LossLog, plot_losses, summary_line
-from glm_common.training import (OverflowStreak, TrainingError, check_output_dir, dataset_kwargs, eval_samples,
+from glm_common.training import (OverflowStreak, TrainingError, check_output_dir, dataset_kwargs, eval_samples, loss_rank,
                                  total_updates, train_features, updates_per_epoch)
 from mindspore_glm.checkpointing import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from mindspore_glm.data import make_dataset
@@ -234,10 +234,13 @@ def _train_locked(s: TrainSettings, model, params, rank: int, world: int) -> dic
             step = load_checkpoint(path, step_cell)
     os.makedirs(s.output_dir, exist_ok=True)
     log_path = os.path.join(s.output_dir, "loss_log.jsonl")
-    log = LossLog(log_path, enabled=rank == 0)
+    # the rank holding the loss: under pipeline stages MindSpore returns it on the last stage only
+    writer = loss_rank(world, s.pipeline_stage if semi_auto(s) else 1)
+    log = LossLog(log_path, enabled=rank == writer)
     log.truncate(step)
 
-    bar = tqdm(total=total, initial=step, desc="train", disable=not (s.progress and rank == 0), dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not (s.progress and rank == writer),
+               dynamic_ncols=True)
     losses: list = []
     skipped, tokens_done, last_path = 0, 0, None
     streak = OverflowStreak(s.max_consecutive_overflows)
@@ -273,7 +276,7 @@ def _train_locked(s: TrainSettings, model, params, rank: int, world: int) -> dic
                                     f"(lower lr_schedule.learning_rate or use DynamicLossScaleUpdateCell)")
             if overflow:
                 skipped += 1
-                if rank == 0:
+                if rank == writer:
                     tqdm.write(f"step {step}: gradient overflow at loss scale {scale:g}, update skipped", file=sys.stderr)
             tokens_done += n_tok
             dt = time.perf_counter() - t_step
@@ -306,7 +309,7 @@ def _train_locked(s: TrainSettings, model, params, rank: int, world: int) -> dic
                "last_loss": finite[-1] if finite else None, "skipped": skipped,
                "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0, "log": log_path,
                "result": last_path, "plot": None, "model": model, "eval": eval_result}
-    if rank == 0:
+    if rank == writer:
         if os.path.isfile(log_path):
             summary["plot"] = plot_losses(log_path, os.path.join(s.output_dir, "loss_curve.png"))
         print(summary_line(len(losses), summary["first_loss"], summary["last_loss"], summary["tokens_per_s"],

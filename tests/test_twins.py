@@ -100,6 +100,10 @@ ALLOWED = {
     ("train_step", "AdamWeightDecay"): "MindSpore ships nn.AdamWeightDecay; torch needs its own (same formula)",
     ("train_step", "sum_squares"): _CELLS, ("train_step", "TrainOneStepCell"): _CELLS,
     ("train_step", "AccumulateCell"): _CELLS,
+    ("train_step", "saturation_mode"): "Ascend's float-status overflow register (saturation mode) exists only for MindSpore",
+    ("train_step", "FloatStatus"): "Ascend's float-status overflow register (saturation mode) exists only for MindSpore",
+    ("train_step", "master_grads"): "torch's eager step moves the float16 gradients to the float32 masters itself; MindSpore's optimizer takes them inside TrainOneStepCell",
+    ("train_step", "master_weights_to_model"): "torch's eager step casts the masters into the model itself; MindSpore's TrainOneStepCell does it in the graph",
     # checkpointing
     ("checkpointing", "save_checkpoint"): _CKPT, ("checkpointing", "load_checkpoint"): _CKPT,
     ("checkpointing", "is_adapter_checkpoint"): "mindformers' --load_checkpoint of a LoRA/prefix-only .ckpt (torch loads adapter folders)",

@@ -57,3 +57,20 @@ def test_answers_cleaned_and_merged():
     tok = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
     assert clean_answer(tok, [5, 0, 6, 2, 7]) == [5, 6]
     assert merge_shards([["a", "c"], ["b"]], 3) == ["a", "b", "c"]
+
+
+def test_the_loss_comes_from_the_last_pipeline_stage():
+    """MindSpore returns the training loss on the last pipeline stage only (ranks stage-major): that stage's
+    first rank writes the loss log; without stages rank 0."""
+    from glm_common.training import loss_rank
+    assert loss_rank(1) == loss_rank(8, 1) == 0
+    assert loss_rank(8, 2) == 4 and loss_rank(16, 8) == 14 and loss_rank(8, 8) == 7
+
+
+def test_overflow_streak_stops_after_the_limit_in_a_row():
+    from glm_common.training import OverflowStreak, TrainingError
+    streak = OverflowStreak(3)
+    for step, overflow in enumerate([True, True, False, True, True], 1):
+        streak.update(step, overflow, 1024.0)
+    with pytest.raises(TrainingError, match=r"^step 6: 3 consecutive updates overflowed \(loss scale 512\); stopping"):
+        streak.update(6, True, 512.0)

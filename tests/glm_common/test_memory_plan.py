@@ -117,9 +117,11 @@ def test_each_parallel_mode_shards_what_it_should():
     # ... unless the AllGather is recomputed: two layers' worth
     shc = plan_memory(dataclasses.replace(base, opt_shard=True, semi_auto=True, comm_recompute=True))
     assert shc["per_device_bytes"]["gathered_weights"] < plain["weights"] / 10
-    # data-parallel mode: the shard splits only the optimizer states
+    # data-parallel mode: MindSpore's optimizer shard keeps the whole moments (and masters) on every rank
     dp = plan_memory(dataclasses.replace(base, opt_shard=True))["per_device_bytes"]
-    assert dp["weights"] == plain["weights"] and dp["optimizer_states"] == plain["optimizer_states"] // 8
+    for k in ("weights", "gradients", "optimizer_states", "master_weights"):
+        assert dp[k] == plain[k], k
+    assert plain["optimizer_states"] == 2 * plain["master_weights"] == 4 * plain["weights"]   # float32, float16
     # model parallel 2: the linear weights halve, the norms and embedding (vocab_emb_dp) do not
     mp = plan_memory(dataclasses.replace(base, mp=2, dp=4))["per_device_bytes"]
     assert 0.5 * plain["weights"] < mp["weights"] < 0.6 * plain["weights"]
@@ -243,3 +245,19 @@ def test_optimizer_state_and_master_bytes_are_what_the_runners_hold(name, tmp_pa
                    if torch.is_tensor(t) and t.dim() > 0)
         masters = sum(m.numel() * m.element_size() for _, m in opt.master_pairs)
         assert (b["optimizer_states"], b["master_weights"]) == (held, masters)
+
+
+def test_pipeline_stages_hold_the_layers_the_runner_gives_them():
+    """mindformers' rule, as the runner places the layers: (layers + 1) // pp a stage, the rest on the
+    last (28 layers, pp 8: 3 on each of the first seven, 7 on the last)."""
+    import dataclasses
+    from glm_common.memory_plan import _stage_layers
+    from mindspore_glm.parallel import layer_stages
+    base = layout_from_config(_raw(GLM2_FT, parallel__enable_parallel_optimizer=False, parallel__parallel_mode=1,
+                                   recompute_config__recompute=False), GLM2_FT)
+    L = dataclasses.replace(base, pp=8, dp=1, micro_batch_num=8)
+    assert [len(x) for x in _stage_layers(L)] == [3] * 7 + [7]
+    stages = layer_stages(28, 8)
+    assert [[i for i in range(28) if stages[i] == k] for k in range(8)] == _stage_layers(L)
+    p = plan_memory(L)
+    assert p["stage"] == 7 and p["stage_totals_bytes"][7] == max(p["stage_totals_bytes"])

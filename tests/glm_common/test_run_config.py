@@ -117,7 +117,7 @@ def test_broken_yaml_names_the_line(tmp_path):
         load_run_config(str(tmp_path / "missing.yaml"))
 
 
-@pytest.mark.parametrize("value,expected", [(True, ("mlp",)), (False, ()), (["mlp", "self_attention"],
+@pytest.mark.parametrize("value,expected", [(True, ("self_attention", "mlp")), (False, ()), (["mlp", "self_attention"],
                                                                            ("mlp", "self_attention"))])
 def test_select_recompute_is_read(value, expected):
     cfg = copy.deepcopy(read("lora"))

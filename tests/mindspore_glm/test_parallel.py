@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import ops
 
 from glm_common.config import ChatGLM2Config, preset
+from glm_common.parallel_keys import SELECT_RECOMPUTE_DEFAULT
 from glm_common.run_config import RunConfigWarning, load_run_config, settings_from_config
 from mindspore_glm import ChatGLM2ForConditionalGeneration
 from mindspore_glm.parallel import (ParallelConfig, ParallelError, apply_sharding, check_parallel, check_scaleout,
@@ -314,17 +315,51 @@ def test_recompute_gradients_equal():
             s = TrainSettings(config=cfg)
             s.gradient_checkpointing = flag is True
             if flag == "select":
-                s.scaleout = {"recompute": {"select_recompute": ("mlp",)}}
+                s.scaleout = {"recompute": {"select_recompute": SELECT_RECOMPUTE_DEFAULT}}
             done = configure_model(model, s)
             assert len(done["recompute"]) == (cfg.num_layers if flag is True else 0)
-            assert done["select_recompute"] == ([f"transformer.encoder.layers.{i}.mlp" for i in range(cfg.num_layers)]
-                                                if flag == "select" else [])
+            assert done["select_recompute"] == ([f"transformer.encoder.layers.{i}.{c}" for i in range(cfg.num_layers)
+                                                 for c in ("self_attention", "mlp")] if flag == "select" else [])
             grads[flag] = [g.asnumpy() for g in _Grads(model)(ids, ids)]
     finally:
         ms.set_context(mode=mode)
     for side in (True, "select"):
         for a, b in zip(grads[side], grads[False]):
             assert np.abs(a - b).max() <= 1e-6 * max(np.abs(b).max(), 1e-12)
+
+
+def test_select_recompute_true_is_attention_and_mlp_and_a_name_matching_nothing_is_refused():
+    """``select_recompute: True`` recomputes attention and the MLP of every layer (mindformers); a list
+    with a name that matches no cell of a layer is a one-line error naming the key."""
+    from glm_common.run_config import TrainSettings
+    cfg = load_run_config(str(YAMLS["tiny"]))
+    cfg["recompute_config"] = {"recompute": False, "select_recompute": True}
+    assert settings(cfg).scaleout["recompute"]["select_recompute"] == ("self_attention", "mlp")
+    model = ChatGLM2ForConditionalGeneration.from_pretrained(TINY_MODEL)
+    s = TrainSettings(config=model.config)
+    s.scaleout = {"recompute": {"select_recompute": ("mlp", "feed_forward")}}
+    with pytest.raises(ParallelError, match=r"^recompute_config.select_recompute: 'feed_forward' matches no cell "
+                                            r"of a layer \(they are input_layernorm, self_attention, "):
+        configure_model(model, s)
+
+
+def test_search_mode_is_named_as_without_effect_in_semi_auto():
+    cfg = semi_auto_yaml("tiny", "dp8", False)
+    with pytest.warns(RunConfigWarning, match=r"parallel.search_mode \(MindSpore reads it only in auto-parallel"):
+        settings_from_config(cfg, "run.yaml")
+
+
+def test_only_trainable_params_defaults_true_as_in_mindspore(tmp_path):
+    """The strategy file of a semi-auto run lists the trained parameters only unless the YAML says
+    otherwise (MindSpore's default), so a LoRA run's strategy matches its shards."""
+    cfg = semi_auto_yaml("tiny", "dp8", False)
+    cfg["output_dir"] = str(tmp_path)
+    init_parallel(settings(cfg), 8)
+    assert ms.get_auto_parallel_context("strategy_ckpt_config")["only_trainable_params"] is True
+    cfg["parallel"]["strategy_ckpt_config"]["only_trainable_params"] = False
+    ms.reset_auto_parallel_context()
+    init_parallel(settings(cfg), 8)
+    assert ms.get_auto_parallel_context("strategy_ckpt_config")["only_trainable_params"] is False
 
 
 def test_layer_stages_formula():
