@@ -130,10 +130,13 @@ class HFCheckpoint:
 
     def _check_shards_disjoint(self, index: str, wm: dict) -> None:
         """Every tensor in exactly the shard the index names: the same tensor in two shards is refused."""
+        from glm_common.names import is_derived_buffer
         for shard in sorted(set(wm.values())):
             file = os.path.join(self.path, shard)
             names = self._st(file).names if shard.endswith(".safetensors") else list(self._load_bin(file))
             for name in names:
+                if is_derived_buffer(name):  # (rotary inv_freq: recomputed, never read; old releases repeat it)
+                    continue
                 if name in wm and wm[name] != shard:
                     raise CheckpointError(f"{file}: {name}: also in {wm[name]} (the same tensor in two shards; "
                                           f"{os.path.basename(index)} names {wm[name]})")

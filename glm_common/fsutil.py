@@ -9,8 +9,8 @@ an unusable location.
 :func:`check_output` is the one gate every writer passes its output through first: it resolves the
 output (real path and inode) and refuses one that is, contains or lies inside any of the run's inputs,
 and an output folder that already holds files unless the run was told it may replace its own files in it
-(``--overwrite``). :func:`atomic_write_bytes` / :func:`atomic_write_text` write a small file in one go
-through :func:`atomic_file`.
+(``--overwrite``). :func:`atomic_write_text` writes a small file in one go through :func:`atomic_file`;
+:func:`atomic_path` gives writers that take a file name (``savefig``, ``save_checkpoint``) the same.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import os
 import shutil
 from typing import Iterator, Optional
 
-__all__ = ["OutputError", "atomic_dir", "atomic_file", "atomic_files", "atomic_path", "atomic_write_bytes",
-           "atomic_write_text", "check_output", "check_writable_dir"]
+__all__ = ["OutputError", "atomic_dir", "atomic_file", "atomic_files", "atomic_path", "atomic_write_text", "check_output",
+           "check_writable_dir"]
 
 
 class OutputError(OSError):
@@ -146,34 +146,6 @@ def atomic_dir(dest: str, replace: bool = True, merge: bool = False) -> Iterator
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str, mode: str = "w", **kw) -> Iterator:
-    """Open ``<dest>.partial`` for writing; on success it is renamed to ``dest``, on error removed."""
-    dest = os.path.abspath(dest)
-    if os.path.isdir(dest):
-        raise OutputError(f"{dest}: is a directory (expected a file name)")
-    check_writable_dir(os.path.dirname(dest))
-    tmp = dest + ".partial"
-    try:
-        f = open(tmp, mode, **kw)
-    except OSError as e:
-        raise OutputError(_say(dest, e)) from None
-    try:
-        with f:
-            yield f
-        os.replace(tmp, dest)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OutputError):
-            raise
-        raise OutputError(_say(dest, e)) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(dest: str, suffix: str = "") -> Iterator[str]:
     """Yield the path ``<dest>.partial<suffix>`` for a writer that takes a file name (``savefig``,
     ``save_checkpoint``, ``copyfile``); on success it is renamed to ``dest``, on error removed."""
@@ -197,11 +169,16 @@ def atomic_path(dest: str, suffix: str = "") -> Iterator[str]:
         raise
 
 
-def atomic_write_bytes(dest: str, data: bytes) -> str:
-    """Write ``data`` to ``dest`` through :func:`atomic_file`; return ``dest``."""
-    with atomic_file(dest, "wb") as f:
-        f.write(data)
-    return dest
+@contextlib.contextmanager
+def atomic_file(dest: str, mode: str = "w", **kw) -> Iterator:
+    """Open ``<dest>.partial`` for writing; on success it is renamed to ``dest``, on error removed."""
+    with atomic_path(dest) as tmp:
+        try:
+            f = open(tmp, mode, **kw)
+        except OSError as e:
+            raise OutputError(_say(os.path.abspath(dest), e)) from None
+        with f:
+            yield f
 
 
 def atomic_write_text(dest: str, text: str, encoding: str = "utf-8") -> str:

@@ -424,8 +424,8 @@ def _callbacks(r: _Reader, s: TrainSettings, ignored: list) -> None:
             s.ckpt_prefix = sub.str("prefix", s.ckpt_prefix, prefix=f"{where}.")
             s.save_steps = sub.int("save_checkpoint_steps", 0, prefix=f"{where}.")
             if "save_checkpoint_steps" in cb and s.save_steps < 1:
-                sub.fail(f"{where}.save_checkpoint_steps", f"must be >= 1 (steps between checkpoints), got "
-                         f"{s.save_steps}")
+                sub.fail(f"{where}.save_checkpoint_steps", f"must be >= 1 (steps between checkpoints; the last "
+                         f"step is always saved, so a value beyond the run saves only that), got {s.save_steps}")
             s.keep_max = sub.int("keep_checkpoint_max", 1, lo=1, prefix=f"{where}.")
             s.save_full_weights = sub.bool("save_full_weights", False, prefix=f"{where}.")
         else:
