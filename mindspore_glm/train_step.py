@@ -91,6 +91,11 @@ class TrainOneStepCell(nn.Cell):
     reduces over the ranks once, updates and empties the buffers.
     """
 
+    #: True only for a compile that never trains (:mod:`mindspore_glm.dryrun`): the update is not inside
+    #: ``if not overflow`` (MindSpore 2.9's simulated Ascend backend cannot build a graph holding that
+    #: ConditionSwitch; the optimizer's buffers are the same either way)
+    unconditional_update = False
+
     def __init__(self, model, optimizer: nn.AdamWeightDecay, s: TrainSettings, parallel: bool = False):
         super().__init__(auto_prefix=False)
         self.network = _LossCell(model)
@@ -155,7 +160,9 @@ class TrainOneStepCell(nn.Cell):
             good = ops.select(grow, ops.zeros_like(good), good)
             loss = ops.depend(loss, ops.assign(self.loss_scale, new_scale))
             loss = ops.depend(loss, ops.assign(self.good_steps, good))
-        if not overflow:
+        if self.unconditional_update:  # a compile-only run: no ConditionSwitch (see the attribute)
+            loss = ops.depend(loss, self.optimizer(grads))
+        elif not overflow:
             loss = ops.depend(loss, self.optimizer(grads))
         return loss, overflow, scale, norm
 
