@@ -451,6 +451,26 @@ def pipeline_network(network, weights, s):
     gradients over them; otherwise ``(network, None)``."""
     if not (semi_auto(s) and s.pipeline_stage > 1):
         return network, None
-    from mindspore.parallel.nn import PipelineCell, PipelineGradReducer
+    from mindspore.parallel.nn import PipelineCell
     cell = PipelineCell(_MicroMean.wrap(network, s.micro_batch_num), s.micro_batch_num)
-    return cell, PipelineGradReducer(weights)
+    return cell, _pipeline_grad_reducer(weights)
+
+
+def _pipeline_grad_reducer(weights):
+    """MindSpore's ``PipelineGradReducer`` over ``weights``. Its ``construct`` in MindSpore 2.9 reads an undefined
+    ``grads`` without the optimizer shard (the compile stops: "The name 'grads' is not defined"); this subclass
+    takes the gradients by name and does the same in both cases."""
+    from mindspore.ops import functional as F
+    from mindspore.parallel.nn import PipelineGradReducer
+    from mindspore.parallel.nn.parallel_grad_reducer import grad_scale, shard_grad_scale
+
+    class _Reducer(PipelineGradReducer):
+        def construct(self, grads):
+            if self.opt_shard:
+                grads = self.grad_reducer(grads)
+                return self.hyper_map(F.partial(shard_grad_scale, self.scale_sense * self.degree), grads,
+                                      self.accu_grads)
+            accu_grads = self.grad_reducer(self.accu_grads)
+            return self.hyper_map(F.partial(grad_scale, self.scale_sense * self.degree), grads, accu_grads)
+
+    return _Reducer(weights)

@@ -115,6 +115,7 @@ def _layouts(strategy_dir, rank):
 QKV = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
 DENSE = "transformer.encoder.layers.0.self_attention.dense.weight"
 EMB = "transformer.embedding.embedding_weight"
+H4H = "transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"
 OUT = "transformer.output_layer.weight"
 
 
@@ -140,9 +141,9 @@ def test_dp4_optimizer_shard_splits_weights_over_the_replicas(compiled):
     assert sorted(_ok(rep)) == [0, 3]
     lay = _layouts(sdir, 3)
     # opt_weight_shard_size -1: over every data-parallel replica; 0 (no shard) without the optimizer shard
-    assert lay[EMB][2] == -1 and lay[QKV][2] == -1
+    assert lay[EMB][2] == -1 and lay[H4H][2] == -1
     plain = _layouts(compiled["dp2_mp2"][1], 0)
-    assert plain[EMB][2] == 0 and plain[QKV][2] == 0
+    assert plain[EMB][2] == 0 and plain[H4H][2] == 0
 
 
 def test_select_recompute_compiles_and_lowers_the_peak(compiled):
