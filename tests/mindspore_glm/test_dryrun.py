@@ -6,7 +6,7 @@ YAML for one simulated rank per process; the stand-in CANN libraries are built o
 differs, the peak it counts, and the strategy file it writes (``strategy_ckpt_save_file``), read back with
 MindSpore's own reader and merged with ``mindspore.transform_checkpoints``.
 
-All tiny layouts are compiled once per session, two processes at a time (``compiled``).
+Each tiny layout is compiled once per session, when a test first needs it (``compiled``).
 """
 import copy
 import os
@@ -79,20 +79,27 @@ def fakecann():
     return build()
 
 
+class _Compiled(dict):
+    """``{name: (report, strategy folder)}`` of the LAYOUTS, each compiled when first asked for (its ranks two
+    processes at a time)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name):
+        from mindspore_glm.dryrun import dryrun
+        raw, ranks, soc = LAYOUTS[name]
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        rep = dryrun(str(path), ranks=ranks, strategy_dir=str(self.root / name), timeout=900, jobs=2, soc=soc)
+        self[name] = (rep, str(self.root / name / "strategy"))
+        return self[name]
+
+
 @pytest.fixture(scope="session")
 def compiled(fakecann, tmp_path_factory):
-    """Every tiny layout compiled (two ranks at a time): ``{name: (report, strategy folder)}``."""
-    from concurrent.futures import ThreadPoolExecutor
-    from mindspore_glm.dryrun import dryrun
-    root = tmp_path_factory.mktemp("dryrun")
-    jobs = []
-    for name, (raw, ranks, soc) in LAYOUTS.items():
-        path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        jobs.append((name, str(path), ranks, str(root / name), soc))
-    with ThreadPoolExecutor(2) as pool:
-        reports = list(pool.map(lambda j: dryrun(j[1], ranks=j[2], strategy_dir=j[3], timeout=900, soc=j[4]), jobs))
-    return {j[0]: (rep, os.path.join(j[3], "strategy")) for j, rep in zip(jobs, reports)}
+    return _Compiled(tmp_path_factory.mktemp("dryrun"))
 
 
 def _ok(rep):
