@@ -22,11 +22,12 @@ ratio.
 itself counts when it compiles their training step for an Ascend cluster (``mindspore_glm.dryrun``,
 ``MS_SIMULATION_LEVEL=1``, rank 0), and both against the published per-device figures (25.2 GB full
 fine-tune, 22.38 GB LoRA, mindformers' glm2 README, 8 x 910A). The step is compiled with 1 and 2 layers (the
-host compiles 28 slowly) and the peak extrapolated linearly to 28 (``--dryrun-layers 1,2,28`` adds the
-full compile, which checks the extrapolation).
+host's memory does not hold a 28-layer compile: over 4 GiB and growing) and the peak extrapolated linearly
+to 28 (LoRA with 4 and 5: MindSpore's data-parallel optimizer shard refuses fewer trained tensors than
+devices).
 
     python bench/bench_plan.py [--layers 4 --hidden 1024 --batch 4 --seq 256 --vocab 16384] [--only ms-full,...]
-    python bench/bench_plan.py --dryrun [--dryrun-layers 1,2]
+    python bench/bench_plan.py --dryrun [--dryrun-only LoRA] [--dryrun-layers 1,2]
 """
 from __future__ import annotations
 
@@ -152,20 +153,29 @@ def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: i
 
 
 #: the 6B YAMLs and the per-device memory published for them (mindformers' glm2 README, 8 x 910A, GB as printed)
-DRYRUN_YAMLS = (("full fine-tune", "configs/glm2/run_glm2_6b_finetune.yaml", 25.2),
-                ("LoRA", "configs/glm2/run_glm2_6b_lora.yaml", 22.38))
+#: and the layer counts compiled (LoRA: MindSpore's data-parallel optimizer shard needs at least as many
+#: trained tensors as devices, 2 a layer, so 4 layers for 8 devices)
+DRYRUN_YAMLS = (("full fine-tune", "configs/glm2/run_glm2_6b_finetune.yaml", 25.2, (1, 2)),
+                ("LoRA", "configs/glm2/run_glm2_6b_lora.yaml", 22.38, (4, 5)))
 
 
-def dryrun_rows(layer_counts=(1, 2), root: str = "") -> list:
-    """Per 6B YAML: MindSpore's DryRun peak of rank 0 at each of ``layer_counts`` layers, extrapolated to the
-    YAML's depth from the first two, beside the plan (same depths) and the published figure."""
-    from mindspore_glm.dryrun import dryrun
+def dryrun_rows(layer_counts=None, root: str = "", only=None) -> list:
+    """Per 6B YAML: MindSpore's DryRun peak of rank 0 at each of ``layer_counts`` layers (default: the YAML's
+    in :data:`DRYRUN_YAMLS`), extrapolated to the YAML's depth from the first two, beside the plan of the
+    whole YAML and the published figure."""
+    from mindspore_glm.dryrun import dryrun, format_report
     rows = []
-    for label, rel, published in DRYRUN_YAMLS:
+    from glm_common.memory_plan import plan_from_file
+    for label, rel, published, counts in DRYRUN_YAMLS:
+        if only and label not in only:
+            continue
         path = os.path.join(root, rel)
         got = {}
+        layer_counts = layer_counts or counts
         for n in layer_counts:
             rep = dryrun(path, ranks=[0], num_layers=n)
+            print(f"$ python -m mindspore_glm.plan --config {rel} --compile --ranks 0 --num-layers {n}")
+            print(format_report(rep), flush=True)
             r = rep["ranks"][0]
             if not r["ok"]:
                 rows.append({"run": label, "error": f"{n} layers: {r['error']} ({r['key']})"})
@@ -181,7 +191,7 @@ def dryrun_rows(layer_counts=(1, 2), root: str = "") -> list:
                          "per_layer_plan": plan_layer,
                          "peak_28": got[depth][0] if depth in got else got[a][0] + (depth - a) * per_layer,
                          "peak_28_measured": depth in got,
-                         "plan_28": got[a][1] + (depth - a) * plan_layer, "published_gb": published})
+                         "plan_28": plan_from_file(path)["total_bytes"], "published_gb": published})
     return rows
 
 
@@ -211,11 +221,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(SETUPS), help="comma-separated setups of " + ", ".join(SETUPS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dryrun", action="store_true", help="the 6B YAMLs: plan vs MindSpore's DryRun peak vs published")
-    ap.add_argument("--dryrun-layers", default="1,2", help="layer counts compiled (default 1,2; add 28 to check)")
+    ap.add_argument("--dryrun-layers", default="", help="layer counts compiled (default: 1,2 full, 4,5 LoRA)")
+    ap.add_argument("--dryrun-only", default="", help="comma-separated runs: full fine-tune, LoRA")
     a = ap.parse_args(argv)
     if a.dryrun:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        print_dryrun(dryrun_rows(tuple(int(x) for x in a.dryrun_layers.split(",")), root))
+        counts = tuple(int(x) for x in a.dryrun_layers.split(",")) if a.dryrun_layers else None
+        only = [x.strip() for x in a.dryrun_only.split(",")] if a.dryrun_only else None
+        print_dryrun(dryrun_rows(counts, root, only))
         return 0
     if a.child:
         print(json.dumps(measure(a.child, a.layers, a.hidden, a.vocab, a.batch, a.seq)))

@@ -265,3 +265,16 @@ def test_glm2_6b_layers_under_the_seed_full_finetune_layout(fakecann):
     assert step1 > 0 and abs(step2 - step1) / step1 < 0.01
     at_28 = peaks[1] + 27 * step1
     assert at_28 < 30 * 2 ** 30
+
+
+def test_without_gcc_the_command_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GLM2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.delenv("ASCEND_HOME_PATH", raising=False)
+    from mindspore_glm.dryrun import main
+    if __import__("mindspore_glm.fakecann", fromlist=["installed_cann"]).installed_cann():
+        pytest.skip("CANN is installed here: the stand-ins are not built")
+    assert main(["--config", str(TINY_YAML), "--devices", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs gcc" in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.so"))
