@@ -171,8 +171,8 @@ def dryrun_rows(layer_counts=None, root: str = "", only=None) -> list:
             continue
         path = os.path.join(root, rel)
         got = {}
-        layer_counts = layer_counts or counts
-        for n in layer_counts:
+        use = layer_counts or counts
+        for n in use:
             rep = dryrun(path, ranks=[0], num_layers=n)
             print(f"$ python -m mindspore_glm.plan --config {rel} --compile --ranks 0 --num-layers {n}")
             print(format_report(rep), flush=True)
@@ -184,7 +184,7 @@ def dryrun_rows(layer_counts=None, root: str = "", only=None) -> list:
         else:
             import yaml
             depth = yaml.safe_load(open(path))["model"]["model_config"]["num_layers"]
-            a, b = layer_counts[0], layer_counts[1]
+            a, b = use[0], use[1]
             per_layer = (got[b][0] - got[a][0]) / (b - a)
             plan_layer = (got[b][1] - got[a][1]) / (b - a)
             rows.append({"run": label, "config": rel, "layers": dict(got), "per_layer_peak": per_layer,
