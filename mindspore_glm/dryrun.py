@@ -185,8 +185,10 @@ def compile_rank(config_path: str, rank: int, devices: int, num_layers: Optional
 def dryrun(config_path: str, devices: Optional[int] = None, ranks: Optional[Sequence[int]] = None,
            num_layers: Optional[int] = None, strategy_dir: Optional[str] = None, timeout: float = 900,
            jobs: int = 1, soc: str = "") -> dict:
-    """Compile the ranks that differ (or ``ranks``) of ``config_path``, ``jobs`` processes at a time; returns ``{"config", "devices",
-    "plan", "ranks": [compile_rank results + "plan_bytes", "ratio"]}``."""
+    """Compile the ranks that differ (or ``ranks``) of ``config_path``, ``jobs`` processes at a time.
+
+    Returns ``{"config", "devices", "layout", "method", "layers", "plan", "ranks"}``, each rank a
+    :func:`compile_rank` result plus ``stage``, ``plan_bytes`` and ``ratio`` (peak / plan)."""
     from glm_common.memory_plan import PlanError, layout_from_config, plan_memory
     raw = prepare_config(config_path, devices, num_layers)
     try:
