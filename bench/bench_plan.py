@@ -18,7 +18,16 @@ GLMBlock ``Cell.recompute()`` (``mindspore_glm.parallel.apply_recompute``), torc
 The prediction is the plan's sum of those parts for the same layout; each pair is printed with its
 ratio.
 
+``--dryrun``: the plan's per-device total of the 6B YAMLs (full fine-tune, LoRA) against the peak MindSpore
+itself counts when it compiles their training step for an Ascend cluster (``mindspore_glm.dryrun``,
+``MS_SIMULATION_LEVEL=1``, rank 0), and both against the published per-device figures (25.2 GB full
+fine-tune, 22.38 GB LoRA, mindformers' glm2 README, 8 x 910A). The step is compiled with 1 and 2 layers (the
+host's memory does not hold a 28-layer compile: over 4 GiB and growing) and the peak extrapolated linearly
+to 28 (LoRA with 4 and 5: MindSpore's data-parallel optimizer shard refuses fewer trained tensors than
+devices).
+
     python bench/bench_plan.py [--layers 4 --hidden 1024 --batch 4 --seq 256 --vocab 16384] [--only ms-full,...]
+    python bench/bench_plan.py --dryrun [--dryrun-only LoRA] [--dryrun-layers 1,2]
 """
 from __future__ import annotations
 
@@ -143,6 +152,65 @@ def measure(setup: str, layers: int, hidden: int, vocab: int, batch: int, seq: i
     return {"setup": setup, "measured": peak - before, "loss": loss}
 
 
+#: the 6B YAMLs and the per-device memory published for them (mindformers' glm2 README, 8 x 910A, GB as printed)
+#: and the layer counts compiled (LoRA: MindSpore's data-parallel optimizer shard needs at least as many
+#: trained tensors as devices, 2 a layer, so 4 layers for 8 devices)
+DRYRUN_YAMLS = (("full fine-tune", "configs/glm2/run_glm2_6b_finetune.yaml", 25.2, (1, 2)),
+                ("LoRA", "configs/glm2/run_glm2_6b_lora.yaml", 22.38, (4, 5)))
+
+
+def dryrun_rows(layer_counts=None, root: str = "", only=None) -> list:
+    """Per 6B YAML: MindSpore's DryRun peak of rank 0 at each of ``layer_counts`` layers (default: the YAML's
+    in :data:`DRYRUN_YAMLS`), extrapolated to the YAML's depth from the first two, beside the plan of the
+    whole YAML and the published figure."""
+    from mindspore_glm.dryrun import dryrun, format_report
+    rows = []
+    from glm_common.memory_plan import plan_from_file
+    for label, rel, published, counts in DRYRUN_YAMLS:
+        if only and label not in only:
+            continue
+        path = os.path.join(root, rel)
+        got = {}
+        use = layer_counts or counts
+        for n in use:
+            rep = dryrun(path, ranks=[0], num_layers=n)
+            print(f"$ python -m mindspore_glm.plan --config {rel} --compile --ranks 0 --num-layers {n}")
+            print(format_report(rep), flush=True)
+            r = rep["ranks"][0]
+            if not r["ok"]:
+                rows.append({"run": label, "error": f"{n} layers: {r['error']} ({r['key']})"})
+                break
+            got[n] = (r["peak_bytes"], r["plan_bytes"], r.get("host_rss_bytes"))
+        else:
+            import yaml
+            depth = yaml.safe_load(open(path))["model"]["model_config"]["num_layers"]
+            a, b = use[0], use[1]
+            per_layer = (got[b][0] - got[a][0]) / (b - a)
+            plan_layer = (got[b][1] - got[a][1]) / (b - a)
+            rows.append({"run": label, "config": rel, "layers": dict(got), "per_layer_peak": per_layer,
+                         "per_layer_plan": plan_layer,
+                         "peak_28": got[depth][0] if depth in got else got[a][0] + (depth - a) * per_layer,
+                         "peak_28_measured": depth in got,
+                         "plan_28": plan_from_file(path)["total_bytes"], "published_gb": published})
+    return rows
+
+
+def print_dryrun(rows) -> None:
+    gib = 2 ** 30
+    print("6B YAMLs, rank 0: MindSpore DryRun peak (MS_SIMULATION_LEVEL=1, 'Used peak memory usage') vs the memory "
+          "plan vs the published figure (GB as published)")
+    print(f"{'run':<16}{'per layer DryRun/plan GiB':>27}{'28 layers DryRun GiB':>22}{'plan GiB':>10}"
+          f"{'DryRun/plan':>13}{'published':>11}{'plan/published':>16}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['run']:<16}does not compile: {r['error']}")
+            continue
+        pl = f"{r['per_layer_peak'] / gib:.3f} / {r['per_layer_plan'] / gib:.3f}"
+        peak = f"{r['peak_28'] / gib:.2f}" + ("" if r["peak_28_measured"] else " (extrap.)")
+        print(f"{r['run']:<16}{pl:>27}{peak:>22}{r['plan_28'] / gib:>10.2f}{r['peak_28'] / r['plan_28']:>13.2f}"
+              f"{r['published_gb']:>11.2f}{r['plan_28'] / gib / r['published_gb']:>16.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -152,7 +220,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--only", default=",".join(SETUPS), help="comma-separated setups of " + ", ".join(SETUPS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dryrun", action="store_true", help="the 6B YAMLs: plan vs MindSpore's DryRun peak vs published")
+    ap.add_argument("--dryrun-layers", default="", help="layer counts compiled (default: 1,2 full, 4,5 LoRA)")
+    ap.add_argument("--dryrun-only", default="", help="comma-separated runs: full fine-tune, LoRA")
     a = ap.parse_args(argv)
+    if a.dryrun:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        counts = tuple(int(x) for x in a.dryrun_layers.split(",")) if a.dryrun_layers else None
+        only = [x.strip() for x in a.dryrun_only.split(",")] if a.dryrun_only else None
+        print_dryrun(dryrun_rows(counts, root, only))
+        return 0
     if a.child:
         print(json.dumps(measure(a.child, a.layers, a.hidden, a.vocab, a.batch, a.seq)))
         return 0

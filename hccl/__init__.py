@@ -7,3 +7,9 @@
 
 Shared pieces (device-range syntax, IPv4 check, atomic JSON writing) live in ``rank_table.py``.
 """
+
+# The CANN toolkit ships a Python package of the same name (``hccl.sys_version``, which
+# ``mindspore.communication.init()`` imports on Ascend): its modules stay importable beside ours.
+import pkgutil as _pkgutil
+
+__path__ = _pkgutil.extend_path(__path__, __name__)

@@ -22,6 +22,7 @@ be kept for the backward of the Mul that reads it, a full-size copy per norm and
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -44,7 +45,7 @@ from mindspore_glm.prefix import PrefixEncoder
 __all__ = ["WeightError", "RMSNorm", "Linear", "Embedding", "build_rope_cache", "apply_rope", "rope_tables",
            "pair_swap_matrix", "apply_rope_tables", "broadcasts_explicitly", "build_attention_mask", "SelfAttention",
            "MLP", "GLMBlock", "GLMTransformer", "ChatGLM2Model", "ChatGLM2ForConditionalGeneration", "causal_lm_loss", "ms_dtype",
-           "DTYPE_NAMES"]
+           "DTYPE_NAMES", "lazy_parameters"]
 
 DTYPE_NAMES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -67,7 +68,24 @@ def ms_dtype(name):
     return DTYPE_NAMES[name]
 
 
+_LAZY = [False]
+
+
+@contextlib.contextmanager
+def lazy_parameters():
+    """Inside it, the layers' weights are created with MindSpore's lazy ``initializer`` (no host memory until
+    their data is set or read): a model built only to be compiled (:mod:`mindspore_glm.dryrun`) costs nothing."""
+    _LAZY[0] = True
+    try:
+        yield
+    finally:
+        _LAZY[0] = False
+
+
 def _zeros(shape, dtype):
+    if _LAZY[0]:
+        from mindspore.common.initializer import initializer
+        return initializer("zeros", shape, dtype)
     return Tensor(np.zeros(shape, np.float32), dtype) if dtype != ms.float32 else Tensor(np.zeros(shape, np.float32))
 
 
@@ -317,6 +335,13 @@ class SelfAttention(nn.Cell):
         if self.use_flash_attention and prefix_kv is None and kv_cache is None:
             # FlashAttentionScore: [B, np, S, hn] queries (already scaled), [B, g, K, hn] keys/values, mask 1 = hidden
             hidden = ops.cast(mask_bias < 0, ms.uint8)
+            if mask_bias.shape[0] == 1:    # one mask for the batch (training): FlashAttentionScore's [S, K] form
+                hidden = ops.reshape(hidden, (s, kl))
+            if self.kv_repeat > 1:         # model parallel wider than the groups: each head its own key/value
+                k = ops.reshape(ops.broadcast_to(ops.expand_dims(k, 2), (b, g, self.kv_repeat, kl, hn)),
+                                (b, g * self.kv_repeat, kl, hn))
+                v = ops.reshape(ops.broadcast_to(ops.expand_dims(v, 2), (b, g, self.kv_repeat, kl, hn)),
+                                (b, g * self.kv_repeat, kl, hn))
             ctx = self.flash_attention(q, k, v, None, None, None, hidden)[3]
             ctx = ops.reshape(ops.transpose(ops.cast(ctx, self.compute_dtype), (0, 2, 1, 3)), (b, s, np_ * hn))
             return self.dense(ctx), (k, v)

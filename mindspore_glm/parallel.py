@@ -41,6 +41,7 @@ another engine: FSDP2 shards parameters, gradients and optimizer states over the
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,7 +52,7 @@ __all__ = ["ParallelConfig", "RecomputeConfig", "ParallelError", "check_parallel
            "sharding_plan", "apply_sharding", "kv_repeat", "layer_stages", "apply_layer_settings",
            "apply_recompute", "recompute_flags", "select_recompute_flags", "pipeline_stage_map", "operator_strategies", "context_kwargs",
            "init_parallel", "configure_model", "pipeline_network", "strategy_file", "dataset_split",
-           "semi_auto", "COLUMN_PARALLEL", "ROW_PARALLEL"]
+           "semi_auto", "COLUMN_PARALLEL", "ROW_PARALLEL", "ascend_soc", "FLASH_ATTENTION_SOCS"]
 
 #: layers whose weight ``[out, in]`` is split on the output axis
 COLUMN_PARALLEL = ("self_attention.query_key_value", "mlp.dense_h_to_4h")
@@ -153,19 +154,33 @@ def sharding_plan(config: ChatGLM2Config, parallel: ParallelConfig) -> dict:
     and the mask ``[B, 1, S, K]``.
     """
     dp, mp = parallel.data_parallel, parallel.model_parallel
-    kv_mp = mp if config.kv_groups % mp == 0 else 1
     plan = {
         "transformer.embedding.gather": ((1, 1), (dp, 1)) if parallel.vocab_emb_dp else ((mp, 1), (dp, 1)),
         "transformer.output_layer.matmul": ((dp, 1), (mp, 1)),
         "self_attention.scores (q @ k.T)": ((dp, mp, 1, 1), (dp, mp, 1, 1)),
         "self_attention.context (probs @ v)": ((dp, mp, 1, 1), (dp, mp, 1, 1)),
-        "self_attention.flash_attention": ((dp, mp, 1, 1), (dp, kv_mp, 1, 1), (dp, kv_mp, 1, 1), (dp, 1, 1, 1)),
+        # keys/values split like the query heads when model_parallel divides the groups, else repeated to one
+        # per head first (kv_repeat; FlashAttentionScore needs equal N1 and N2 splits); the training mask is
+        # one [S, K] for the whole batch, not split
+        "self_attention.flash_attention": ((dp, mp, 1, 1), (dp, mp, 1, 1), (dp, mp, 1, 1), (1, 1)),
     }
     for name in COLUMN_PARALLEL:
         plan[f"{name}.matmul"] = ((dp, 1), (mp, 1))
     for name in ROW_PARALLEL:
         plan[f"{name}.matmul"] = ((dp, mp), (1, mp))
     return plan
+
+
+#: MindSpore's names of the Ascend chips that have FlashAttentionScore (Atlas A2 and A3 training series)
+FLASH_ATTENTION_SOCS = ("ascend910b", "ascend910_93", "ascend950")
+
+
+def ascend_soc() -> str:
+    """MindSpore's name of this Ascend chip (``ascend910`` is the 910A of the Atlas training series,
+    ``ascend910b`` Atlas A2), once ``device_target`` is Ascend. A DryRun without a device knows none: there
+    ``GLM2_ASCEND_SOC`` names the chip to compile for (``python -m mindspore_glm.dryrun --soc``); '' if unset."""
+    from mindspore._c_expression import MSContext
+    return MSContext.get_instance().get_ascend_soc_version() or os.environ.get("GLM2_ASCEND_SOC", "")
 
 
 def _flash_op(config: ChatGLM2Config):
@@ -333,6 +348,13 @@ def check_scaleout(s, world: Optional[int] = None) -> None:
     if parallel.pipeline_stage > 1 and s.grad_accum > 1:
         raise ParallelError(f"{src}: runner_config.gradient_accumulation_steps: {s.grad_accum} with pipeline_stage "
                             f"{parallel.pipeline_stage}; use parallel_config.micro_batch_num instead")
+    if s.grad_accum > 1:
+        # the accumulation buffers are full-shape host arrays outside MindSpore's layouts, and the Add that
+        # accumulates is not on the path MindSpore's grad_scale search follows: each rank would clip and
+        # check overflow on its own slices' norm
+        raise ParallelError(f"{src}: runner_config.gradient_accumulation_steps: {s.grad_accum} is not available "
+                            "with parallel.parallel_mode: 1 (semi-auto); raise runner_config.batch_size, or use "
+                            "pipeline_stage > 1 with parallel_config.micro_batch_num")
     batch = _global_batch(s) if sc.get("full_batch", False) else None
     try:
         check_parallel(s.config, parallel, batch, world, source=f"{src}: parallel_config")
@@ -383,7 +405,11 @@ def configure_model(model, s) -> dict:
     """Put the run's scale-out on a built model: fused attention (Ascend), and under semi-auto parallel the
     sharding strategies and pipeline stages; per-layer recompute in every mode. Returns what was done."""
     done = {"recompute": [], "select_recompute": [], "plan": None, "flash_attention": False}
-    if s.options.use_flash_attention and s.device_target == "Ascend":
+    soc = ascend_soc() if s.options.use_flash_attention and s.device_target == "Ascend" else ""
+    if soc and not soc.startswith(FLASH_ATTENTION_SOCS):
+        warnings.warn(f"{s.source}: model.model_config.use_flash_attention: True, but FlashAttentionScore needs an "
+                      f"Atlas A2/A3 chip (this is {soc}, e.g. a 910A): attention runs unfused", RuntimeWarning)
+    elif s.options.use_flash_attention and s.device_target == "Ascend":
         for layer in model.transformer.encoder.layers:
             layer.self_attention.flash_attention = _flash_op(model.config)
             layer.self_attention.use_flash_attention = True
@@ -425,6 +451,26 @@ def pipeline_network(network, weights, s):
     gradients over them; otherwise ``(network, None)``."""
     if not (semi_auto(s) and s.pipeline_stage > 1):
         return network, None
-    from mindspore.parallel.nn import PipelineCell, PipelineGradReducer
+    from mindspore.parallel.nn import PipelineCell
     cell = PipelineCell(_MicroMean.wrap(network, s.micro_batch_num), s.micro_batch_num)
-    return cell, PipelineGradReducer(weights)
+    return cell, _pipeline_grad_reducer(weights)
+
+
+def _pipeline_grad_reducer(weights):
+    """MindSpore's ``PipelineGradReducer`` over ``weights``. Its ``construct`` in MindSpore 2.9 reads an undefined
+    ``grads`` without the optimizer shard (the compile stops: "The name 'grads' is not defined"); this subclass
+    takes the gradients by name and does the same in both cases."""
+    from mindspore.ops import functional as F
+    from mindspore.parallel.nn import PipelineGradReducer
+    from mindspore.parallel.nn.parallel_grad_reducer import grad_scale, shard_grad_scale
+
+    class _Reducer(PipelineGradReducer):
+        def construct(self, grads):
+            if self.opt_shard:
+                grads = self.grad_reducer(grads)
+                return self.hyper_map(F.partial(shard_grad_scale, self.scale_sense * self.degree), grads,
+                                      self.accu_grads)
+            accu_grads = self.grad_reducer(self.accu_grads)
+            return self.hyper_map(F.partial(grad_scale, self.scale_sense * self.degree), grads, accu_grads)
+
+    return _Reducer(weights)

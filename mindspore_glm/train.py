@@ -61,7 +61,7 @@ from mindspore_glm.parallel import check_scaleout, configure_model, dataset_spli
 from mindspore_glm.resume import resume_checkpoint
 from mindspore_glm.train_step import TrainOneStepCell, make_optimizer
 
-__all__ = ["TrainingError", "init_ranks", "build_model", "train_data", "train", "set_context", "init_weights"]
+__all__ = ["TrainingError", "init_ranks", "build_model", "build_step", "train_data", "train", "set_context", "init_weights"]
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -96,16 +96,25 @@ def init_weights(model, seed: int = 0) -> None:
         p.set_data(Tensor(value, p.dtype))
 
 
-def build_model(s: TrainSettings, adapter: str = ""):
+def build_model(s: TrainSettings, adapter: str = "", weights: bool = True):
     """The model of ``s`` with ``pet_config`` applied: weights from ``s.load_checkpoint`` (an HF directory or
     a ``.ckpt``, which may hold LoRA/prefix weights too; random when empty), then ``adapter`` (a checkpoint
-    holding only LoRA/prefix weights, e.g. of a LoRA run) over them. Returns ``(model, trainable params)``."""
+    holding only LoRA/prefix weights, e.g. of a LoRA run) over them. Returns ``(model, trainable params)``.
+
+    ``weights=False``: the same cells with their parameters left uninitialised (MindSpore's lazy
+    ``initializer``, no host memory): for a compile that never runs the step (:mod:`mindspore_glm.dryrun`)."""
     if s.pet["pet_type"] == "qlora":
         raise RunConfigError(f"{s.source}: pet_config.pet_type: qlora needs CUDA (torch_glm); use lora here")
     # MindSpore's nn.Dropout takes its kernel seeds from the global seed when it is constructed (no global
     # seed: (0, 0), a random seed every run); seeded here, the dropout masks repeat from run to run (the twin
     # seeds torch here too)
     ms.set_seed(s.seed)
+    if not weights:
+        from mindspore_glm.model import lazy_parameters
+        with lazy_parameters():
+            model, params = apply_pet(ChatGLM2ForConditionalGeneration(s.config, s.options), s.pet, s.seed)
+        configure_model(model, s)
+        return model, params
     path = s.load_checkpoint
     if path and not os.path.exists(path):
         raise RunConfigError(f"{s.source}: load_checkpoint: {path}: no such file or directory")
@@ -127,6 +136,15 @@ def build_model(s: TrainSettings, adapter: str = ""):
 
 
 # ---------------------------------------------------------------------------------------- training
+def build_step(model, params, s: TrainSettings, lrs, world: int) -> tuple:
+    """``(optimizer, train-step cell)`` of a run of ``world`` ranks: what :func:`train` calls each update
+    (and :mod:`mindspore_glm.dryrun` compiles)."""
+    optimizer = make_optimizer(params, s, lrs)
+    step_cell = TrainOneStepCell(model, optimizer, s, parallel=world > 1 and not semi_auto(s))
+    step_cell.set_train(True)
+    return optimizer, step_cell
+
+
 def init_ranks(s: TrainSettings) -> tuple:
     """``(rank, world size)``: ``(0, 1)`` without ``use_parallel``, else from ``mindspore.communication``
     (initialised here: the launcher's dynamic cluster, msrun or the Ascend rank table)."""
@@ -221,9 +239,7 @@ def _train_locked(s: TrainSettings, model, params, rank: int, world: int) -> dic
     if model is None:
         model, params = build_model(s)
     model.set_train(True)
-    optimizer = make_optimizer(params, s, lrs)
-    step_cell = TrainOneStepCell(model, optimizer, s, parallel=world > 1 and not semi_auto(s))
-    step_cell.set_train(True)
+    optimizer, step_cell = build_step(model, params, s, lrs, world)
     step_fn = step_cell
 
     ckpt_dir = checkpoint_dir(s, rank)

@@ -176,6 +176,11 @@ class TrainOneStepCell(nn.Cell):
     reduces over the ranks once, updates and empties the buffers.
     """
 
+    #: True only for a compile that never trains (:mod:`mindspore_glm.dryrun`): the update is not inside
+    #: ``if not overflow`` (MindSpore 2.9's simulated Ascend backend cannot build a graph holding that
+    #: ConditionSwitch; the optimizer's buffers are the same either way)
+    unconditional_update = False
+
     def __init__(self, model, optimizer: nn.AdamWeightDecay, s: TrainSettings, parallel: bool = False):
         super().__init__(auto_prefix=False)
         self.network = _LossCell(model)
@@ -249,7 +254,12 @@ class TrainOneStepCell(nn.Cell):
             good = ops.select(grow, ops.zeros_like(good), good)
             loss = ops.depend(loss, ops.assign(self.loss_scale, new_scale))
             loss = ops.depend(loss, ops.assign(self.good_steps, good))
-        if not overflow:
+        if self.unconditional_update:  # a compile-only run: no ConditionSwitch (see the attribute)
+            done = self.optimizer(grads)
+            for p, m in zip(self.low_weights, self.masters):     # the model's copy of each float32 master
+                done = ops.depend(done, ops.assign(p, ops.cast(ops.depend(m, done), p.dtype)))
+            loss = ops.depend(loss, done)
+        elif not overflow:
             done = self.optimizer(grads)
             for p, m in zip(self.low_weights, self.masters):     # the model's copy of each float32 master
                 done = ops.depend(done, ops.assign(p, ops.cast(ops.depend(m, done), p.dtype)))

@@ -21,6 +21,8 @@ BACKENDS = ("mindspore_glm", "torch_glm")
 ONE_SIDED_MODULES = {
     "launch": "the Ascend launcher (rank tables, msrun); torch runs under torchrun",
     "launch_plan": "the Ascend launcher's process plan (rank tables, msrun); torch runs under torchrun",
+    "dryrun": "MindSpore's DryRun compile of a semi-auto-parallel layout for an Ascend cluster (MS_SIMULATION_LEVEL); "
+              "torch has no graph compile to simulate",
 }
 
 #: modules both backends have under one name whose engines differ, so no public name means the same thing on
@@ -59,6 +61,7 @@ ALLOWED = {
     ("model", "rope_tables"): "MindSpore rotates with full-width cos/sin tables and a pair-swap matmul: static shapes for GRAPH mode",
     ("model", "pair_swap_matrix"): "MindSpore rotates with full-width cos/sin tables and a pair-swap matmul: static shapes for GRAPH mode",
     ("model", "apply_rope_tables"): "MindSpore rotates with full-width cos/sin tables and a pair-swap matmul: static shapes for GRAPH mode",
+    ("model", "lazy_parameters"): "MindSpore's lazy initializer for a model built only to be compiled (DryRun); torch has no compile-only build",
     ("model", "broadcasts_explicitly"): "MindSpore's CPU runtime held full-size buffers for broadcasting Mul/Add in a GRAPH train step: its cells broadcast explicitly there (torch's eager ops free them)",
     ("model", "SelfAttention.forward"): _STATIC_CACHE, ("model", "GLMBlock.forward"): _STATIC_CACHE,
     ("model", "GLMTransformer.forward"): _STATIC_CACHE, ("model", "ChatGLM2Model.forward"): _STATIC_CACHE,
@@ -124,7 +127,8 @@ ALLOWED = {
     # train
     ("train", "init_weights"): "MindSpore's cells are created with zeros and drawn here from the seed; torch modules initialise themselves",
     ("train", "set_context"): "mindspore.set_context (device, GRAPH/PYNATIVE); torch picks a device per tensor",
-    ("train", "build_model"): "MindSpore loads a LoRA/prefix-only .ckpt over the base (adapter); torch places the model on a device",
+    ("train", "build_model"): "MindSpore loads a LoRA/prefix-only .ckpt over the base (adapter) and builds compile-only models (weights=False, DryRun); torch places the model on a device",
+    ("train", "build_step"): _CELLS,
     ("train", "train"): "MindSpore takes the trainable parameters with the model (GRAPH cells need them); torch a device",
 }
 

@@ -184,7 +184,7 @@ def test_layout_reads_back(tmp_path, which, layout, opt_shard):
         attn = model.transformer.encoder.layers[i].self_attention
         assert attn.kv_repeat == (1 if kv_mp == mp else model.config.num_attention_heads // model.config.kv_groups)
     assert {k: got[k] for k in want} == want
-    assert done["plan"]["self_attention.flash_attention"][1] == (dp, kv_mp, 1, 1)
+    assert done["plan"]["self_attention.flash_attention"][1] == (dp, mp, 1, 1)   # kv_repeat copies when mp > groups
     # pipeline stages: mindformers' split, the ends on the first and last stage
     stages = pipeline_stage_map(model)
     per = max((n + 1) // pp, 1)
