@@ -4,7 +4,16 @@ Routes: ``GET /health`` (no key needed), ``GET /v1/models``, ``POST /v1/chat/com
 ``POST /v1/completions`` (both with ``stream``: server-sent events in OpenAI's chunk format, ending with
 ``data: [DONE]``), and ``GET /`` (the chat page, static HTML and JS; it sends the key typed into it).
 Every other route needs ``Authorization: Bearer <key>`` when the server has an ``--api-key``.
-Request bodies over ``max_body_bytes`` are refused with 413 before they are read whole.
+
+Every request body is read here before a route sees it, ``Content-Length`` or chunked alike: over
+``max_body_bytes`` is a 413 (and the connection closes), slower than ``body_timeout`` between two
+pieces a 408. Malformed JSON, JSON nested too deep, and text that is not valid Unicode (a lone
+surrogate such as ``"\\ud800"``) are 400s; any other failure is a JSON 500, and a keep-alive connection
+stays usable after every error that was answered whole. A client that hangs up (streaming or not)
+frees its batch row before the next decode step. The connection handling is uvicorn's (its keep-alive
+timeout ``timeout_keep_alive`` and connection limit ``limit_concurrency``); :func:`server_config` adds
+the one thing uvicorn lacks, a deadline for a request's headers (a connection still sending its
+request line and headers after ``header_timeout`` seconds is closed).
 Built on FastAPI/Starlette and uvicorn (no hand-written HTTP).
 """
 from __future__ import annotations
@@ -12,28 +21,33 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import pathlib
 import time
 from typing import Optional
 
+import h11
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from glm_serve.protocol import APIError, chunk, error_body, parse_chat, parse_completion, response
 from glm_serve.scheduler import Scheduler
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "server_config"]
 
+log = logging.getLogger("glm_serve")
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 OPEN_PATHS = ("/health", "/", "/index.html")
 
 
 class _Guard:
-    """ASGI middleware: Bearer key on every route but :data:`OPEN_PATHS`, and the body size limit."""
+    """ASGI middleware: Bearer key on every route but :data:`OPEN_PATHS`, the body read whole (size and
+    time limits), and a JSON 500 for anything a route did not answer."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, body_timeout: float):
+        self.app, self.api_key, self.max_body_bytes, self.body_timeout = app, api_key, max_body_bytes, body_timeout
 
     async def _reply(self, send, status: int, body: dict, headers=()):
         data = json.dumps(body).encode()
@@ -56,28 +70,95 @@ class _Guard:
         limit = self.max_body_bytes
         too_big = error_body(f"request body larger than {limit} bytes (--max-body-bytes)",
                              "invalid_request_error", None, "body_too_large")
+        close = [(b"connection", b"close")]            # the rest of the body is not read
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await self._reply(send, 413, too_big)
-        seen = 0
+            return await self._reply(send, 413, too_big, close)
+        pieces, seen = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                return await self._reply(send, 408, error_body(
+                    f"request body not received within {self.body_timeout:g} s", "invalid_request_error", None,
+                    "body_timeout"), close)
+            if message["type"] == "http.disconnect":
+                return
+            pieces.append(message.get("body", b""))
+            seen += len(pieces[-1])
+            if seen > limit:
+                return await self._reply(send, 413, too_big, close)
+            if not message.get("more_body", False):
+                break
+        body, given = b"".join(pieces), False
 
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooBig()
-            return message
+        async def replay():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        state = {"started": False, "done": False}
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["done"] = True
+            await send(message)
 
         try:
-            return await self.app(scope, counted, send)
-        except _TooBig:
-            return await self._reply(send, 413, too_big)
+            await self.app(scope, replay, tracked)
+        except Exception as e:                      # noqa: BLE001 - answered as JSON; the connection lives on
+            if state["done"]:
+                return                              # answered (Starlette's 500 handler re-raises after it)
+            if state["started"]:
+                raise
+            log.error("%s %s failed: %s: %s", scope.get("method"), scope["path"], type(e).__name__, e)
+            await self._reply(send, 500, error_body(f"internal error: {type(e).__name__}", "server_error"))
 
 
-class _TooBig(Exception):
-    pass
+class _HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers
+    (``config.header_timeout`` seconds from the connection or the previous response)."""
+
+    _header_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        timeout = getattr(self.config, "header_timeout", None)
+        if timeout:
+            self._header_timer = self.loop.call_later(timeout, self._expired)
+
+    def _expired(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():   # headers not complete
+            self.transport.close()
+
+
+def server_config(app, host: str, port: int, header_timeout: float = 10.0, keep_alive: int = 5,
+                  max_connections: Optional[int] = None):
+    """uvicorn's ``Config`` for ``app``: keep-alive timeout, connection limit (``limit_concurrency``:
+    uvicorn answers 503 beyond it) and the header deadline."""
+    import uvicorn
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=_HeaderTimeoutProtocol,
+                            timeout_keep_alive=keep_alive, limit_concurrency=max_connections)
+    config.header_timeout = header_timeout
+    return config
 
 
 def _sse(obj) -> str:
@@ -85,14 +166,19 @@ def _sse(obj) -> str:
 
 
 def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: Optional[str] = None,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_body_bytes: int = 1 << 20, body_timeout: float = 30.0) -> FastAPI:
     """The ASGI app; ``scheduler`` must be started by the caller."""
     app = FastAPI(title="glm2-serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -126,9 +212,23 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
     async def _body(request: Request):
         raw = await request.body()
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}") from None
+        except RecursionError:
+            raise APIError(400, "malformed JSON body: nested too deep") from None
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start:e.end].encode("unicode_escape").decode()
+            raise APIError(400, f"request body: invalid text: {bad} is a lone UTF-16 surrogate, not a character") \
+                from None
+        return body
+
+    async def _gone(request: Request) -> None:
+        """Returns when the client has hung up."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def _serve(req, request: Request):
         loop = asyncio.get_running_loop()
@@ -141,9 +241,15 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
         scheduler.submit(job)
         if not req.stream:
             parts = []
+            gone = asyncio.ensure_future(_gone(request))
             try:
                 while True:
-                    event = await queue.get()
+                    getter = asyncio.ensure_future(queue.get())
+                    await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():             # the client went away: its row is freed below
+                        getter.cancel()
+                        return Response(status_code=499)
+                    event = getter.result()
                     if event[0] == "text":
                         parts.append(event[1])
                     elif event[0] == "done":
@@ -151,6 +257,7 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
                     else:
                         raise APIError(500, event[1], "server_error")
             finally:
+                gone.cancel()
                 scheduler.cancel(job)
 
         async def events():
@@ -188,4 +295,4 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
     async def completions(request: Request):
         return await _serve(parse_completion(await _body(request), model_id), request)
 
-    return _Guard(app, api_key, max_body_bytes)
+    return _Guard(app, api_key, max_body_bytes, body_timeout)

@@ -6,6 +6,11 @@ field. Fields of OpenAI's API that change what the model would do but that we do
 (``n`` other than 1, ``logprobs``, ``tools``, penalties other than 0, ``logit_bias``,
 ``response_format``) are refused with 400 rather than silently ignored; purely informational ones
 (``user``, ``metadata``, ``stream_options`` other than ``include_usage``) are accepted.
+``stream_options`` without ``stream: true`` is refused, as OpenAI refuses it.
+
+A ``temperature`` below :data:`TEMPERATURE_FLOOR` (0 included) answers greedily, as vLLM
+(``_SAMPLING_EPS``) and llama.cpp do: dividing the scores by a denormal temperature overflows them to
+``inf`` and the softmax to NaN.
 """
 from __future__ import annotations
 
@@ -17,12 +22,14 @@ from typing import Any, Optional
 from glm_common.prompt import build_prompt
 
 __all__ = ["APIError", "ChatRequest", "parse_chat", "parse_completion", "conversation", "error_body",
-           "ROLES", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P"]
+           "ROLES", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "TEMPERATURE_FLOOR"]
 
 ROLES = ("system", "user", "assistant")
 #: ChatGLM2's chat() defaults, used when the request leaves them out.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.8
+#: temperatures below this answer greedily (vLLM's _SAMPLING_EPS)
+TEMPERATURE_FLOOR = 1e-5
 _REFUSED = {"n": 1, "logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None,
             "functions": None, "function_call": None, "logit_bias": None, "response_format": None,
             "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "echo": False, "suffix": None}
@@ -32,9 +39,10 @@ class APIError(Exception):
     """An HTTP error in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -61,8 +69,8 @@ class ChatRequest:
 
     @property
     def do_sample(self) -> bool:
-        """Greedy when ``temperature`` is 0 (OpenAI's convention), sampling otherwise."""
-        return self.temperature > 0
+        """Greedy when ``temperature`` is below :data:`TEMPERATURE_FLOOR` (0: OpenAI's convention)."""
+        return self.temperature >= TEMPERATURE_FLOOR
 
 
 def _content(msg: dict, i: int) -> str:
@@ -141,7 +149,10 @@ def _common(body: Any, chat: bool, model_id: str) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "request body: expected a JSON object")
     for key, default in _REFUSED.items():
-        if key in body and body[key] is not None and body[key] != default and body[key] is not False:
+        v = body.get(key)
+        if v is None or v is False and (default is None or isinstance(default, bool)):
+            continue
+        if isinstance(v, bool) or v != default:                  # n: true is not n: 1
             raise APIError(400, f"{key}: not supported by this server (only {default!r})", param=key)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or model not in (model_id, "")):
@@ -160,6 +171,8 @@ def _common(body: Any, chat: bool, model_id: str) -> dict:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "stream_options: expected an object", param="stream_options")
+    if body.get("stream_options") is not None and not stream:
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 2 ** 31, integer=True)

@@ -4,7 +4,11 @@ One thread owns the decoder. Each turn it drops abandoned requests (their rows a
 next decode step), admits waiting requests while rows are free (their prompt is prefilled and their
 first token chosen), runs one decode step for every active row, and hands each request its new text
 through the request's ``emit`` callback: ``("text", delta)``, then ``("done", finish_reason, usage)``,
-or ``("error", message)``. ``finish_reason`` is ``"stop"`` (end-of-sequence token or a stop string) or
+or ``("error", message)``. A request whose prefill or token choice fails gets the error alone; the
+other rows decode on (only a failed batch forward fails every row).
+
+``max_queue`` counts the requests that really wait: those beyond the free rows (rows being filled
+this turn count as taken). ``max_queue=0``: a request is taken only when a row is free. ``finish_reason`` is ``"stop"`` (end-of-sequence token or a stop string) or
 ``"length"`` (``max_tokens`` reached). ``usage`` counts prompt tokens (special tokens included) and
 the answer's tokens (the end-of-sequence token not included).
 """
@@ -52,6 +56,7 @@ class Scheduler:
         self.thread: Optional[threading.Thread] = None
         self.stopping = False
         self.steps = 0
+        self.admitting = 0             # jobs taken off ``waiting`` whose prefill is under way
         self.abandoned = 0             # rows freed because their client went away
 
     # ------------------------------------------------------------------ requests
@@ -80,10 +85,12 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`APIError` 503 when the queue is full."""
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                raise APIError(503, f"the server is busy: {len(self.waiting)} requests are already waiting "
-                                    f"(--max-queue {self.max_queue}); retry later", type_="server_error",
-                               code="queue_full")
+            free = self.decoder.max_batch - len(self.active) - self.admitting
+            waits = len(self.waiting) - max(free, 0)          # already waiting beyond the free rows
+            if waits + 1 > self.max_queue:
+                raise APIError(503, f"the server is busy: {self.decoder.max_batch} rows decode and {max(waits, 0)} "
+                                    f"requests are already waiting (--max-queue {self.max_queue}); retry later",
+                               type_="server_error", code="queue_full", headers={"Retry-After": "1"})
             self.waiting.append(job)
             self.cond.notify()
 
@@ -125,6 +132,7 @@ class Scheduler:
                 admit = []
                 while self.waiting and self.decoder.free - len(admit) > 0:
                     admit.append(self.waiting.popleft())
+                self.admitting = len(admit)
                 if self.stopping:
                     return
                 if not self.active and not admit:
@@ -135,12 +143,15 @@ class Scheduler:
                     settings = self.settings_cls(do_sample=job.req.do_sample, temperature=job.req.temperature or 1.0,
                                                  top_p=job.req.top_p, seed=job.req.seed)
                     first = self.decoder.add(id(job), job.prompt_ids, settings, job.max_tokens)
+                    self.active[id(job)] = job
                 except Exception as e:                       # noqa: BLE001 - reported to the client
-                    log.exception("prefill failed")
+                    log.error("prefill failed: %s: %s", type(e).__name__, e)
                     job.finished = True
                     job.emit(("error", f"prefill failed: {type(e).__name__}: {e}"))
                     continue
-                self.active[id(job)] = job
+                finally:
+                    with self.cond:
+                        self.admitting -= 1
                 self._token(job, first)
             if not self.active:
                 continue
@@ -155,8 +166,14 @@ class Scheduler:
                 continue
             for key, tok in new.items():
                 job = self.active.get(key)
-                if job is not None:
-                    self._token(job, tok)
+                if job is None:
+                    continue
+                if isinstance(tok, BaseException):          # this row's token choice failed: it alone ends
+                    log.error("decode failed for one row: %s: %s", type(tok).__name__, tok)
+                    self._drop(job)
+                    job.emit(("error", f"decode failed: {type(tok).__name__}: {tok}"))
+                    continue
+                self._token(job, tok)
 
     def _drop(self, job: Job) -> None:
         self.active.pop(id(job), None)

@@ -14,7 +14,9 @@ The ``cache_mask`` marks each row's own columns; position ids are per row.
 and picks the first token; :meth:`BatchDecoder.step` runs ``decode`` for every row at once and picks
 each row's token with that row's own settings (``process_logits`` and ``sample_next`` with the row's
 own ``numpy`` generator seeded by its ``seed``), as ``generate`` does for one sequence.
-:meth:`BatchDecoder.remove` frees a row at once. The twin :mod:`torch_glm.engine` has the same API.
+:meth:`BatchDecoder.remove` frees a row at once. A row whose token choice fails (its own settings) gets
+the exception in place of its token; the other rows go on. The twin :mod:`torch_glm.engine` has the
+same API.
 """
 from __future__ import annotations
 
@@ -250,7 +252,8 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------ decode
     def step(self) -> dict:
-        """One decode step for every row: ``{key: next token}``."""
+        """One decode step for every row: ``{key: next token}`` (an exception for a row whose token
+        choice failed; the caller removes that row)."""
         import mindspore as ms
         from mindspore import Tensor
         if not self.rows:
@@ -281,8 +284,13 @@ class BatchDecoder:
         scores = logits.asnumpy()
         out = {}
         for key, r in self.rows.items():
-            r.pending = self._pick(r, scores[r.index:r.index + 1])
+            r.length += 1                                # the step wrote this row's column either way
+            try:
+                tok = self._pick(r, scores[r.index:r.index + 1])
+            except Exception as e:                       # noqa: BLE001 - this row fails, the others go on
+                out[key] = e
+                continue
+            r.pending = tok
             r.position += 1
-            r.length += 1
-            out[key] = r.pending
+            out[key] = tok
         return out

@@ -9,7 +9,8 @@ every row at once (``[B, 1]`` ids, each row its own position id, a ``[B, past + 
 and picks each row's next token with that row's own settings (ChatGLM2's NaN/Inf guard, then
 temperature, top-k, top-p and a draw from the row's own seeded ``torch.Generator`` when sampling;
 argmax otherwise), exactly as ``generate`` does for one sequence. :meth:`BatchDecoder.remove` drops a
-finished or abandoned row at once and trims cache columns no row uses any more.
+finished or abandoned row at once and trims cache columns no row uses any more. A row whose token
+choice fails (its own settings) gets the exception in place of its token; the other rows go on.
 
 The twin :mod:`mindspore_glm.engine` has the same class and methods over MindSpore's static cache.
 """
@@ -143,7 +144,8 @@ class BatchDecoder:
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
     def step(self) -> dict:
-        """One decode step for every row: ``{key: next token}``."""
+        """One decode step for every row: ``{key: next token}`` (an exception for a row whose token
+        choice failed; the caller removes that row)."""
         if not self.keys:
             return {}
         rows = [self.rows[k] for k in self.keys]
@@ -156,7 +158,11 @@ class BatchDecoder:
         scores = out.logits[:, -1].float()
         result = {}
         for i, (key, row) in enumerate(zip(self.keys, rows)):
-            tok = self._pick(row, scores[i:i + 1])
+            try:
+                tok = self._pick(row, scores[i:i + 1])
+            except Exception as e:                       # noqa: BLE001 - this row fails, the others go on
+                result[key] = e
+                continue
             row.pending, row.position = tok, row.position + 1
             result[key] = tok
         return result
