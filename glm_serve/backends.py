@@ -106,6 +106,7 @@ def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
             load_prefix(model, prefix)
         elif adapter:
             from torch_glm.lora import load_lora, merge_lora
+            _check_lora_targets(adapter, _peft_pairs(adapter), dict(model.named_parameters()), path)
             model = merge_lora(load_lora(model, adapter))
     except (OSError, ValueError) as e:
         raise BackendError(str(e).splitlines()[0]) from None
@@ -151,6 +152,12 @@ def _load_mindspore(path, tok, adapter, dtype, device, model_id, lora_alpha) -> 
                 from mindspore_glm.lora import apply_lora, merge_lora
                 layers = sorted({n[:-len(".mindpet_delta_lora_a")] for n in lora})
                 rank = int(ck.info(lora[0])[0][0])
+                pairs = {m: (ck.info(m + ".mindpet_delta_lora_a")[0], ck.info(m + ".mindpet_delta_lora_b")[0])
+                         for m in layers if m + ".mindpet_delta_lora_b" in ck.names}
+                if len(pairs) < len(layers):
+                    lone = sorted(set(layers) - set(pairs))[0]
+                    raise BackendError(f"{adapter}: {lone}: has mindpet_delta_lora_a only (A and B go together)")
+                _check_lora_targets(adapter, pairs, {p.name: p for p in model.get_parameters()}, path)
                 apply_lora(model, r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=layers)
             load_weights(model, adapter, strict=False)
             if lora:
@@ -161,6 +168,26 @@ def _load_mindspore(path, tok, adapter, dtype, device, model_id, lora_alpha) -> 
         raise BackendError(str(e).splitlines()[0]) from None
     model.set_train(False)
     return Backend("mindspore", model, tok, BatchDecoder, SamplingSettings, model.config.seq_length, model_id)
+
+
+def _peft_pairs(adapter: str) -> dict:
+    """``{module: (A shape, B shape)}`` of a peft LoRA directory (read and checked by ``convert/adapters.py``)."""
+    from convert.adapters import read_peft_adapter
+    lora = read_peft_adapter(adapter)                       # ConversionError: one line naming the file
+    return {m: (a.shape, b.shape) for m, (a, b) in lora.pairs.items()}
+
+
+def _check_lora_targets(adapter: str, pairs: dict, weights: dict, model: str) -> None:
+    """Every LoRA target is a linear weight of the model and ``B @ A`` has its shape (as ``adapters.py merge``
+    refuses otherwise); ``pairs``: ``{module: (A shape, B shape)}``, ``weights``: the model's by name."""
+    for module, (a, b) in sorted(pairs.items()):
+        w = weights.get(module + ".weight")
+        if w is None:
+            raise BackendError(f"{adapter}: {module}: LoRA target has no weight in the model {model}")
+        want, got = tuple(w.shape), (tuple(b)[0], tuple(a)[-1])
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or want != got:
+            raise BackendError(f"{adapter}: {module}: lora A {list(a)} / B {list(b)} do not fit the model's "
+                               f"weight {list(want)} (B @ A must be [out, in])")
 
 
 def _pet_lora_alpha(adapter: str) -> float:
