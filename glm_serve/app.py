@@ -240,7 +240,7 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
         job = scheduler.prepare(req, emit)
         scheduler.submit(job)
         if not req.stream:
-            parts = []
+            parts, entries = [], []
             gone = asyncio.ensure_future(_gone(request))
             try:
                 while True:
@@ -252,8 +252,9 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
                     event = getter.result()
                     if event[0] == "text":
                         parts.append(event[1])
+                        entries += event[2]
                     elif event[0] == "done":
-                        return response(req, "".join(parts), event[1], event[2])
+                        return response(req, "".join(parts), event[1], event[2], entries + event[3])
                     else:
                         raise APIError(500, event[1], "server_error")
             finally:
@@ -262,7 +263,7 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
 
         async def events():
             stamp = int(time.time())
-            first = True
+            first, offset = True, 0
             try:
                 if req.chat:
                     yield _sse(chunk(req, stamp, "", first=True))
@@ -270,10 +271,11 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
                 while True:
                     event = await queue.get()
                     if event[0] == "text":
-                        yield _sse(chunk(req, stamp, event[1], first=first))
+                        yield _sse(chunk(req, stamp, event[1], first=first, entries=event[2], offset=offset))
                         first = False
+                        offset += sum(len(e[0]) for e in event[2])
                     elif event[0] == "done":
-                        yield _sse(chunk(req, stamp, finish=event[1]))
+                        yield _sse(chunk(req, stamp, finish=event[1], entries=event[3], offset=offset))
                         if req.include_usage:
                             yield _sse(chunk(req, stamp, use=event[2]))
                         break

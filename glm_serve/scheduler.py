@@ -3,8 +3,9 @@
 One thread owns the decoder. Each turn it drops abandoned requests (their rows are freed before the
 next decode step), admits waiting requests while rows are free (their prompt is prefilled and their
 first token chosen), runs one decode step for every active row, and hands each request its new text
-through the request's ``emit`` callback: ``("text", delta)``, then ``("done", finish_reason, usage)``,
-or ``("error", message)``. A request whose prefill or token choice fails gets the error alone; the
+through the request's ``emit`` callback: ``("text", delta, entries)``, then ``("done", finish_reason,
+usage, entries)``, or ``("error", message)``; ``entries`` are the log-probabilities of the tokens not yet
+reported (``[(token, bytes, logprob, [(token, bytes, logprob)])]``, empty unless the request asked). A request whose prefill or token choice fails gets the error alone; the
 other rows decode on (only a failed batch forward fails every row).
 
 ``max_queue`` counts the requests that really wait: those beyond the free rows (rows being filled
@@ -15,6 +16,7 @@ the answer's tokens (the end-of-sequence token not included).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import deque
 from typing import Callable, Optional
@@ -25,6 +27,7 @@ from glm_serve.text import TextStream
 __all__ = ["Job", "Scheduler"]
 
 log = logging.getLogger("glm_serve")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class Job:
@@ -33,6 +36,7 @@ class Job:
     def __init__(self, req: ChatRequest, prompt_ids: list, max_tokens: int, emit: Callable):
         self.req, self.prompt_ids, self.max_tokens, self.emit = req, prompt_ids, max_tokens, emit
         self.ids: list = []
+        self.entries: list = []        # log-probabilities not yet reported
         self.text = TextStream(chat=req.chat, stop=req.stop)
         self.cancelled = False
         self.finished = False
@@ -140,8 +144,12 @@ class Scheduler:
                     continue
             for job in admit:
                 try:
-                    settings = self.settings_cls(do_sample=job.req.do_sample, temperature=job.req.temperature or 1.0,
-                                                 top_p=job.req.top_p, seed=job.req.seed)
+                    r = job.req
+                    settings = self.settings_cls(do_sample=r.do_sample, temperature=r.temperature or 1.0,
+                                                 top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+                                                 repetition_penalty=r.repetition_penalty,
+                                                 presence_penalty=r.presence_penalty,
+                                                 frequency_penalty=r.frequency_penalty, logprobs=r.logprobs)
                     first = self.decoder.add(id(job), job.prompt_ids, settings, job.max_tokens)
                     self.active[id(job)] = job
                 except Exception as e:                       # noqa: BLE001 - reported to the client
@@ -189,10 +197,13 @@ class Scheduler:
             self._finish(job, "stop")
             return
         job.ids.append(tok)
+        if job.req.logprobs is not None:
+            lp, top = self.decoder.logprobs(id(job))
+            job.entries.append((*self._token_text(tok), lp, [(*self._token_text(t), v) for t, v in top]))
         final = len(job.ids) >= job.max_tokens
         delta = job.text.delta(self.tokenizer.decode(job.ids), final)
         if delta:
-            job.emit(("text", delta))
+            job.emit(("text", delta, self._take(job)))
         if job.text.stopped:
             self._finish(job, "stop", flushed=True)
         elif final:
@@ -202,6 +213,22 @@ class Scheduler:
         if not flushed:
             delta = job.text.delta(self.tokenizer.decode(job.ids), final=True)
             if delta:
-                job.emit(("text", delta))
+                job.emit(("text", delta, self._take(job)))
         self._drop(job)
-        job.emit(("done", reason, usage(len(job.prompt_ids), len(job.ids))))
+        job.emit(("done", reason, usage(len(job.prompt_ids), len(job.ids)), self._take(job)))
+
+    @staticmethod
+    def _take(job: Job) -> list:
+        out, job.entries = job.entries, []
+        return out
+
+    def _token_text(self, tok: int):
+        """``(token text, its UTF-8 bytes)``: the sentencepiece piece with its word-start mark as a space;
+        a byte-fallback piece ``<0xE4>`` is ``("bytes:\\xe4", [228])`` as OpenAI writes a token that is not a
+        whole character."""
+        piece = self.tokenizer.convert_id_to_token(tok)
+        m = _BYTE_PIECE.fullmatch(piece or "")
+        if m:
+            return f"bytes:\\x{m.group(1).lower()}", [int(m.group(1), 16)]
+        text = (piece or "").replace("\u2581", " ")           # sentencepiece's word-start mark is a space
+        return text, list(text.encode("utf-8", "replace"))

@@ -12,8 +12,12 @@ The ``cache_mask`` marks each row's own columns; position ids are per row.
 
 :meth:`BatchDecoder.add` runs the prompt alone through the model's ``prefill`` (as ``generate`` does)
 and picks the first token; :meth:`BatchDecoder.step` runs ``decode`` for every row at once and picks
-each row's token with that row's own settings (``process_logits`` and ``sample_next`` with the row's
-own ``numpy`` generator seeded by its ``seed``), as ``generate`` does for one sequence.
+each row's token with that row's own settings (``process_logits`` with the repetition penalty over
+prompt and answer, OpenAI's presence/frequency penalties over the answer, and ``sample_next`` with the
+row's own ``numpy`` generator seeded by its ``seed``), as ``generate`` does for one sequence. With
+``logprobs`` set, :meth:`BatchDecoder.logprobs` gives the chosen token's log-probability and the
+``logprobs`` most likely tokens' under the model's own distribution (after the guard, before any
+penalty or sampling setting).
 :meth:`BatchDecoder.remove` frees a row at once. A row whose token choice fails (its own settings) gets
 the exception in place of its token; the other rows go on. The twin :mod:`torch_glm.engine` has the
 same API.
@@ -25,6 +29,7 @@ from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
+from glm_common.generation import invalid_score_processor, presence_frequency_penalty
 from mindspore_glm.generate import process_logits, sample_next
 
 __all__ = ["BatchDecoder", "SamplingSettings"]
@@ -38,14 +43,19 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None       # None: none; k: the chosen token's and the k most likely
 
 
 class _Row:
-    __slots__ = ("pending", "position", "settings", "rng", "index", "length", "end")
+    __slots__ = ("pending", "position", "settings", "rng", "index", "length", "end", "ids", "prompt_len", "logprobs")
 
-    def __init__(self, pending, position, settings, rng, index, length, end):
+    def __init__(self, pending, position, settings, rng, index, length, end, ids=()):
         self.pending, self.position, self.settings, self.rng = pending, position, settings, rng
         self.index, self.length, self.end = index, length, end
+        self.ids, self.prompt_len, self.logprobs = list(ids), len(ids), None
 
 
 def _round_up(n: int, block: int) -> int:
@@ -114,9 +124,26 @@ class BatchDecoder:
     def _pick(row: _Row, scores: np.ndarray) -> int:
         """``scores [1, V]`` float32 -> the row's next token (as ``generate`` picks it)."""
         s = row.settings
-        scores = process_logits(scores, np.zeros((1, 0), np.int64), 1.0, s.temperature, s.top_k, s.top_p,
-                                s.do_sample)
-        return int(sample_next(scores, s.do_sample, row.rng)[0])
+        scores = invalid_score_processor(None, np.array(scores, np.float32))
+        logp = None
+        if s.logprobs is not None:
+            shifted = scores - scores.max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        scores = process_logits(scores, np.asarray([row.ids], np.int64), s.repetition_penalty)   # not sampling yet
+        scores = presence_frequency_penalty(scores, row.ids[row.prompt_len:], s.presence_penalty, s.frequency_penalty)
+        if s.do_sample:
+            scores = process_logits(scores, np.zeros((1, 0), np.int64), 1.0, s.temperature, s.top_k, s.top_p, True)
+        tok = int(sample_next(scores, s.do_sample, row.rng)[0])
+        if logp is not None:
+            top = np.argsort(-logp[0], kind="stable")[:s.logprobs]
+            row.logprobs = (float(logp[0, tok]), [(int(i), float(logp[0, i])) for i in top])
+        row.ids.append(tok)
+        return tok
+
+    def logprobs(self, key: Hashable):
+        """``(log-probability of the last token chosen, [(token, log-probability)] of the most likely)``
+        for a row whose settings ask for ``logprobs``; ``None`` otherwise."""
+        return self.rows[key].logprobs
 
     # ------------------------------------------------------------------ cache layout
     def _zeros(self, b, length, like):
@@ -187,7 +214,7 @@ class BatchDecoder:
         finally:
             self.model.set_train(was_training)
         n = self.p + s
-        row = _Row(0, s, settings, np.random.default_rng(settings.seed), -1, n, 0)
+        row = _Row(0, s, settings, np.random.default_rng(settings.seed), -1, n, 0, prompt_ids)
         row.pending = self._pick(row, logits.asnumpy())
         # room: columns t-n .. t-1 for the prompt, t .. for the tokens to come
         if self.caches is None:

@@ -6,9 +6,13 @@ A request joins with :meth:`BatchDecoder.add`: its prompt is run alone (the same
 pick) and its per-layer key/value cache is merged into the running batch cache, left-padded to the
 longest row (padding columns are masked out). :meth:`BatchDecoder.step` then runs one decode step for
 every row at once (``[B, 1]`` ids, each row its own position id, a ``[B, past + 1]`` attention mask)
-and picks each row's next token with that row's own settings (ChatGLM2's NaN/Inf guard, then
-temperature, top-k, top-p and a draw from the row's own seeded ``torch.Generator`` when sampling;
-argmax otherwise), exactly as ``generate`` does for one sequence. :meth:`BatchDecoder.remove` drops a
+and picks each row's next token with that row's own settings (ChatGLM2's NaN/Inf guard, the
+repetition penalty over prompt and answer as ``generate`` applies it, OpenAI's presence/frequency
+penalties over the answer, then temperature, top-k, top-p and a draw from the row's own seeded
+``torch.Generator`` when sampling; argmax otherwise), exactly as ``generate`` does for one sequence.
+With ``logprobs`` set, :meth:`BatchDecoder.logprobs` gives the chosen token's log-probability and the
+``logprobs`` most likely tokens' under the model's own distribution (after the guard, before any
+penalty or sampling setting), as vLLM reports them. :meth:`BatchDecoder.remove` drops a
 finished or abandoned row at once and trims cache columns no row uses any more. A row whose token
 choice fails (its own settings) gets the exception in place of its token; the other rows go on.
 
@@ -21,7 +25,9 @@ from typing import Hashable, Optional, Sequence
 
 import torch
 
-from torch_glm.generate import apply_temperature, apply_top_k, apply_top_p, invalid_score_processor, sample_next
+from glm_common.generation import presence_frequency_penalty
+from torch_glm.generate import (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
+                                invalid_score_processor, sample_next)
 
 __all__ = ["BatchDecoder", "SamplingSettings"]
 
@@ -34,13 +40,18 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None       # None: none; k: the chosen token's and the k most likely
 
 
 class _Row:
-    __slots__ = ("pending", "position", "settings", "generator")
+    __slots__ = ("pending", "position", "settings", "generator", "ids", "prompt_len", "logprobs")
 
-    def __init__(self, pending: int, position: int, settings: SamplingSettings, generator):
+    def __init__(self, pending: int, position: int, settings: SamplingSettings, generator, ids=()):
         self.pending, self.position, self.settings, self.generator = pending, position, settings, generator
+        self.ids, self.prompt_len, self.logprobs = list(ids), len(ids), None
 
 
 class BatchDecoder:
@@ -78,9 +89,25 @@ class BatchDecoder:
         """``scores [1, V]`` float32 -> the row's next token (as ``generate`` picks it)."""
         s = row.settings
         scores = invalid_score_processor(None, scores)   # the guard reads the scores only
+        logp = scores.log_softmax(-1) if s.logprobs is not None else None
+        if s.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(torch.tensor([row.ids], device=scores.device), scores,
+                                              s.repetition_penalty)
+        scores = presence_frequency_penalty(scores, row.ids[row.prompt_len:], s.presence_penalty, s.frequency_penalty)
         if s.do_sample:
             scores = apply_top_p(apply_top_k(apply_temperature(scores, s.temperature), s.top_k), s.top_p)
-        return int(sample_next(scores, s.do_sample, row.generator)[0])
+        tok = int(sample_next(scores, s.do_sample, row.generator)[0])
+        if logp is not None:
+            top = torch.topk(logp[0], s.logprobs) if s.logprobs else None
+            row.logprobs = (float(logp[0, tok]), [] if top is None else
+                            [(int(i), float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())])
+        row.ids.append(tok)
+        return tok
+
+    def logprobs(self, key: Hashable):
+        """``(log-probability of the last token chosen, [(token, log-probability)] of the most likely)``
+        for a row whose settings ask for ``logprobs``; ``None`` otherwise."""
+        return self.rows[key].logprobs
 
     # ------------------------------------------------------------------ join / leave
     @torch.no_grad()
@@ -102,7 +129,7 @@ class BatchDecoder:
         generator = None
         if settings.do_sample and settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(settings.seed))
-        row = _Row(0, n, settings, generator)
+        row = _Row(0, n, settings, generator, prompt_ids)
         first = self._pick(row, out.logits[:, -1].float())
         row.pending = first
         present = out.past_key_values
