@@ -1,9 +1,12 @@
 """The HTTP server: FastAPI routes over a :class:`glm_serve.scheduler.Scheduler`, served by uvicorn.
 
-Routes: ``GET /health`` (no key needed), ``GET /v1/models``, ``POST /v1/chat/completions``,
-``POST /v1/completions`` (both with ``stream``: server-sent events in OpenAI's chunk format, ending with
-``data: [DONE]``), and ``GET /`` (the chat page, static HTML and JS; it sends the key typed into it).
-Every other route needs ``Authorization: Bearer <key>`` when the server has an ``--api-key``.
+Routes: ``GET /health`` (no key needed), ``GET /v1/models`` (with vLLM's ``max_model_len``: the model's
+``seq_length``), ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``: server-sent
+events in OpenAI's chunk format, ending with ``data: [DONE]``), vLLM's ``POST /tokenize`` (``prompt`` or
+``messages``) and ``POST /detokenize`` (``tokens``), and ``GET /`` (the chat page, static HTML and JS; it
+sends the key typed into it). Every other route needs ``Authorization: Bearer <key>`` when the server has
+an ``--api-key``. ``allow_origins``: browser origins allowed to call the API (CORS, Starlette's
+``CORSMiddleware``, preflights answered without a key).
 
 Every request body is read here before a route sees it, ``Content-Length`` or chunked alike: over
 ``max_body_bytes`` is a 413 (and the connection closes), slower than ``body_timeout`` between two
@@ -32,7 +35,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from glm_serve.protocol import APIError, chunk, error_body, parse_chat, parse_completion, response
+from glm_serve.protocol import (APIError, chunk, conversation, error_body, parse_chat, parse_completion,
+                                response)
 from glm_serve.scheduler import Scheduler
 
 __all__ = ["create_app", "server_config"]
@@ -166,7 +170,7 @@ def _sse(obj) -> str:
 
 
 def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: Optional[str] = None,
-               max_body_bytes: int = 1 << 20, body_timeout: float = 30.0) -> FastAPI:
+               max_body_bytes: int = 1 << 20, body_timeout: float = 30.0, allow_origins=()) -> FastAPI:
     """The ASGI app; ``scheduler`` must be started by the caller."""
     app = FastAPI(title="glm2-serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -196,7 +200,8 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     def _model_card():
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "glm2-ascend"}
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "glm2-ascend",
+                "max_model_len": scheduler.seq_length}
 
     @app.get("/v1/models")
     async def models():
@@ -289,6 +294,41 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _body(request)
+        if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body):
+            raise APIError(400, "request body: give either prompt (a string) or messages", param="prompt")
+        model = body.get("model")
+        if model is not None and model not in (model_id, ""):
+            raise APIError(404, f"model: {model!r} is not served here (this server serves {model_id!r})",
+                           param="model", code="model_not_found")
+        if "messages" in body:
+            from glm_common.prompt import build_prompt
+            text = build_prompt(*conversation(body["messages"]))
+        elif isinstance(body["prompt"], str):
+            text = body["prompt"]
+        else:
+            raise APIError(400, "prompt: expected a string", param="prompt")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise APIError(400, f"add_special_tokens: expected true or false, got {special!r}",
+                           param="add_special_tokens")
+        tokens = list(scheduler.tokenizer.encode(text, add_special_tokens=special))
+        return {"count": len(tokens), "max_model_len": scheduler.seq_length, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _body(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        size = len(scheduler.tokenizer)
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise APIError(400, "tokens: expected a list of token ids", param="tokens")
+        bad = [t for t in tokens if not 0 <= t < size]
+        if bad:
+            raise APIError(400, f"tokens: {bad[0]} is not a token id (the vocabulary has {size})", param="tokens")
+        return {"prompt": scheduler.tokenizer.decode(tokens)}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await _serve(parse_chat(await _body(request), model_id), request)
@@ -297,4 +337,9 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
     async def completions(request: Request):
         return await _serve(parse_completion(await _body(request), model_id), request)
 
-    return _Guard(app, api_key, max_body_bytes, body_timeout)
+    guarded = _Guard(app, api_key, max_body_bytes, body_timeout)
+    if not allow_origins:
+        return guarded
+    from starlette.middleware.cors import CORSMiddleware
+    return CORSMiddleware(guarded, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                          allow_headers=["authorization", "content-type"], max_age=600)

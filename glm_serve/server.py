@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client may pause while sending "
                                                                      "a request body (then 408)")
     ap.add_argument("--keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
+    ap.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                    help="a browser origin allowed to call the API (CORS), e.g. http://localhost:3000; repeat for "
+                         "more; '*' allows any")
     return ap
 
 
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
     from glm_serve.scheduler import Scheduler
     scheduler = Scheduler(backend.decoder(args.max_batch), backend.tokenizer, backend.settings_cls,
                           backend.seq_length, [backend.tokenizer.eos_token_id], args.max_queue, args.max_tokens).start()
-    app = create_app(scheduler, backend.model_id, backend.name, args.api_key, args.max_body_bytes, args.body_timeout)
+    app = create_app(scheduler, backend.model_id, backend.name, args.api_key, args.max_body_bytes, args.body_timeout,
+                     args.allow_origin)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"glm2-serve: {backend.model_id} on {url} (OpenAI base_url {url}/v1; chat page at /)",

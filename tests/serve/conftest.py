@@ -19,7 +19,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(backend, max_batch=8, max_queue=64, max_tokens=2048, api_key=None, max_body_bytes=1 << 20, start=True,
-            header_timeout=10.0, body_timeout=30.0, max_connections=None):
+            header_timeout=10.0, body_timeout=30.0, max_connections=None, allow_origins=()):
     """Yield ``(base_url, scheduler)`` of a running server over ``backend`` (uvicorn configured as
     ``glm2-serve`` configures it)."""
     import uvicorn
@@ -31,7 +31,7 @@ def serving(backend, max_batch=8, max_queue=64, max_tokens=2048, api_key=None, m
     if start:
         sched.start()
     port = free_port()
-    app = create_app(sched, backend.model_id, backend.name, api_key, max_body_bytes, body_timeout)
+    app = create_app(sched, backend.model_id, backend.name, api_key, max_body_bytes, body_timeout, allow_origins)
     server = uvicorn.Server(server_config(app, "127.0.0.1", port, header_timeout, max_connections=max_connections))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
