@@ -3,7 +3,8 @@
 Routes: ``GET /health`` (no key needed), ``GET /v1/models`` (with vLLM's ``max_model_len``: the model's
 ``seq_length``), ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``: server-sent
 events in OpenAI's chunk format, ending with ``data: [DONE]``), vLLM's ``POST /tokenize`` (``prompt`` or
-``messages``) and ``POST /detokenize`` (``tokens``), and ``GET /`` (the chat page, static HTML and JS; it
+``messages``) and ``POST /detokenize`` (``tokens``), ``GET /metrics`` (Prometheus, see
+:mod:`glm_serve.metrics`), and ``GET /`` (the chat page, static HTML and JS; it
 sends the key typed into it). Every other route needs ``Authorization: Bearer <key>`` when the server has
 an ``--api-key``. ``allow_origins``: browser origins allowed to call the API (CORS, Starlette's
 ``CORSMiddleware``, preflights answered without a key).
@@ -189,6 +190,13 @@ def create_app(scheduler: Scheduler, model_id: str, backend: str = "", api_key: 
         kind = "not_found" if exc.status_code == 404 else None
         return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}",
                                        "invalid_request_error", None, kind), status_code=exc.status_code)
+
+    from glm_serve.metrics import CONTENT_TYPE_LATEST, Metrics
+    metrics = Metrics(scheduler)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():

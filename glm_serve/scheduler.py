@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import deque
 from typing import Callable, Optional
 
@@ -37,6 +38,7 @@ class Job:
         self.req, self.prompt_ids, self.max_tokens, self.emit = req, prompt_ids, max_tokens, emit
         self.ids: list = []
         self.entries: list = []        # log-probabilities not yet reported
+        self.submitted, self.last = time.monotonic(), None     # for the metrics
         self.text = TextStream(chat=req.chat, stop=req.stop)
         self.cancelled = False
         self.finished = False
@@ -61,6 +63,7 @@ class Scheduler:
         self.stopping = False
         self.steps = 0
         self.admitting = 0             # jobs taken off ``waiting`` whose prefill is under way
+        self.observer = None           # glm_serve.metrics.Metrics (or anything with its methods)
         self.abandoned = 0             # rows freed because their client went away
 
     # ------------------------------------------------------------------ requests
@@ -92,9 +95,12 @@ class Scheduler:
             free = self.decoder.max_batch - len(self.active) - self.admitting
             waits = len(self.waiting) - max(free, 0)          # already waiting beyond the free rows
             if waits + 1 > self.max_queue:
+                if self.observer is not None:
+                    self.observer.ended("refused", len(job.prompt_ids), 0, 0.0)
                 raise APIError(503, f"the server is busy: {self.decoder.max_batch} rows decode and {max(waits, 0)} "
                                     f"requests are already waiting (--max-queue {self.max_queue}); retry later",
                                type_="server_error", code="queue_full", headers={"Retry-After": "1"})
+            job.submitted = time.monotonic()
             self.waiting.append(job)
             self.cond.notify()
 
@@ -130,9 +136,11 @@ class Scheduler:
                     if job.cancelled:
                         self._drop(job)
                         self.abandoned += 1
+                        self._ended(job, "abandoned")
                 for job in [j for j in self.waiting if j.cancelled]:
                     self.waiting.remove(job)
                     job.finished = True
+                    self._ended(job, "abandoned")
                 admit = []
                 while self.waiting and self.decoder.free - len(admit) > 0:
                     admit.append(self.waiting.popleft())
@@ -155,6 +163,7 @@ class Scheduler:
                 except Exception as e:                       # noqa: BLE001 - reported to the client
                     log.error("prefill failed: %s: %s", type(e).__name__, e)
                     job.finished = True
+                    self._ended(job, "error")
                     job.emit(("error", f"prefill failed: {type(e).__name__}: {e}"))
                     continue
                 finally:
@@ -170,6 +179,7 @@ class Scheduler:
                 log.exception("decode step failed")
                 for job in list(self.active.values()):
                     self._drop(job)
+                    self._ended(job, "error")
                     job.emit(("error", f"decode failed: {type(e).__name__}: {e}"))
                 continue
             for key, tok in new.items():
@@ -179,6 +189,7 @@ class Scheduler:
                 if isinstance(tok, BaseException):          # this row's token choice failed: it alone ends
                     log.error("decode failed for one row: %s: %s", type(tok).__name__, tok)
                     self._drop(job)
+                    self._ended(job, "error")
                     job.emit(("error", f"decode failed: {type(tok).__name__}: {tok}"))
                     continue
                 self._token(job, tok)
@@ -192,7 +203,15 @@ class Scheduler:
         if job.cancelled:
             self._drop(job)
             self.abandoned += 1
+            self._ended(job, "abandoned")
             return
+        if self.observer is not None:
+            now = time.monotonic()
+            if job.last is None:
+                self.observer.first_token(now - job.submitted)
+            else:
+                self.observer.token_gap(now - job.last)
+            job.last = now
         if tok in self.eos_ids:
             self._finish(job, "stop")
             return
@@ -215,7 +234,12 @@ class Scheduler:
             if delta:
                 job.emit(("text", delta, self._take(job)))
         self._drop(job)
+        self._ended(job, reason)
         job.emit(("done", reason, usage(len(job.prompt_ids), len(job.ids)), self._take(job)))
+
+    def _ended(self, job: Job, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer.ended(outcome, len(job.prompt_ids), len(job.ids), time.monotonic() - job.submitted)
 
     @staticmethod
     def _take(job: Job) -> list:
