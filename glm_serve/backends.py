@@ -8,6 +8,8 @@ optional adapter: a peft LoRA directory (merged into the weights for serving) or
 holding only LoRA or prefix weights (LoRA: rank read from its shapes, ``lora_alpha`` given or read from
 the ``<name>_pet_config.yaml`` that ``convert/adapters.py peft-to-ms`` writes beside it; merged into the
 weights on load, as torch's); device CPU/Ascend.
+``quantize`` (torch only): 8 or 4 for weight-only int8/int4 transformer-layer linears
+(:mod:`torch_glm.quantize`, ChatGLM2's ``quantize(bits)``), after any adapter is merged.
 The tokenizer (``tokenizer.model``) is looked up beside the model when not given.
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ def find_tokenizer(model: str, tokenizer: Optional[str]) -> str:
 
 def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adapter: Optional[str] = None,
                  dtype: Optional[str] = None, device: Optional[str] = None,
-                 lora_alpha: Optional[float] = None) -> Backend:
+                 lora_alpha: Optional[float] = None, quantize: Optional[int] = None) -> Backend:
     """Load everything a server or chat needs; raises :class:`BackendError` (one line) for bad input."""
     if backend not in BACKENDS:
         raise BackendError(f"--backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -66,15 +68,17 @@ def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adap
         raise BackendError(f"{model}: --model: no such file or directory")
     if adapter and not os.path.exists(adapter):
         raise BackendError(f"{adapter}: --adapter: no such file or directory")
+    if quantize is not None and (backend != "torch" or quantize not in (8, 4)):
+        raise BackendError(f"--quantize {quantize}: weight-only quantization is 8 or 4 bits, on the torch backend")
     from glm_common.tokenizer import ChatGLM2Tokenizer
     tok = ChatGLM2Tokenizer(find_tokenizer(model, tokenizer))
     model_id = os.path.basename(os.path.normpath(adapter or model))
     if backend == "torch":
-        return _load_torch(model, tok, adapter, dtype, device, model_id)
+        return _load_torch(model, tok, adapter, dtype, device, model_id, quantize)
     return _load_mindspore(model, tok, adapter, dtype, device, model_id, lora_alpha)
 
 
-def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
+def _load_torch(path, tok, adapter, dtype, device, model_id, quantize=None) -> Backend:
     from glm_common.config import ChatGLM2Config
     if not os.path.isdir(path):
         raise BackendError(f"{path}: --backend torch needs an HF model directory (config.json and weights)")
@@ -110,6 +114,9 @@ def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
             model = merge_lora(load_lora(model, adapter))
     except (OSError, ValueError) as e:
         raise BackendError(str(e).splitlines()[0]) from None
+    if quantize:
+        from torch_glm.quantize import quantize as quantize_weights
+        quantize_weights(model, quantize)
     model.eval()
     return Backend("torch", model, tok, BatchDecoder, SamplingSettings, config.seq_length, model_id)
 

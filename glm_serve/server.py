@@ -27,6 +27,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                          "default: from the <name>_pet_config.yaml beside it, else 32)")
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weight/compute dtype")
     ap.add_argument("--device", default="cpu", help="torch: cpu, cuda, cuda:N; mindspore: cpu, ascend, ascend:N")
+    ap.add_argument("--quantize", type=int, choices=(8, 4), default=None,
+                    help="torch: weight-only int8 or int4 transformer-layer linears (ChatGLM2's quantize(bits))")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +80,7 @@ def bind(host: str, port: int) -> socket.socket:
 def load_from_args(args):
     from glm_serve.backends import load_backend
     return load_backend(args.backend, args.model, args.tokenizer, args.adapter, args.dtype, args.device,
-                        args.lora_alpha)
+                        args.lora_alpha, args.quantize)
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ BACKENDS = ("mindspore_glm", "torch_glm")
 ONE_SIDED_MODULES = {
     "launch": "the Ascend launcher (rank tables, msrun); torch runs under torchrun",
     "launch_plan": "the Ascend launcher's process plan (rank tables, msrun); torch runs under torchrun",
+    "quantize": "weight-only int8/int4 serving on the torch backend (CPU and CUDA), ChatGLM2's quantize(bits)",
 }
 
 #: modules both backends have under one name whose engines differ, so no public name means the same thing on
