@@ -15,6 +15,12 @@ Printed: tokens/s of each and the medians over rounds of the per-round ratios ``
 and ``N streams / serial`` (ratios of measurements taken back to back, so a change of machine load
 mostly cancels). MindSpore runs its compiled graphs; the first (warm-up) round compiles them.
 
+Then, per backend, ``N streams`` with every request asking for ``repetition_penalty``, ``presence_penalty``,
+``frequency_penalty``, ``top_k`` and 5 ``logprobs`` against plain requests (the cost of those settings),
+and, torch only, ``--quantize 8`` and ``4`` against float32 in the same process, round by round: tokens/s
+ratio, the transformer layers' bytes ratio, and quality on the prompt (max |logit error| / logit std,
+greedy next-token agreement over the prompt's positions).
+
     python bench/bench_serve.py [--tokens 64] [--streams 8] [--rounds 3] [--threads 2] [--backends torch,mindspore]
 """
 from __future__ import annotations
@@ -50,6 +56,14 @@ def make_model(folder: str) -> None:
     model.save_pretrained(folder)
 
 
+SETTINGS = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, top_k=40, logprobs=5)
+
+
+def _layer_bytes(model) -> int:
+    layers = model.transformer.encoder.layers
+    return sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
+
+
 def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: int) -> dict:
     from glm_serve.backends import load_backend
     from glm_serve.protocol import ChatRequest
@@ -58,8 +72,23 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
     never = -1                                          # no end-of-sequence: every answer has `tokens` tokens
     sched = Scheduler(b.decoder(streams), b.tokenizer, b.settings_cls, b.seq_length, [never]).start()
     ids = b.tokenizer.encode(PROMPT)
+    quantized = {}
+    if backend_name == "torch":
+        import torch
+        with torch.no_grad():
+            want = b.model(input_ids=torch.tensor([ids])).logits
+        for bits in (8, 4):
+            qb = load_backend("torch", folder, TOKENIZER, quantize=bits)
+            with torch.no_grad():
+                got = qb.model(input_ids=torch.tensor([ids])).logits
+            quantized[bits] = dict(
+                sched=Scheduler(qb.decoder(streams), qb.tokenizer, qb.settings_cls, qb.seq_length, [never]).start(),
+                bytes=_layer_bytes(qb.model) / _layer_bytes(b.model),
+                err=float((got - want).abs().max() / want.std()),
+                agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()))
 
-    def through_scheduler(n):
+    def through_scheduler(n, on=None, **settings):
+        on = on or sched
         done = threading.Semaphore(0)
         counts = []
 
@@ -70,8 +99,8 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
 
         t = time.perf_counter()
         for _ in range(n):
-            req = ChatRequest(prompt=PROMPT, chat=False, max_tokens=tokens, temperature=0)
-            sched.submit(sched.prepare(req, emit))
+            req = ChatRequest(prompt=PROMPT, chat=False, max_tokens=tokens, temperature=0, **settings)
+            on.submit(on.prepare(req, emit))
         for _ in range(n):
             done.acquire()
         return sum(counts) / (time.perf_counter() - t)
@@ -89,16 +118,24 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
         return total / (time.perf_counter() - t)
 
     through_scheduler(1), through_scheduler(streams), serial(1)           # warm-up (MindSpore: compiles)
+    through_scheduler(streams, **SETTINGS)
+    for q in quantized.values():
+        through_scheduler(streams, q["sched"])
     rows = []
     for r in range(rounds):
         one = through_scheduler(1)
         many = through_scheduler(streams)
         ser = serial(streams)
-        rows.append(dict(one=one, many=many, serial=ser))
+        row = dict(one=one, many=many, serial=ser, settings=through_scheduler(streams, **SETTINGS))
+        for bits, q in quantized.items():
+            row[f"int{bits}"] = through_scheduler(streams, q["sched"])
+        rows.append(row)
         print(f"  {backend_name} round {r + 1}/{rounds}: 1 stream {one:.1f} tok/s, {streams} streams "
               f"{many:.1f} tok/s, serial {ser:.1f} tok/s", file=sys.stderr, flush=True)
     sched.stop()
-    return dict(rows=rows, prompt_tokens=len(ids))
+    for q in quantized.values():
+        q.pop("sched").stop()
+    return dict(rows=rows, prompt_tokens=len(ids), quantized={str(k): v for k, v in quantized.items()})
 
 
 def main(argv=None) -> int:
@@ -147,6 +184,20 @@ def main(argv=None) -> int:
         print(f"{name:<10} {med['one']:>10.1f} {med['many']:>10.1f} {med['serial']:>10.1f} {r1:>6.2f}x {rs:>8.2f}x")
     print("(tokens/s: answer tokens per wall second, all requests together; serial: one request after another "
           "through the model's own generate)")
+    print(f"\n{n} streams asking for {', '.join(f'{k}={v}' for k, v in SETTINGS.items())}, vs plain requests:")
+    for name, res in results.items():
+        ratio = statistics.median(r["settings"] / r["many"] for r in res["rows"])
+        print(f"{name:<10} {ratio:>6.2f}x tokens/s")
+    for name, res in results.items():
+        if not res.get("quantized"):
+            continue
+        print(f"\n{name}: weight-only quantization vs float32 ({n} streams, same process, round by round):")
+        print(f"{'weights':<8} {'tokens/s':>9} {'layer bytes':>12} {'logit err':>10} {'greedy agree':>13}")
+        for bits, q in res["quantized"].items():
+            ratio = statistics.median(r[f"int{bits}"] / r["many"] for r in res["rows"])
+            print(f"{'int' + bits:<8} {ratio:>8.2f}x {q['bytes']:>11.2f}x {q['err']:>10.3f} {q['agree']:>12.1%}")
+        print("(logit err: max |quantized - float32 logit| / std of the float32 logits over the prompt; greedy agree: "
+              "positions whose argmax matches)")
     return 0
 
 
