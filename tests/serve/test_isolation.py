@@ -180,12 +180,21 @@ def test_a_non_stream_client_that_hangs_up_frees_its_row(torch_backend):
 
 def test_slow_headers_are_cut_and_connections_limited(torch_backend):
     b = torch_backend
-    with serving(b, header_timeout=0.5) as (url, _):
+    with serving(b, header_timeout=0.5, body_timeout=0.5) as (url, _):
         host, port = url[len("http://"):].split(":")
         sock = socket.create_connection((host, int(port)), timeout=60)
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHo")        # and never the rest
         assert sock.recv(100) == b""                                     # closed by the server
         sock.close()
+        sock = socket.create_connection((host, int(port)), timeout=60)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
+        reply = b""
+        while b"}}" not in reply:                                        # a JSON 408, then closed
+            piece = sock.recv(4096)
+            assert piece, reply
+            reply += piece
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 408 ") and b"request body not received within 0.5 s" in reply
     with serving(b, max_connections=3) as (url, _):
         host, port = url[len("http://"):].split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(3)]
