@@ -52,9 +52,13 @@ def _ctrl_c_as_key():
     ``None`` when stdin is not a terminal (then Ctrl-C stays SIGINT)."""
     try:
         import termios
+    except ImportError:                                  # not a POSIX terminal API
+        yield None
+        return
+    try:
         fd = sys.stdin.fileno()
         old = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError):
+    except (OSError, ValueError, termios.error):         # stdin is a pipe or a file
         yield None
         return
     new = termios.tcgetattr(fd)

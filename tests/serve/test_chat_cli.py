@@ -117,3 +117,14 @@ def test_ctrl_c_on_mindspore_stops_the_answer_not_the_process(tmp_path_factory):
     finally:
         if t.proc.poll() is None:
             t.proc.kill()
+
+
+def test_piped_stdin(torch_backend):
+    """Not a terminal: the answers still stream (Ctrl-C stays a signal there)."""
+    b = torch_backend
+    want = b.model.chat(b.tokenizer, "你好", max_new_tokens=5, do_sample=False)[0]
+    out = subprocess.run([sys.executable, "-m", "glm_serve.chat", "--backend", "torch", "--model", str(TINY_MODEL),
+                          "--tokenizer", str(TOKENIZER_MODEL), "--temperature", "0", "--max-tokens", "5"],
+                         input="你好\n/exit\n", capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert f"ChatGLM2: {want}\n" in out.stdout
