@@ -35,6 +35,7 @@ import numpy as np
 from glm_common.prompt import INVALID_SCORE_TOKEN, INVALID_SCORE_VALUE
 
 __all__ = ["INVALID_SCORE_TOKEN", "INVALID_SCORE_VALUE", "invalid_score_processor", "presence_frequency_penalty",
+           "common_start",
            "new_token_budget",
            "chat_token_budget", "GenerationPlan", "plan_generation", "budget_groups", "apply_plan",
            "plan_eval_prompts"]
@@ -69,6 +70,15 @@ def presence_frequency_penalty(scores, answer_ids: Sequence[int], presence: floa
     else:
         out[0, ids] -= penalty
     return out
+
+
+def common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (the serving engines' prefix cache)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def new_token_budget(prompt_len: int, max_new_tokens: Optional[int] = None, max_length: Optional[int] = None) -> int:

@@ -37,8 +37,8 @@ class Backend:
     seq_length: int
     model_id: str
 
-    def decoder(self, max_batch: int):
-        return self.decoder_cls(self.model, max_batch)
+    def decoder(self, max_batch: int, prefix_cache: int = 0):
+        return self.decoder_cls(self.model, max_batch, prefix_cache)
 
     def solo_answer(self, query: str, history, max_new_tokens: int) -> str:
         """The model's own greedy ``chat()`` answer (what a request must get from the server)."""

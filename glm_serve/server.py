@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row (then 503)")
     ap.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for (and "
                                                                   "the default, bounded by the model's seq_length)")
+    ap.add_argument("--prefix-cache", type=int, default=0, metavar="N",
+                    help="keep the keys/values of the last N finished requests; a prompt that starts with one of "
+                         "them (a chat's next turn) prefills only its new tokens (0: off)")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body, chunked or not "
                                                                        "(then 413)")
     ap.add_argument("--max-connections", type=int, default=256, help="open connections and requests at once "
@@ -85,7 +88,7 @@ def load_from_args(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name, lo in (("max_batch", 1), ("max_queue", 0), ("max_tokens", 1), ("max_body_bytes", 1), ("port", 0),
+    for name, lo in (("max_batch", 1), ("max_queue", 0), ("prefix_cache", 0), ("max_tokens", 1), ("max_body_bytes", 1), ("port", 0),
                      ("max_connections", 1), ("header_timeout", 0.001), ("body_timeout", 0.001), ("keep_alive", 1)):
         if getattr(args, name) < lo:
             print(f"glm2-serve: --{name.replace('_', '-')}: must be at least {lo}", file=sys.stderr)
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
 
     from glm_serve.app import create_app, server_config
     from glm_serve.scheduler import Scheduler
-    scheduler = Scheduler(backend.decoder(args.max_batch), backend.tokenizer, backend.settings_cls,
+    scheduler = Scheduler(backend.decoder(args.max_batch, args.prefix_cache), backend.tokenizer, backend.settings_cls,
                           backend.seq_length, [backend.tokenizer.eos_token_id], args.max_queue, args.max_tokens).start()
     app = create_app(scheduler, backend.model_id, backend.name, args.api_key, args.max_body_bytes, args.body_timeout,
                      args.allow_origin)

@@ -21,15 +21,22 @@ penalty or sampling setting).
 :meth:`BatchDecoder.remove` frees a row at once. A row whose token choice fails (its own settings) gets
 the exception in place of its token; the other rows go on. The twin :mod:`torch_glm.engine` has the
 same API.
+
+Prefix cache (``prefix_cache`` entries, 0: off): a row that leaves keeps its keys/values (prompt and
+answer) under its token ids, least recently used dropped first; a prompt that starts with the ids of a
+kept entry (a chat's next turn) runs only its new tokens through the model's ``prefill_after`` over that
+entry's keys/values (:attr:`BatchDecoder.reused_tokens` counts the tokens not run again). Off for
+P-tuning models.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
-from glm_common.generation import invalid_score_processor, presence_frequency_penalty
+from glm_common.generation import common_start, invalid_score_processor, presence_frequency_penalty
 from mindspore_glm.generate import process_logits, sample_next
 
 __all__ = ["BatchDecoder", "SamplingSettings"]
@@ -69,10 +76,14 @@ class BatchDecoder:
     ``cache_block`` apply); ``max_batch``: rows decoded together. Keys are any hashable the caller picks.
     """
 
-    def __init__(self, model, max_batch: int = 8):
+    def __init__(self, model, max_batch: int = 8, prefix_cache: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be at least 1, got {max_batch}")
         self.model = model
+        self.prefix_cache = 0 if model.pre_seq_len else int(prefix_cache)
+        self.kept: OrderedDict = OrderedDict()     # token ids -> per layer (key, value) [1, g, T, hn]
+        self.reused_tokens = 0
+        self._after_fn = None
         self.max_batch = int(max_batch)
         self.block = int(getattr(model, "cache_block", 64))
         self.p = int(model.pre_seq_len or 0)
@@ -207,12 +218,24 @@ class BatchDecoder:
         if max_new_tokens is None:
             max_new_tokens = max(self.seq_length - s, 1)
         prefill_fn, _ = self._functions()
+        m, past = self._reuse(list(prompt_ids))
         was_training = self.model.training
         self.model.set_train(False)
         try:
-            logits, presents = prefill_fn(Tensor(ids), Tensor(np.ones_like(ids)), Tensor(np.arange(s, dtype=np.int32)[None]))
+            if m:
+                if self._after_fn is None:
+                    import mindspore as ms
+                    model = self.model
+                    fn = lambda i, p, kv: model.prefill_after(i, p, kv)          # noqa: E731
+                    self._after_fn = ms.jit(fn) if getattr(model, "use_graph", True) else fn
+                logits, presents = self._after_fn(Tensor(ids[:, m:]), Tensor(np.arange(m, s, dtype=np.int32)[None]),
+                                                  past)
+            else:
+                logits, presents = prefill_fn(Tensor(ids), Tensor(np.ones_like(ids)),
+                                              Tensor(np.arange(s, dtype=np.int32)[None]))
         finally:
             self.model.set_train(was_training)
+        self.reused_tokens += m
         n = self.p + s
         row = _Row(0, s, settings, np.random.default_rng(settings.seed), -1, n, 0, prompt_ids)
         row.pending = self._pick(row, logits.asnumpy())
@@ -264,11 +287,39 @@ class BatchDecoder:
         self.rows[key] = row
         return row.pending
 
+    def _reuse(self, ids: list):
+        """``(m, past)``: the keys/values of the longest start ``ids`` shares with a kept entry (at most
+        ``len(ids) - 1`` tokens, so one is left to run), or ``(0, None)``."""
+        import mindspore as ms
+        best, m = None, 0
+        for kept in self.kept:
+            k = common_start(kept, ids)
+            if k > m:
+                best, m = kept, k
+        m = min(m, len(ids) - 1)
+        if best is None or m < 1:
+            return 0, None
+        self.kept.move_to_end(best)
+        return m, ms.mutable(tuple((k[:, :, :m], v[:, :, :m]) for k, v in self.kept[best]))
+
+    def _keep(self, row: _Row) -> None:
+        """Keep ``row``'s keys/values (its ids but the pending last one) for later prompts."""
+        ids = tuple(row.ids[:-1])
+        if row.length != len(ids) or len(ids) < 2 or self.p:
+            return
+        i, start = row.index, self.t - row.length
+        self.kept[ids] = tuple((k[i:i + 1, :, start:self.t], v[i:i + 1, :, start:self.t]) for k, v in self.caches)
+        self.kept.move_to_end(ids)
+        while len(self.kept) > self.prefix_cache:
+            self.kept.popitem(last=False)
+
     def remove(self, key: Hashable) -> None:
         """Drop a row now (finished or abandoned); unknown keys are ignored."""
         row = self.rows.pop(key, None)
         if row is None:
             return
+        if self.prefix_cache:
+            self._keep(row)
         self.slots[row.index] = None
         self.cache_mask[row.index] = 0
         if not self.rows:

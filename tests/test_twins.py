@@ -67,6 +67,7 @@ ALLOWED = {
     ("model", "ChatGLM2Model.rope"): "MindSpore's cos/sin tables are made once in rotary_dtype (static graph constants); torch rounds its table rows to the input dtype per call",
     ("model", "ChatGLM2ForConditionalGeneration.forward"): _HF + "; " + _STATIC_CACHE,
     ("model", "ChatGLM2ForConditionalGeneration.prefill"): _STATIC_CACHE,
+    ("model", "ChatGLM2ForConditionalGeneration.prefill_after"): _STATIC_CACHE + " (torch's forward takes past_key_values)",
     ("model", "ChatGLM2ForConditionalGeneration.decode"): _STATIC_CACHE,
     ("model", "ChatGLM2ForConditionalGeneration.load_weights"): "MindSpore sets (name, array) pairs into its Parameters, checking names and shapes; torch streams into load_state_dict-style copies inside from_pretrained",
     ("model", "ChatGLM2ForConditionalGeneration.param_dict"): "MindSpore's name -> Parameter map (torch: named_parameters)",

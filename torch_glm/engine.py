@@ -16,16 +16,22 @@ penalty or sampling setting), as vLLM reports them. :meth:`BatchDecoder.remove` 
 finished or abandoned row at once and trims cache columns no row uses any more. A row whose token
 choice fails (its own settings) gets the exception in place of its token; the other rows go on.
 
+Prefix cache (``prefix_cache`` entries, 0: off): a row that leaves keeps its keys/values (prompt and
+answer) under its token ids, least recently used dropped first; a prompt that starts with the ids of a
+kept entry (a chat's next turn) prefills only its new tokens after that entry's keys/values
+(:attr:`BatchDecoder.reused_tokens` counts the tokens not run again). Off for P-tuning models.
+
 The twin :mod:`mindspore_glm.engine` has the same class and methods over MindSpore's static cache.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 import torch
 
-from glm_common.generation import presence_frequency_penalty
+from glm_common.generation import common_start, presence_frequency_penalty
 from torch_glm.generate import (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
                                 invalid_score_processor, sample_next)
 
@@ -61,10 +67,13 @@ class BatchDecoder:
     rows decoded together. Keys are any hashable the caller picks (one per request).
     """
 
-    def __init__(self, model, max_batch: int = 8):
+    def __init__(self, model, max_batch: int = 8, prefix_cache: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be at least 1, got {max_batch}")
         self.model = model
+        self.prefix_cache = 0 if getattr(model.config, "pre_seq_len", None) else int(prefix_cache)
+        self.kept: OrderedDict = OrderedDict()     # token ids -> per layer (key, value) [1, g, T, hn]
+        self.reused_tokens = 0
         self.max_batch = int(max_batch)
         self.device = model.device
         self.keys: list = []                 # batch row order
@@ -123,9 +132,11 @@ class BatchDecoder:
         settings = settings or SamplingSettings()
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         n = ids.shape[1]
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         position_ids=torch.arange(n, device=self.device)[None], past_key_values=None,
+        m, past = self._reuse(list(prompt_ids))
+        out = self.model(input_ids=ids[:, m:], attention_mask=torch.ones_like(ids),
+                         position_ids=torch.arange(m, n, device=self.device)[None], past_key_values=past,
                          use_cache=True, return_last_logit=True)
+        self.reused_tokens += m
         generator = None
         if settings.do_sample and settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(settings.seed))
@@ -152,11 +163,38 @@ class BatchDecoder:
         self.past = tuple((torch.cat([k, pk]), torch.cat([v, pv])) for (k, v), (pk, pv) in zip(self.past, present))
         self.mask = torch.cat([self.mask, mask_row])
 
+    def _reuse(self, ids: list):
+        """``(m, past)``: the keys/values of the longest start ``ids`` shares with a kept entry (at most
+        ``len(ids) - 1`` tokens, so one is left to run), or ``(0, None)``."""
+        best, m = None, 0
+        for kept in self.kept:
+            k = common_start(kept, ids)
+            if k > m:
+                best, m = kept, k
+        m = min(m, len(ids) - 1)
+        if best is None or m < 1:
+            return 0, None
+        self.kept.move_to_end(best)
+        return m, tuple((k[:, :, :m], v[:, :, :m]) for k, v in self.kept[best])
+
+    def _keep(self, i: int, row: _Row) -> None:
+        """Keep row ``i``'s keys/values (its ids but the pending last one) for later prompts."""
+        cols = self.mask[i].bool()
+        ids = tuple(row.ids[:-1])
+        if int(cols.sum()) != len(ids) or len(ids) < 2:
+            return
+        self.kept[ids] = tuple((k[i:i + 1][:, :, cols].clone(), v[i:i + 1][:, :, cols].clone()) for k, v in self.past)
+        self.kept.move_to_end(ids)
+        while len(self.kept) > self.prefix_cache:
+            self.kept.popitem(last=False)
+
     def remove(self, key: Hashable) -> None:
         """Drop a row now (finished or abandoned); unknown keys are ignored."""
         if key not in self.rows:
             return
         i = self.keys.index(key)
+        if self.prefix_cache:
+            self._keep(i, self.rows[key])
         del self.rows[key]
         self.keys.pop(i)
         if not self.keys:

@@ -19,14 +19,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(backend, max_batch=8, max_queue=64, max_tokens=2048, api_key=None, max_body_bytes=1 << 20, start=True,
-            header_timeout=10.0, body_timeout=30.0, max_connections=None, allow_origins=()):
+            header_timeout=10.0, body_timeout=30.0, max_connections=None, allow_origins=(), prefix_cache=0):
     """Yield ``(base_url, scheduler)`` of a running server over ``backend`` (uvicorn configured as
     ``glm2-serve`` configures it)."""
     import uvicorn
 
     from glm_serve.app import create_app, server_config
     from glm_serve.scheduler import Scheduler
-    sched = Scheduler(backend.decoder(max_batch), backend.tokenizer, backend.settings_cls, backend.seq_length,
+    sched = Scheduler(backend.decoder(max_batch, prefix_cache), backend.tokenizer, backend.settings_cls, backend.seq_length,
                       [backend.tokenizer.eos_token_id], max_queue, max_tokens)
     if start:
         sched.start()
