@@ -15,7 +15,9 @@ Printed: tokens/s of each and the medians over rounds of the per-round ratios ``
 and ``N streams / serial`` (ratios of measurements taken back to back, so a change of machine load
 mostly cancels). MindSpore runs its compiled graphs; the first (warm-up) round compiles them.
 
-Then, per backend, ``N streams`` with every request asking for ``repetition_penalty``, ``presence_penalty``,
+Then, per backend, the time to first token of a chat's fifth turn (its prompt holds the four turns
+before it, answers of ``--tokens`` tokens) with ``--prefix-cache`` (turns 1-4 served first, so their
+keys/values are kept) against without, round by round; ``N streams`` with every request asking for ``repetition_penalty``, ``presence_penalty``,
 ``frequency_penalty``, ``top_k`` and 5 ``logprobs`` against plain requests (the cost of those settings),
 and, torch only, ``--quantize 8`` and ``4`` against float32 in the same process, round by round: tokens/s
 ratio, the transformer layers' bytes ratio, and quality on the prompt (max |logit error| / logit std,
@@ -117,6 +119,40 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
             total += out.shape[1] - len(ids)
         return total / (time.perf_counter() - t)
 
+    from glm_common.prompt import build_prompt
+    cached = Scheduler(b.decoder(streams, 8), b.tokenizer, b.settings_cls, b.seq_length, [never]).start()
+
+    def ask(on, prompt, n):
+        """``(answer text, seconds to the first token)``"""
+        first, parts, done = [], [], threading.Event()
+
+        def emit(event):
+            if not first:
+                first.append(time.perf_counter())
+            if event[0] == "text":
+                parts.append(event[1])
+            elif event[0] in ("done", "error"):
+                done.set()
+
+        t = time.perf_counter()
+        on.submit(on.prepare(ChatRequest(prompt=prompt, chat=True, max_tokens=n, temperature=0), emit))
+        done.wait()
+        return "".join(parts), first[0] - t
+
+    queries = ["类型#裙*版型#宽松*颜色#蓝色", "再写一条", "换个风格", "短一点", "最后一条"]
+    history = []
+    for q in queries[:-1]:
+        history.append((q, ask(sched, build_prompt(q, history), tokens)[0]))
+    turns = [build_prompt(q, history[:i]) for i, q in enumerate(queries)]
+
+    def fifth_turn():
+        cached.decoder.kept.clear()
+        for prompt in turns[:-1]:
+            ask(cached, prompt, tokens)
+        with_cache = ask(cached, turns[-1], 1)[1]
+        return with_cache, ask(sched, turns[-1], 1)[1]
+
+    fifth_turn()
     through_scheduler(1), through_scheduler(streams), serial(1)           # warm-up (MindSpore: compiles)
     through_scheduler(streams, **SETTINGS)
     for q in quantized.values():
@@ -127,15 +163,18 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
         many = through_scheduler(streams)
         ser = serial(streams)
         row = dict(one=one, many=many, serial=ser, settings=through_scheduler(streams, **SETTINGS))
+        row["ttft_cached"], row["ttft_plain"] = fifth_turn()
         for bits, q in quantized.items():
             row[f"int{bits}"] = through_scheduler(streams, q["sched"])
         rows.append(row)
         print(f"  {backend_name} round {r + 1}/{rounds}: 1 stream {one:.1f} tok/s, {streams} streams "
               f"{many:.1f} tok/s, serial {ser:.1f} tok/s", file=sys.stderr, flush=True)
     sched.stop()
+    cached.stop()
     for q in quantized.values():
         q.pop("sched").stop()
-    return dict(rows=rows, prompt_tokens=len(ids), quantized={str(k): v for k, v in quantized.items()})
+    return dict(rows=rows, prompt_tokens=len(ids), quantized={str(k): v for k, v in quantized.items()},
+                fifth_prompt_tokens=len(b.tokenizer.encode(turns[-1])))
 
 
 def main(argv=None) -> int:
@@ -184,6 +223,13 @@ def main(argv=None) -> int:
         print(f"{name:<10} {med['one']:>10.1f} {med['many']:>10.1f} {med['serial']:>10.1f} {r1:>6.2f}x {rs:>8.2f}x")
     print("(tokens/s: answer tokens per wall second, all requests together; serial: one request after another "
           "through the model's own generate)")
+    print("\nTime to first token of a chat's 5th turn, with --prefix-cache vs without:")
+    for name, res in results.items():
+        rows = res["rows"]
+        ratio = statistics.median(r["ttft_cached"] / r["ttft_plain"] for r in rows)
+        print(f"{name:<10} {statistics.median(r['ttft_cached'] for r in rows) * 1e3:>8.1f} ms vs "
+              f"{statistics.median(r['ttft_plain'] for r in rows) * 1e3:>8.1f} ms: {ratio:.2f}x "
+              f"(prompt {res['fifth_prompt_tokens']} tokens)")
     print(f"\n{n} streams asking for {', '.join(f'{k}={v}' for k, v in SETTINGS.items())}, vs plain requests:")
     for name, res in results.items():
         ratio = statistics.median(r["settings"] / r["many"] for r in res["rows"])
