@@ -15,6 +15,14 @@ Printed: tokens/s of each and the medians over rounds of the per-round ratios ``
 and ``N streams / serial`` (ratios of measurements taken back to back, so a change of machine load
 mostly cancels). MindSpore runs its compiled graphs; the first (warm-up) round compiles them.
 
+Then, per backend, the time to first token of a chat's fifth turn (its prompt holds the four turns
+before it, answers of ``--tokens`` tokens) with ``--prefix-cache`` (turns 1-4 served first, so their
+keys/values are kept) against without, round by round; ``N streams`` with every request asking for ``repetition_penalty``, ``presence_penalty``,
+``frequency_penalty``, ``top_k`` and 5 ``logprobs`` against plain requests (the cost of those settings),
+and, torch only, ``--quantize 8`` and ``4`` against float32 in the same process, round by round: tokens/s
+ratio, the transformer layers' bytes ratio, and quality on the prompt (max |logit error| / logit std,
+greedy next-token agreement over the prompt's positions).
+
     python bench/bench_serve.py [--tokens 64] [--streams 8] [--rounds 3] [--threads 2] [--backends torch,mindspore]
 """
 from __future__ import annotations
@@ -50,6 +58,14 @@ def make_model(folder: str) -> None:
     model.save_pretrained(folder)
 
 
+SETTINGS = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, top_k=40, logprobs=5)
+
+
+def _layer_bytes(model) -> int:
+    layers = model.transformer.encoder.layers
+    return sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
+
+
 def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: int, device: str = "cpu") -> dict:
     from glm_serve.backends import load_backend
     from glm_serve.protocol import ChatRequest
@@ -58,8 +74,23 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
     never = -1                                          # no end-of-sequence: every answer has `tokens` tokens
     sched = Scheduler(b.decoder(streams), b.tokenizer, b.settings_cls, b.seq_length, [never]).start()
     ids = b.tokenizer.encode(PROMPT)
+    quantized = {}
+    if backend_name == "torch":
+        import torch
+        with torch.no_grad():
+            want = b.model(input_ids=torch.tensor([ids])).logits
+        for bits in (8, 4):
+            qb = load_backend("torch", folder, TOKENIZER, quantize=bits)
+            with torch.no_grad():
+                got = qb.model(input_ids=torch.tensor([ids])).logits
+            quantized[bits] = dict(
+                sched=Scheduler(qb.decoder(streams), qb.tokenizer, qb.settings_cls, qb.seq_length, [never]).start(),
+                bytes=_layer_bytes(qb.model) / _layer_bytes(b.model),
+                err=float((got - want).abs().max() / want.std()),
+                agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()))
 
-    def through_scheduler(n):
+    def through_scheduler(n, on=None, **settings):
+        on = on or sched
         done = threading.Semaphore(0)
         counts = []
 
@@ -70,8 +101,8 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
 
         t = time.perf_counter()
         for _ in range(n):
-            req = ChatRequest(prompt=PROMPT, chat=False, max_tokens=tokens, temperature=0)
-            sched.submit(sched.prepare(req, emit))
+            req = ChatRequest(prompt=PROMPT, chat=False, max_tokens=tokens, temperature=0, **settings)
+            on.submit(on.prepare(req, emit))
         for _ in range(n):
             done.acquire()
         return sum(counts) / (time.perf_counter() - t)
@@ -90,17 +121,62 @@ def worker(backend_name: str, folder: str, tokens: int, streams: int, rounds: in
             total += out.shape[1] - len(ids)
         return total / (time.perf_counter() - t)
 
+    from glm_common.prompt import build_prompt
+    cached = Scheduler(b.decoder(streams, 8), b.tokenizer, b.settings_cls, b.seq_length, [never]).start()
+
+    def ask(on, prompt, n):
+        """``(answer text, seconds to the first token)``"""
+        first, parts, done = [], [], threading.Event()
+
+        def emit(event):
+            if not first:
+                first.append(time.perf_counter())
+            if event[0] == "text":
+                parts.append(event[1])
+            elif event[0] in ("done", "error"):
+                done.set()
+
+        t = time.perf_counter()
+        on.submit(on.prepare(ChatRequest(prompt=prompt, chat=True, max_tokens=n, temperature=0), emit))
+        done.wait()
+        return "".join(parts), first[0] - t
+
+    queries = ["类型#裙*版型#宽松*颜色#蓝色", "再写一条", "换个风格", "短一点", "最后一条"]
+    history = []
+    for q in queries[:-1]:
+        history.append((q, ask(sched, build_prompt(q, history), tokens)[0]))
+    turns = [build_prompt(q, history[:i]) for i, q in enumerate(queries)]
+
+    def fifth_turn():
+        cached.decoder.kept.clear()
+        for prompt in turns[:-1]:
+            ask(cached, prompt, tokens)
+        with_cache = ask(cached, turns[-1], 1)[1]
+        return with_cache, ask(sched, turns[-1], 1)[1]
+
+    fifth_turn()
     through_scheduler(1), through_scheduler(streams), serial(1)           # warm-up (MindSpore: compiles)
+    through_scheduler(streams, **SETTINGS)
+    for q in quantized.values():
+        through_scheduler(streams, q["sched"])
     rows = []
     for r in range(rounds):
         one = through_scheduler(1)
         many = through_scheduler(streams)
         ser = serial(streams)
-        rows.append(dict(one=one, many=many, serial=ser))
+        row = dict(one=one, many=many, serial=ser, settings=through_scheduler(streams, **SETTINGS))
+        row["ttft_cached"], row["ttft_plain"] = fifth_turn()
+        for bits, q in quantized.items():
+            row[f"int{bits}"] = through_scheduler(streams, q["sched"])
+        rows.append(row)
         print(f"  {backend_name} round {r + 1}/{rounds}: 1 stream {one:.1f} tok/s, {streams} streams "
               f"{many:.1f} tok/s, serial {ser:.1f} tok/s", file=sys.stderr, flush=True)
     sched.stop()
-    return dict(rows=rows, prompt_tokens=len(ids))
+    cached.stop()
+    for q in quantized.values():
+        q.pop("sched").stop()
+    return dict(rows=rows, prompt_tokens=len(ids), quantized={str(k): v for k, v in quantized.items()},
+                fifth_prompt_tokens=len(b.tokenizer.encode(turns[-1])))
 
 
 def main(argv=None) -> int:
@@ -155,6 +231,27 @@ def main(argv=None) -> int:
         print(f"{name:<10} {med['one']:>10.1f} {med['many']:>10.1f} {med['serial']:>10.1f} {r1:>6.2f}x {rs:>8.2f}x")
     print("(tokens/s: answer tokens per wall second, all requests together; serial: one request after another "
           "through the model's own generate)")
+    print("\nTime to first token of a chat's 5th turn, with --prefix-cache vs without:")
+    for name, res in results.items():
+        rows = res["rows"]
+        ratio = statistics.median(r["ttft_cached"] / r["ttft_plain"] for r in rows)
+        print(f"{name:<10} {statistics.median(r['ttft_cached'] for r in rows) * 1e3:>8.1f} ms vs "
+              f"{statistics.median(r['ttft_plain'] for r in rows) * 1e3:>8.1f} ms: {ratio:.2f}x "
+              f"(prompt {res['fifth_prompt_tokens']} tokens)")
+    print(f"\n{n} streams asking for {', '.join(f'{k}={v}' for k, v in SETTINGS.items())}, vs plain requests:")
+    for name, res in results.items():
+        ratio = statistics.median(r["settings"] / r["many"] for r in res["rows"])
+        print(f"{name:<10} {ratio:>6.2f}x tokens/s")
+    for name, res in results.items():
+        if not res.get("quantized"):
+            continue
+        print(f"\n{name}: weight-only quantization vs float32 ({n} streams, same process, round by round):")
+        print(f"{'weights':<8} {'tokens/s':>9} {'layer bytes':>12} {'logit err':>10} {'greedy agree':>13}")
+        for bits, q in res["quantized"].items():
+            ratio = statistics.median(r[f"int{bits}"] / r["many"] for r in res["rows"])
+            print(f"{'int' + bits:<8} {ratio:>8.2f}x {q['bytes']:>11.2f}x {q['err']:>10.3f} {q['agree']:>12.1%}")
+        print("(logit err: max |quantized - float32 logit| / std of the float32 logits over the prompt; greedy agree: "
+              "positions whose argmax matches)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "streams": n, "tokens": args.tokens, "backends": summary}, f, indent=2)

@@ -1,4 +1,5 @@
-"""Generation rules both backends apply: ChatGLM2's invalid-score guard, the new-token budget of
+"""Generation rules both backends apply: ChatGLM2's invalid-score guard, OpenAI's presence/frequency
+penalties (the serving engines), the new-token budget of
 ``generate``/``chat``, and the per-sample budget of eval generation.
 
 Backend-free (numpy or any tensor with ``isfinite``/``new_zeros``); ``mindspore_glm.generate`` and
@@ -33,7 +34,9 @@ import numpy as np
 
 from glm_common.prompt import INVALID_SCORE_TOKEN, INVALID_SCORE_VALUE
 
-__all__ = ["INVALID_SCORE_TOKEN", "INVALID_SCORE_VALUE", "invalid_score_processor", "new_token_budget",
+__all__ = ["INVALID_SCORE_TOKEN", "INVALID_SCORE_VALUE", "invalid_score_processor", "presence_frequency_penalty",
+           "common_start",
+           "new_token_budget",
            "chat_token_budget", "GenerationPlan", "plan_generation", "budget_groups", "apply_plan",
            "plan_eval_prompts"]
 
@@ -52,6 +55,30 @@ def invalid_score_processor(input_ids, scores):
         out = np.zeros_like(scores)
     out[..., INVALID_SCORE_TOKEN] = INVALID_SCORE_VALUE
     return out
+
+
+def presence_frequency_penalty(scores, answer_ids: Sequence[int], presence: float, frequency: float):
+    """OpenAI's penalties on ``scores [1, V]`` (numpy or torch, not modified): every token the answer so
+    far holds ``c > 0`` times loses ``frequency * c + presence`` (the prompt does not count)."""
+    if not answer_ids or (not presence and not frequency):
+        return scores
+    ids, counts = np.unique(np.asarray(answer_ids, np.int64), return_counts=True)
+    penalty = frequency * counts.astype(np.float32) + presence
+    out = scores.clone() if hasattr(scores, "clone") else np.array(scores, copy=True)
+    if hasattr(out, "new_tensor"):
+        out[0, ids.tolist()] -= out.new_tensor(penalty)
+    else:
+        out[0, ids] -= penalty
+    return out
+
+
+def common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (the serving engines' prefix cache)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def new_token_budget(prompt_len: int, max_new_tokens: Optional[int] = None, max_length: Optional[int] = None) -> int:

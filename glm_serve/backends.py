@@ -8,6 +8,8 @@ optional adapter: a peft LoRA directory (merged into the weights for serving) or
 holding only LoRA or prefix weights (LoRA: rank read from its shapes, ``lora_alpha`` given or read from
 the ``<name>_pet_config.yaml`` that ``convert/adapters.py peft-to-ms`` writes beside it; merged into the
 weights on load, as torch's); device CPU/Ascend.
+``quantize`` (torch only): 8 or 4 for weight-only int8/int4 transformer-layer linears
+(:mod:`torch_glm.quantize`, ChatGLM2's ``quantize(bits)``), after any adapter is merged.
 The tokenizer (``tokenizer.model``) is looked up beside the model when not given.
 """
 from __future__ import annotations
@@ -35,8 +37,8 @@ class Backend:
     seq_length: int
     model_id: str
 
-    def decoder(self, max_batch: int):
-        return self.decoder_cls(self.model, max_batch)
+    def decoder(self, max_batch: int, prefix_cache: int = 0):
+        return self.decoder_cls(self.model, max_batch, prefix_cache)
 
     def solo_answer(self, query: str, history, max_new_tokens: int) -> str:
         """The model's own greedy ``chat()`` answer (what a request must get from the server)."""
@@ -58,7 +60,7 @@ def find_tokenizer(model: str, tokenizer: Optional[str]) -> str:
 
 def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adapter: Optional[str] = None,
                  dtype: Optional[str] = None, device: Optional[str] = None,
-                 lora_alpha: Optional[float] = None) -> Backend:
+                 lora_alpha: Optional[float] = None, quantize: Optional[int] = None) -> Backend:
     """Load everything a server or chat needs; raises :class:`BackendError` (one line) for bad input."""
     if backend not in BACKENDS:
         raise BackendError(f"--backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -66,15 +68,17 @@ def load_backend(backend: str, model: str, tokenizer: Optional[str] = None, adap
         raise BackendError(f"{model}: --model: no such file or directory")
     if adapter and not os.path.exists(adapter):
         raise BackendError(f"{adapter}: --adapter: no such file or directory")
+    if quantize is not None and (backend != "torch" or quantize not in (8, 4)):
+        raise BackendError(f"--quantize {quantize}: weight-only quantization is 8 or 4 bits, on the torch backend")
     from glm_common.tokenizer import ChatGLM2Tokenizer
     tok = ChatGLM2Tokenizer(find_tokenizer(model, tokenizer))
     model_id = os.path.basename(os.path.normpath(adapter or model))
     if backend == "torch":
-        return _load_torch(model, tok, adapter, dtype, device, model_id)
+        return _load_torch(model, tok, adapter, dtype, device, model_id, quantize)
     return _load_mindspore(model, tok, adapter, dtype, device, model_id, lora_alpha)
 
 
-def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
+def _load_torch(path, tok, adapter, dtype, device, model_id, quantize=None) -> Backend:
     from glm_common.config import ChatGLM2Config
     if not os.path.isdir(path):
         raise BackendError(f"{path}: --backend torch needs an HF model directory (config.json and weights)")
@@ -106,9 +110,13 @@ def _load_torch(path, tok, adapter, dtype, device, model_id) -> Backend:
             load_prefix(model, prefix)
         elif adapter:
             from torch_glm.lora import load_lora, merge_lora
+            _check_lora_targets(adapter, _peft_pairs(adapter), dict(model.named_parameters()), path)
             model = merge_lora(load_lora(model, adapter))
     except (OSError, ValueError) as e:
         raise BackendError(str(e).splitlines()[0]) from None
+    if quantize:
+        from torch_glm.quantize import quantize as quantize_weights
+        quantize_weights(model, quantize)
     model.eval()
     return Backend("torch", model, tok, BatchDecoder, SamplingSettings, config.seq_length, model_id)
 
@@ -151,6 +159,12 @@ def _load_mindspore(path, tok, adapter, dtype, device, model_id, lora_alpha) -> 
                 from mindspore_glm.lora import apply_lora, merge_lora
                 layers = sorted({n[:-len(".mindpet_delta_lora_a")] for n in lora})
                 rank = int(ck.info(lora[0])[0][0])
+                pairs = {m: (ck.info(m + ".mindpet_delta_lora_a")[0], ck.info(m + ".mindpet_delta_lora_b")[0])
+                         for m in layers if m + ".mindpet_delta_lora_b" in ck.names}
+                if len(pairs) < len(layers):
+                    lone = sorted(set(layers) - set(pairs))[0]
+                    raise BackendError(f"{adapter}: {lone}: has mindpet_delta_lora_a only (A and B go together)")
+                _check_lora_targets(adapter, pairs, {p.name: p for p in model.get_parameters()}, path)
                 apply_lora(model, r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=layers)
             load_weights(model, adapter, strict=False)
             if lora:
@@ -161,6 +175,26 @@ def _load_mindspore(path, tok, adapter, dtype, device, model_id, lora_alpha) -> 
         raise BackendError(str(e).splitlines()[0]) from None
     model.set_train(False)
     return Backend("mindspore", model, tok, BatchDecoder, SamplingSettings, model.config.seq_length, model_id)
+
+
+def _peft_pairs(adapter: str) -> dict:
+    """``{module: (A shape, B shape)}`` of a peft LoRA directory (read and checked by ``convert/adapters.py``)."""
+    from convert.adapters import read_peft_adapter
+    lora = read_peft_adapter(adapter)                       # ConversionError: one line naming the file
+    return {m: (a.shape, b.shape) for m, (a, b) in lora.pairs.items()}
+
+
+def _check_lora_targets(adapter: str, pairs: dict, weights: dict, model: str) -> None:
+    """Every LoRA target is a linear weight of the model and ``B @ A`` has its shape (as ``adapters.py merge``
+    refuses otherwise); ``pairs``: ``{module: (A shape, B shape)}``, ``weights``: the model's by name."""
+    for module, (a, b) in sorted(pairs.items()):
+        w = weights.get(module + ".weight")
+        if w is None:
+            raise BackendError(f"{adapter}: {module}: LoRA target has no weight in the model {model}")
+        want, got = tuple(w.shape), (tuple(b)[0], tuple(a)[-1])
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or want != got:
+            raise BackendError(f"{adapter}: {module}: lora A {list(a)} / B {list(b)} do not fit the model's "
+                               f"weight {list(want)} (B @ A must be [out, in])")
 
 
 def _pet_lora_alpha(adapter: str) -> float:

@@ -4,11 +4,21 @@ History is kept across turns (ChatGLM2's round format, as ``chat()`` builds it).
 forgets the history, ``/exit`` (or Ctrl-D) quits. Ctrl-C while an answer streams stops that answer; the
 part shown so far stays in the history and the session goes on. Runs the same scheduler and batch
 decoder as ``glm2-serve`` (one row).
+
+Ctrl-C behaves the same on both backends although MindSpore's runtime installs its own SIGINT handler
+while it compiles or runs a graph (one that ends the process): while an answer streams on a terminal,
+the terminal's ISIG flag is cleared (``termios``), so Ctrl-C arrives as the byte ``\x03`` on stdin
+rather than as a signal (keys typed meanwhile are dropped); at the prompt, Python's own handler is put
+back first.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import queue
+import select
+import signal
 import sys
 
 from glm_common.prompt import build_prompt
@@ -29,6 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=None, help="longest answer (default: what seq_length leaves)")
     ap.add_argument("--seed", type=int, default=None, help="seed for sampling")
     return ap
+
+
+def _python_sigint() -> None:
+    """Ctrl-C raises ``KeyboardInterrupt`` again (a runtime may have replaced the handler)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def _ctrl_c_as_key():
+    """Yield stdin's descriptor with the terminal's ISIG and ICANON off (Ctrl-C is the byte 3), or
+    ``None`` when stdin is not a terminal (then Ctrl-C stays SIGINT)."""
+    try:
+        import termios
+    except ImportError:                                  # not a POSIX terminal API
+        yield None
+        return
+    try:
+        fd = sys.stdin.fileno()
+        old = termios.tcgetattr(fd)
+    except (OSError, ValueError, termios.error):         # stdin is a pipe or a file
+        yield None
+        return
+    new = termios.tcgetattr(fd)
+    new[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)
+    new[6][termios.VMIN], new[6][termios.VTIME] = 0, 0
+    termios.tcsetattr(fd, termios.TCSANOW, new)
+    try:
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
+def _ctrl_c_pressed(fd) -> bool:
+    if fd is None or not select.select([fd], [], [], 0)[0]:
+        return False
+    return b"\x03" in os.read(fd, 1024)
 
 
 def main(argv=None) -> int:
@@ -53,6 +99,7 @@ def main(argv=None) -> int:
     try:
         while True:
             try:
+                _python_sigint()
                 print("\nYou: ", end="", flush=True)      # on stdout (input()'s own prompt may go to stderr)
                 query = input().strip()
             except EOFError:
@@ -80,22 +127,25 @@ def main(argv=None) -> int:
                 continue
             parts = []
             try:
-                sched.submit(job)
-                print("ChatGLM2: ", end="", flush=True)
-                while True:
-                    try:
-                        event = events.get(timeout=0.1)
-                    except queue.Empty:
-                        continue
-                    if event[0] == "text":
-                        parts.append(event[1])
-                        print(event[1], end="", flush=True)
-                    elif event[0] == "done":
-                        print(flush=True)
-                        break
-                    else:
-                        print(f"\n(error: {event[1]})", flush=True)
-                        break
+                with _ctrl_c_as_key() as keys:
+                    sched.submit(job)
+                    print("ChatGLM2: ", end="", flush=True)
+                    while True:
+                        if _ctrl_c_pressed(keys):
+                            raise KeyboardInterrupt
+                        try:
+                            event = events.get(timeout=0.05)
+                        except queue.Empty:
+                            continue
+                        if event[0] == "text":
+                            parts.append(event[1])
+                            print(event[1], end="", flush=True)
+                        elif event[0] == "done":
+                            print(flush=True)
+                            break
+                        else:
+                            print(f"\n(error: {event[1]})", flush=True)
+                            break
             except KeyboardInterrupt:
                 sched.cancel(job)
                 print(" [stopped]", flush=True)

@@ -2,10 +2,19 @@
 
 Request bodies are read as plain JSON and checked here field by field, so every mistake is answered
 in OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) with a message naming the
-field. Fields of OpenAI's API that change what the model would do but that we do not implement
-(``n`` other than 1, ``logprobs``, ``tools``, penalties other than 0, ``logit_bias``,
-``response_format``) are refused with 400 rather than silently ignored; purely informational ones
+field. Sampling: ``temperature``, ``top_p``, ``seed``, ``presence_penalty`` and ``frequency_penalty``
+(OpenAI's, over the answer), and vLLM's extensions ``top_k`` (0 or -1: off) and ``repetition_penalty``
+(ChatGLM2's ``chat()`` one, over prompt and answer). ``logprobs``/``top_logprobs`` (chat) and
+``logprobs: k`` (completions) report the model's own log-probabilities (before penalties and
+temperature, as vLLM does). Fields of OpenAI's API that change what the model would do but that we do
+not implement (``n`` other than 1, ``echo``, ``tools``, ``logit_bias``, ``response_format``) are refused
+with 400 rather than silently ignored; purely informational ones
 (``user``, ``metadata``, ``stream_options`` other than ``include_usage``) are accepted.
+``stream_options`` without ``stream: true`` is refused, as OpenAI refuses it.
+
+A ``temperature`` below :data:`TEMPERATURE_FLOOR` (0 included) answers greedily, as vLLM
+(``_SAMPLING_EPS``) and llama.cpp do: dividing the scores by a denormal temperature overflows them to
+``inf`` and the softmax to NaN.
 """
 from __future__ import annotations
 
@@ -17,24 +26,28 @@ from typing import Any, Optional
 from glm_common.prompt import build_prompt
 
 __all__ = ["APIError", "ChatRequest", "parse_chat", "parse_completion", "conversation", "error_body",
-           "ROLES", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P"]
+           "ROLES", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "TEMPERATURE_FLOOR"]
 
 ROLES = ("system", "user", "assistant")
 #: ChatGLM2's chat() defaults, used when the request leaves them out.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.8
-_REFUSED = {"n": 1, "logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None,
-            "functions": None, "function_call": None, "logit_bias": None, "response_format": None,
-            "presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "echo": False, "suffix": None}
+#: temperatures below this answer greedily (vLLM's _SAMPLING_EPS)
+TEMPERATURE_FLOOR = 1e-5
+_REFUSED = {"n": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+            "logit_bias": None, "response_format": None, "best_of": 1, "echo": False, "suffix": None}
+#: most ``top_logprobs`` a chat request may ask for (OpenAI's limit), and ``logprobs`` for completions
+MAX_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS = 20, 5
 
 
 class APIError(Exception):
     """An HTTP error in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -54,6 +67,11 @@ class ChatRequest:
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     seed: Optional[int] = None
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None              # None: no log-probabilities; k: the token's and the top k
     stop: list = field(default_factory=list)
     include_usage: bool = False
     model: str = ""
@@ -61,8 +79,8 @@ class ChatRequest:
 
     @property
     def do_sample(self) -> bool:
-        """Greedy when ``temperature`` is 0 (OpenAI's convention), sampling otherwise."""
-        return self.temperature > 0
+        """Greedy when ``temperature`` is below :data:`TEMPERATURE_FLOOR` (0: OpenAI's convention)."""
+        return self.temperature >= TEMPERATURE_FLOOR
 
 
 def _content(msg: dict, i: int) -> str:
@@ -141,7 +159,10 @@ def _common(body: Any, chat: bool, model_id: str) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "request body: expected a JSON object")
     for key, default in _REFUSED.items():
-        if key in body and body[key] is not None and body[key] != default and body[key] is not False:
+        v = body.get(key)
+        if v is None or v is False and (default is None or isinstance(default, bool)):
+            continue
+        if isinstance(v, bool) or v != default:                  # n: true is not n: 1
             raise APIError(400, f"{key}: not supported by this server (only {default!r})", param=key)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or model not in (model_id, "")):
@@ -160,14 +181,33 @@ def _common(body: Any, chat: bool, model_id: str) -> dict:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "stream_options: expected an object", param="stream_options")
+    if body.get("stream_options") is not None and not stream:
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 2 ** 31, integer=True)
     seed = _number(body, "seed", None, -2 ** 63, 2 ** 64, integer=True)
+    repetition = float(_number(body, "repetition_penalty", 1.0, 0, 10))
+    if repetition == 0:
+        raise APIError(400, "repetition_penalty: must be greater than 0 (1 is none)", param="repetition_penalty")
+    top_k = _number(body, "top_k", 0, -1, 2 ** 31, integer=True)
+    if chat:
+        want = body.get("logprobs")
+        if want is not None and not isinstance(want, bool):
+            raise APIError(400, f"logprobs: expected true or false, got {want!r}", param="logprobs")
+        top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+        if top is not None and not want:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        logprobs = (top or 0) if want else None
+    else:
+        logprobs = _number(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS, integer=True)
     return dict(chat=chat, stream=stream, max_tokens=max_tokens,
                 temperature=float(_number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2)),
                 top_p=float(_number(body, "top_p", DEFAULT_TOP_P, 0, 1)),
-                seed=None if seed is None else seed % 2 ** 63, stop=stop,
+                seed=None if seed is None else seed % 2 ** 63, stop=stop, top_k=max(top_k, 0),
+                repetition_penalty=repetition, logprobs=logprobs,
+                presence_penalty=float(_number(body, "presence_penalty", 0.0, -2, 2)),
+                frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -2, 2)),
                 include_usage=bool(opts.get("include_usage", False)), model=model_id)
 
 
@@ -200,19 +240,40 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(req: ChatRequest, text: str, finish: str, use: dict) -> dict:
+def logprobs_body(req: ChatRequest, entries: Optional[list], offset: int = 0):
+    """OpenAI's ``logprobs`` object for ``entries``: ``[(token, bytes, logprob, [(token, bytes, logprob)])]``
+    (chat: ``{"content": [...]}``; completions: tokens, token_logprobs, top_logprobs, text_offset from
+    ``offset``); ``None`` when the request asked for none."""
+    if req.logprobs is None:
+        return None
+    entries = entries or []
+    if req.chat:
+        return {"content": [{"token": t, "logprob": lp, "bytes": b, "top_logprobs": [
+            {"token": tt, "logprob": tlp, "bytes": tb} for tt, tb, tlp in top]} for t, b, lp, top in entries],
+            "refusal": None}
+    offsets = []
+    for t, _, _, _ in entries:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[2] for e in entries],
+            "top_logprobs": [{tt: tlp for tt, _, tlp in e[3]} for e in entries] if req.logprobs else None,
+            "text_offset": offsets}
+
+
+def response(req: ChatRequest, text: str, finish: str, use: dict, entries: Optional[list] = None) -> dict:
     base = {"id": req.id, "created": int(time.time()), "model": req.model, "usage": use}
     if req.chat:
         return {**base, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-             "logprobs": None}]}
+             "logprobs": logprobs_body(req, entries)}]}
     return {**base, "object": "text_completion", "choices": [
-        {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+        {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs_body(req, entries)}]}
 
 
 def chunk(req: ChatRequest, created: int, text: Optional[str] = None, finish: Optional[str] = None,
-          first: bool = False, use: Optional[dict] = None) -> dict:
-    """One streamed chunk; ``use`` alone gives the final usage chunk (empty ``choices``)."""
+          first: bool = False, use: Optional[dict] = None, entries: Optional[list] = None, offset: int = 0) -> dict:
+    """One streamed chunk; ``use`` alone gives the final usage chunk (empty ``choices``); ``entries``:
+    the log-probabilities of the tokens since the previous chunk."""
     base = {"id": req.id, "created": created, "model": req.model}
     if use is not None:
         return {**base, "object": "chat.completion.chunk" if req.chat else "text_completion",
@@ -222,6 +283,8 @@ def chunk(req: ChatRequest, created: int, text: Optional[str] = None, finish: Op
         if first:
             delta["role"] = "assistant"
         return {**base, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": logprobs_body(req, entries) if entries else None}]}
     return {**base, "object": "text_completion",
-            "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": 0, "text": text or "", "finish_reason": finish,
+                         "logprobs": logprobs_body(req, entries, offset) if entries else None}]}

@@ -3,15 +3,22 @@
 One thread owns the decoder. Each turn it drops abandoned requests (their rows are freed before the
 next decode step), admits waiting requests while rows are free (their prompt is prefilled and their
 first token chosen), runs one decode step for every active row, and hands each request its new text
-through the request's ``emit`` callback: ``("text", delta)``, then ``("done", finish_reason, usage)``,
-or ``("error", message)``. ``finish_reason`` is ``"stop"`` (end-of-sequence token or a stop string) or
+through the request's ``emit`` callback: ``("text", delta, entries)``, then ``("done", finish_reason,
+usage, entries)``, or ``("error", message)``; ``entries`` are the log-probabilities of the tokens not yet
+reported (``[(token, bytes, logprob, [(token, bytes, logprob)])]``, empty unless the request asked). A request whose prefill or token choice fails gets the error alone; the
+other rows decode on (only a failed batch forward fails every row).
+
+``max_queue`` counts the requests that really wait: those beyond the free rows (rows being filled
+this turn count as taken). ``max_queue=0``: a request is taken only when a row is free. ``finish_reason`` is ``"stop"`` (end-of-sequence token or a stop string) or
 ``"length"`` (``max_tokens`` reached). ``usage`` counts prompt tokens (special tokens included) and
 the answer's tokens (the end-of-sequence token not included).
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 from collections import deque
 from typing import Callable, Optional
 
@@ -21,6 +28,7 @@ from glm_serve.text import TextStream
 __all__ = ["Job", "Scheduler"]
 
 log = logging.getLogger("glm_serve")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class Job:
@@ -29,6 +37,8 @@ class Job:
     def __init__(self, req: ChatRequest, prompt_ids: list, max_tokens: int, emit: Callable):
         self.req, self.prompt_ids, self.max_tokens, self.emit = req, prompt_ids, max_tokens, emit
         self.ids: list = []
+        self.entries: list = []        # log-probabilities not yet reported
+        self.submitted, self.last = time.monotonic(), None     # for the metrics
         self.text = TextStream(chat=req.chat, stop=req.stop)
         self.cancelled = False
         self.finished = False
@@ -52,6 +62,8 @@ class Scheduler:
         self.thread: Optional[threading.Thread] = None
         self.stopping = False
         self.steps = 0
+        self.admitting = 0             # jobs taken off ``waiting`` whose prefill is under way
+        self.observer = None           # glm_serve.metrics.Metrics (or anything with its methods)
         self.abandoned = 0             # rows freed because their client went away
         # called at each step boundary (before waiting requests are admitted) with the scheduler; it may
         # block to hold the loop there. None in production; the tests use it to order requests by steps.
@@ -83,10 +95,15 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`APIError` 503 when the queue is full."""
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                raise APIError(503, f"the server is busy: {len(self.waiting)} requests are already waiting "
-                                    f"(--max-queue {self.max_queue}); retry later", type_="server_error",
-                               code="queue_full")
+            free = self.decoder.max_batch - len(self.active) - self.admitting
+            waits = len(self.waiting) - max(free, 0)          # already waiting beyond the free rows
+            if waits + 1 > self.max_queue:
+                if self.observer is not None:
+                    self.observer.ended("refused", len(job.prompt_ids), 0, 0.0)
+                raise APIError(503, f"the server is busy: {self.decoder.max_batch} rows decode and {max(waits, 0)} "
+                                    f"requests are already waiting (--max-queue {self.max_queue}); retry later",
+                               type_="server_error", code="queue_full", headers={"Retry-After": "1"})
+            job.submitted = time.monotonic()
             self.waiting.append(job)
             self.cond.notify()
 
@@ -124,12 +141,15 @@ class Scheduler:
                     if job.cancelled:
                         self._drop(job)
                         self.abandoned += 1
+                        self._ended(job, "abandoned")
                 for job in [j for j in self.waiting if j.cancelled]:
                     self.waiting.remove(job)
                     job.finished = True
+                    self._ended(job, "abandoned")
                 admit = []
                 while self.waiting and self.decoder.free - len(admit) > 0:
                     admit.append(self.waiting.popleft())
+                self.admitting = len(admit)
                 if self.stopping:
                     return
                 if not self.active and not admit:
@@ -137,15 +157,23 @@ class Scheduler:
                     continue
             for job in admit:
                 try:
-                    settings = self.settings_cls(do_sample=job.req.do_sample, temperature=job.req.temperature or 1.0,
-                                                 top_p=job.req.top_p, seed=job.req.seed)
+                    r = job.req
+                    settings = self.settings_cls(do_sample=r.do_sample, temperature=r.temperature or 1.0,
+                                                 top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+                                                 repetition_penalty=r.repetition_penalty,
+                                                 presence_penalty=r.presence_penalty,
+                                                 frequency_penalty=r.frequency_penalty, logprobs=r.logprobs)
                     first = self.decoder.add(id(job), job.prompt_ids, settings, job.max_tokens)
+                    self.active[id(job)] = job
                 except Exception as e:                       # noqa: BLE001 - reported to the client
-                    log.exception("prefill failed")
+                    log.error("prefill failed: %s: %s", type(e).__name__, e)
                     job.finished = True
+                    self._ended(job, "error")
                     job.emit(("error", f"prefill failed: {type(e).__name__}: {e}"))
                     continue
-                self.active[id(job)] = job
+                finally:
+                    with self.cond:
+                        self.admitting -= 1
                 self._token(job, first)
             if not self.active:
                 continue
@@ -156,12 +184,20 @@ class Scheduler:
                 log.exception("decode step failed")
                 for job in list(self.active.values()):
                     self._drop(job)
+                    self._ended(job, "error")
                     job.emit(("error", f"decode failed: {type(e).__name__}: {e}"))
                 continue
             for key, tok in new.items():
                 job = self.active.get(key)
-                if job is not None:
-                    self._token(job, tok)
+                if job is None:
+                    continue
+                if isinstance(tok, BaseException):          # this row's token choice failed: it alone ends
+                    log.error("decode failed for one row: %s: %s", type(tok).__name__, tok)
+                    self._drop(job)
+                    self._ended(job, "error")
+                    job.emit(("error", f"decode failed: {type(tok).__name__}: {tok}"))
+                    continue
+                self._token(job, tok)
 
     def _drop(self, job: Job) -> None:
         self.active.pop(id(job), None)
@@ -172,15 +208,26 @@ class Scheduler:
         if job.cancelled:
             self._drop(job)
             self.abandoned += 1
+            self._ended(job, "abandoned")
             return
+        if self.observer is not None:
+            now = time.monotonic()
+            if job.last is None:
+                self.observer.first_token(now - job.submitted)
+            else:
+                self.observer.token_gap(now - job.last)
+            job.last = now
         if tok in self.eos_ids:
             self._finish(job, "stop")
             return
         job.ids.append(tok)
+        if job.req.logprobs is not None:
+            lp, top = self.decoder.logprobs(id(job))
+            job.entries.append((*self._token_text(tok), lp, [(*self._token_text(t), v) for t, v in top]))
         final = len(job.ids) >= job.max_tokens
         delta = job.text.delta(self.tokenizer.decode(job.ids), final)
         if delta:
-            job.emit(("text", delta))
+            job.emit(("text", delta, self._take(job)))
         if job.text.stopped:
             self._finish(job, "stop", flushed=True)
         elif final:
@@ -190,6 +237,27 @@ class Scheduler:
         if not flushed:
             delta = job.text.delta(self.tokenizer.decode(job.ids), final=True)
             if delta:
-                job.emit(("text", delta))
+                job.emit(("text", delta, self._take(job)))
         self._drop(job)
-        job.emit(("done", reason, usage(len(job.prompt_ids), len(job.ids))))
+        self._ended(job, reason)
+        job.emit(("done", reason, usage(len(job.prompt_ids), len(job.ids)), self._take(job)))
+
+    def _ended(self, job: Job, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer.ended(outcome, len(job.prompt_ids), len(job.ids), time.monotonic() - job.submitted)
+
+    @staticmethod
+    def _take(job: Job) -> list:
+        out, job.entries = job.entries, []
+        return out
+
+    def _token_text(self, tok: int):
+        """``(token text, its UTF-8 bytes)``: the sentencepiece piece with its word-start mark as a space;
+        a byte-fallback piece ``<0xE4>`` is ``("bytes:\\xe4", [228])`` as OpenAI writes a token that is not a
+        whole character."""
+        piece = self.tokenizer.convert_id_to_token(tok)
+        m = _BYTE_PIECE.fullmatch(piece or "")
+        if m:
+            return f"bytes:\\x{m.group(1).lower()}", [int(m.group(1), 16)]
+        text = (piece or "").replace("\u2581", " ")           # sentencepiece's word-start mark is a space
+        return text, list(text.encode("utf-8", "replace"))

@@ -12,17 +12,31 @@ The ``cache_mask`` marks each row's own columns; position ids are per row.
 
 :meth:`BatchDecoder.add` runs the prompt alone through the model's ``prefill`` (as ``generate`` does)
 and picks the first token; :meth:`BatchDecoder.step` runs ``decode`` for every row at once and picks
-each row's token with that row's own settings (``process_logits`` and ``sample_next`` with the row's
-own ``numpy`` generator seeded by its ``seed``), as ``generate`` does for one sequence.
-:meth:`BatchDecoder.remove` frees a row at once. The twin :mod:`torch_glm.engine` has the same API.
+each row's token with that row's own settings (``process_logits`` with the repetition penalty over
+prompt and answer, OpenAI's presence/frequency penalties over the answer, and ``sample_next`` with the
+row's own ``numpy`` generator seeded by its ``seed``), as ``generate`` does for one sequence. With
+``logprobs`` set, :meth:`BatchDecoder.logprobs` gives the chosen token's log-probability and the
+``logprobs`` most likely tokens' under the model's own distribution (after the guard, before any
+penalty or sampling setting).
+:meth:`BatchDecoder.remove` frees a row at once. A row whose token choice fails (its own settings) gets
+the exception in place of its token; the other rows go on. The twin :mod:`torch_glm.engine` has the
+same API.
+
+Prefix cache (``prefix_cache`` entries, 0: off): a row that leaves keeps its keys/values (prompt and
+answer) under its token ids, least recently used dropped first; a prompt that starts with the ids of a
+kept entry (a chat's next turn) runs only its new tokens through the model's ``prefill_after`` over that
+entry's keys/values (:attr:`BatchDecoder.reused_tokens` counts the tokens not run again). Off for
+P-tuning models.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
+from glm_common.generation import common_start, invalid_score_processor, presence_frequency_penalty
 from mindspore_glm.generate import process_logits, sample_next
 
 __all__ = ["BatchDecoder", "SamplingSettings"]
@@ -36,14 +50,19 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None       # None: none; k: the chosen token's and the k most likely
 
 
 class _Row:
-    __slots__ = ("pending", "position", "settings", "rng", "index", "length", "end")
+    __slots__ = ("pending", "position", "settings", "rng", "index", "length", "end", "ids", "prompt_len", "logprobs")
 
-    def __init__(self, pending, position, settings, rng, index, length, end):
+    def __init__(self, pending, position, settings, rng, index, length, end, ids=()):
         self.pending, self.position, self.settings, self.rng = pending, position, settings, rng
         self.index, self.length, self.end = index, length, end
+        self.ids, self.prompt_len, self.logprobs = list(ids), len(ids), None
 
 
 def _round_up(n: int, block: int) -> int:
@@ -57,10 +76,14 @@ class BatchDecoder:
     ``cache_block`` apply); ``max_batch``: rows decoded together. Keys are any hashable the caller picks.
     """
 
-    def __init__(self, model, max_batch: int = 8):
+    def __init__(self, model, max_batch: int = 8, prefix_cache: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be at least 1, got {max_batch}")
         self.model = model
+        self.prefix_cache = 0 if model.pre_seq_len else int(prefix_cache)
+        self.kept: OrderedDict = OrderedDict()     # token ids -> per layer (key, value) [1, g, T, hn]
+        self.reused_tokens = 0
+        self._after_fn = None
         self.max_batch = int(max_batch)
         self.block = int(getattr(model, "cache_block", 64))
         self.p = int(model.pre_seq_len or 0)
@@ -112,9 +135,26 @@ class BatchDecoder:
     def _pick(row: _Row, scores: np.ndarray) -> int:
         """``scores [1, V]`` float32 -> the row's next token (as ``generate`` picks it)."""
         s = row.settings
-        scores = process_logits(scores, np.zeros((1, 0), np.int64), 1.0, s.temperature, s.top_k, s.top_p,
-                                s.do_sample)
-        return int(sample_next(scores, s.do_sample, row.rng)[0])
+        scores = invalid_score_processor(None, np.array(scores, np.float32))
+        logp = None
+        if s.logprobs is not None:
+            shifted = scores - scores.max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        scores = process_logits(scores, np.asarray([row.ids], np.int64), s.repetition_penalty)   # not sampling yet
+        scores = presence_frequency_penalty(scores, row.ids[row.prompt_len:], s.presence_penalty, s.frequency_penalty)
+        if s.do_sample:
+            scores = process_logits(scores, np.zeros((1, 0), np.int64), 1.0, s.temperature, s.top_k, s.top_p, True)
+        tok = int(sample_next(scores, s.do_sample, row.rng)[0])
+        if logp is not None:
+            top = np.argsort(-logp[0], kind="stable")[:s.logprobs]
+            row.logprobs = (float(logp[0, tok]), [(int(i), float(logp[0, i])) for i in top])
+        row.ids.append(tok)
+        return tok
+
+    def logprobs(self, key: Hashable):
+        """``(log-probability of the last token chosen, [(token, log-probability)] of the most likely)``
+        for a row whose settings ask for ``logprobs``; ``None`` otherwise."""
+        return self.rows[key].logprobs
 
     # ------------------------------------------------------------------ cache layout
     def _zeros(self, b, length, like):
@@ -178,14 +218,26 @@ class BatchDecoder:
         if max_new_tokens is None:
             max_new_tokens = max(self.seq_length - s, 1)
         prefill_fn, _ = self._functions()
+        m, past = self._reuse(list(prompt_ids))
         was_training = self.model.training
         self.model.set_train(False)
         try:
-            logits, presents = prefill_fn(Tensor(ids), Tensor(np.ones_like(ids)), Tensor(np.arange(s, dtype=np.int32)[None]))
+            if m:
+                if self._after_fn is None:
+                    import mindspore as ms
+                    model = self.model
+                    fn = lambda i, p, kv: model.prefill_after(i, p, kv)          # noqa: E731
+                    self._after_fn = ms.jit(fn) if getattr(model, "use_graph", True) else fn
+                logits, presents = self._after_fn(Tensor(ids[:, m:]), Tensor(np.arange(m, s, dtype=np.int32)[None]),
+                                                  past)
+            else:
+                logits, presents = prefill_fn(Tensor(ids), Tensor(np.ones_like(ids)),
+                                              Tensor(np.arange(s, dtype=np.int32)[None]))
         finally:
             self.model.set_train(was_training)
+        self.reused_tokens += m
         n = self.p + s
-        row = _Row(0, s, settings, np.random.default_rng(settings.seed), -1, n, 0)
+        row = _Row(0, s, settings, np.random.default_rng(settings.seed), -1, n, 0, prompt_ids)
         row.pending = self._pick(row, logits.asnumpy())
         # room: columns t-n .. t-1 for the prompt, t .. for the tokens to come
         if self.caches is None:
@@ -235,11 +287,39 @@ class BatchDecoder:
         self.rows[key] = row
         return row.pending
 
+    def _reuse(self, ids: list):
+        """``(m, past)``: the keys/values of the longest start ``ids`` shares with a kept entry (at most
+        ``len(ids) - 1`` tokens, so one is left to run), or ``(0, None)``."""
+        import mindspore as ms
+        best, m = None, 0
+        for kept in self.kept:
+            k = common_start(kept, ids)
+            if k > m:
+                best, m = kept, k
+        m = min(m, len(ids) - 1)
+        if best is None or m < 1:
+            return 0, None
+        self.kept.move_to_end(best)
+        return m, ms.mutable(tuple((k[:, :, :m], v[:, :, :m]) for k, v in self.kept[best]))
+
+    def _keep(self, row: _Row) -> None:
+        """Keep ``row``'s keys/values (its ids but the pending last one) for later prompts."""
+        ids = tuple(row.ids[:-1])
+        if row.length != len(ids) or len(ids) < 2 or self.p:
+            return
+        i, start = row.index, self.t - row.length
+        self.kept[ids] = tuple((k[i:i + 1, :, start:self.t], v[i:i + 1, :, start:self.t]) for k, v in self.caches)
+        self.kept.move_to_end(ids)
+        while len(self.kept) > self.prefix_cache:
+            self.kept.popitem(last=False)
+
     def remove(self, key: Hashable) -> None:
         """Drop a row now (finished or abandoned); unknown keys are ignored."""
         row = self.rows.pop(key, None)
         if row is None:
             return
+        if self.prefix_cache:
+            self._keep(row)
         self.slots[row.index] = None
         self.cache_mask[row.index] = 0
         if not self.rows:
@@ -250,7 +330,8 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------ decode
     def step(self) -> dict:
-        """One decode step for every row: ``{key: next token}``."""
+        """One decode step for every row: ``{key: next token}`` (an exception for a row whose token
+        choice failed; the caller removes that row)."""
         import mindspore as ms
         from mindspore import Tensor
         if not self.rows:
@@ -281,8 +362,13 @@ class BatchDecoder:
         scores = logits.asnumpy()
         out = {}
         for key, r in self.rows.items():
-            r.pending = self._pick(r, scores[r.index:r.index + 1])
+            r.length += 1                                # the step wrote this row's column either way
+            try:
+                tok = self._pick(r, scores[r.index:r.index + 1])
+            except Exception as e:                       # noqa: BLE001 - this row fails, the others go on
+                out[key] = e
+                continue
+            r.pending = tok
             r.position += 1
-            r.length += 1
-            out[key] = r.pending
+            out[key] = tok
         return out

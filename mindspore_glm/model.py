@@ -570,6 +570,17 @@ class ChatGLM2ForConditionalGeneration(GenerationMixin, nn.Cell):
         logits = self.transformer.output_layer(hidden[:, -1:, :])
         return ops.cast(logits[:, -1, :], ms.float32), presents
 
+    def prefill_after(self, input_ids, position_ids, past):
+        """Prompt pass after ``past``, the per-layer ``(key, value)`` ``[B, g, M, hn]`` of the prompt's first
+        ``M`` tokens kept from an earlier pass (the serving engine's prefix cache): ids/positions ``[B, S]`` of
+        the rest -> last-token logits ``[B, V]`` (float32) and the per-layer ``(key, value)`` ``[B, g, M+S, hn]``."""
+        b, s = input_ids.shape
+        m = past[0][0].shape[2]
+        allowed = build_attention_mask(ops.ones((b, m + s), ms.int32), s, m)
+        hidden, presents = self.transformer(input_ids, allowed, position_ids, past, None, None)
+        logits = self.transformer.output_layer(hidden[:, -1:, :])
+        return ops.cast(logits[:, -1, :], ms.float32), presents
+
     def decode(self, input_ids, position_ids, cache_mask, slot, kv_caches):
         """One cached step: ids/positions ``[B, 1]``, ``cache_mask [B, L]`` (1 for filled slots, the new
         one included), ``slot [1, 1, L, 1]`` bool, True at the write position, ``kv_caches`` per layer

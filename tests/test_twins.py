@@ -23,6 +23,7 @@ ONE_SIDED_MODULES = {
     "launch_plan": "the Ascend launcher's process plan (rank tables, msrun); torch runs under torchrun",
     "dryrun": "MindSpore's DryRun compile of a semi-auto-parallel layout for an Ascend cluster (MS_SIMULATION_LEVEL); "
               "torch has no graph compile to simulate",
+    "quantize": "weight-only int8/int4 serving on the torch backend (CPU and CUDA), ChatGLM2's quantize(bits)",
 }
 
 #: modules both backends have under one name whose engines differ, so no public name means the same thing on
@@ -69,6 +70,7 @@ ALLOWED = {
     ("model", "ChatGLM2Model.rope"): "MindSpore's cos/sin tables are made once in rotary_dtype (static graph constants); torch rounds its table rows to the input dtype per call",
     ("model", "ChatGLM2ForConditionalGeneration.forward"): _HF + "; " + _STATIC_CACHE,
     ("model", "ChatGLM2ForConditionalGeneration.prefill"): _STATIC_CACHE,
+    ("model", "ChatGLM2ForConditionalGeneration.prefill_after"): _STATIC_CACHE + " (torch's forward takes past_key_values)",
     ("model", "ChatGLM2ForConditionalGeneration.decode"): _STATIC_CACHE,
     ("model", "ChatGLM2ForConditionalGeneration.load_weights"): "MindSpore sets (name, array) pairs into its Parameters, checking names and shapes; torch streams into load_state_dict-style copies inside from_pretrained",
     ("model", "ChatGLM2ForConditionalGeneration.param_dict"): "MindSpore's name -> Parameter map (torch: named_parameters)",

@@ -18,19 +18,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(backend, max_batch=8, max_queue=64, max_tokens=2048, api_key=None, max_body_bytes=1 << 20, start=True):
-    """Yield ``(base_url, scheduler)`` of a running server over ``backend``."""
+def serving(backend, max_batch=8, max_queue=64, max_tokens=2048, api_key=None, max_body_bytes=1 << 20, start=True,
+            header_timeout=10.0, body_timeout=30.0, max_connections=None, allow_origins=(), prefix_cache=0):
+    """Yield ``(base_url, scheduler)`` of a running server over ``backend`` (uvicorn configured as
+    ``glm2-serve`` configures it)."""
     import uvicorn
 
-    from glm_serve.app import create_app
+    from glm_serve.app import create_app, server_config
     from glm_serve.scheduler import Scheduler
-    sched = Scheduler(backend.decoder(max_batch), backend.tokenizer, backend.settings_cls, backend.seq_length,
+    sched = Scheduler(backend.decoder(max_batch, prefix_cache), backend.tokenizer, backend.settings_cls, backend.seq_length,
                       [backend.tokenizer.eos_token_id], max_queue, max_tokens)
     if start:
         sched.start()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(sched, backend.model_id, backend.name, api_key, max_body_bytes),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(sched, backend.model_id, backend.name, api_key, max_body_bytes, body_timeout, allow_origins)
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, header_timeout, max_connections=max_connections))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -50,16 +52,23 @@ def _load(name, tmp_path_factory):
     from glm_serve.backends import load_backend
     if name == "torch":
         return load_backend("torch", str(TINY_MODEL), str(TOKENIZER_MODEL))
-    # mindspore: through our converter's .ckpt, as a user would serve a MindSpore checkpoint
+    return load_backend("mindspore", ms_checkpoint(tmp_path_factory), str(TOKENIZER_MODEL))
+
+
+def ms_checkpoint(tmp_path_factory) -> str:
+    """The tiny model through our converter's .ckpt (config.json beside it), as a user would serve a
+    MindSpore checkpoint; converted once per session."""
     import shutil
     import subprocess
     import sys
-    out = tmp_path_factory.mktemp("ms_ckpt")
-    subprocess.run([sys.executable, "convert/hf_to_ms.py", "--hf-dir", str(TINY_MODEL), "--output",
-                    str(out / "tiny.ckpt")], check=True, capture_output=True, cwd=str(TINY_MODEL.parents[3]))
-    if not (out / "config.json").exists():
-        shutil.copy(TINY_MODEL / "config.json", out / "config.json")
-    return load_backend("mindspore", str(out / "tiny.ckpt"), str(TOKENIZER_MODEL))
+    out = tmp_path_factory.getbasetemp() / "ms_ckpt"
+    if not (out / "tiny.ckpt").exists():
+        out.mkdir(exist_ok=True)
+        subprocess.run([sys.executable, "convert/hf_to_ms.py", "--hf-dir", str(TINY_MODEL), "--output",
+                        str(out / "tiny.ckpt")], check=True, capture_output=True, cwd=str(TINY_MODEL.parents[3]))
+        if not (out / "config.json").exists():
+            shutil.copy(TINY_MODEL / "config.json", out / "config.json")
+    return str(out / "tiny.ckpt")
 
 
 # MindSpore compiles a graph per prompt length and per batch/cache shape: minutes on a busy CPU

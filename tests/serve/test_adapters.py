@@ -129,3 +129,49 @@ def test_mindspore_bad_adapter_is_one_line(tmp_path):
     (tmp_path / "lora_pet_config.yaml").write_text("pet_config:\n  pet_type: lora\n  lora_rank: 4\n")
     with pytest.raises(BackendError, match=r"lora_pet_config\.yaml: pet_config\.lora_alpha: missing"):
         load_backend("mindspore", base, str(TOKENIZER_MODEL), adapter=str(tmp_path / "lora.ckpt"))
+
+
+def test_torch_lora_adapter_that_does_not_fit_is_one_line(tmp_path):
+    """A LoRA target the model lacks is refused (as ``adapters.py merge`` refuses it), not dropped; a B of
+    the wrong shape is one line naming the module, not a ``load_state_dict`` traceback."""
+    from safetensors.numpy import load_file, save_file
+
+    from glm_serve.backends import BackendError
+    _peft_adapter(tmp_path / "adapter")
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    qkv = "base_model.model.transformer.encoder.layers.{}.self_attention.query_key_value.lora_{}.weight"
+    save_file({**weights, qkv.format(7, "A"): weights[qkv.format(0, "A")], qkv.format(7, "B"): weights[qkv.format(0, "B")]},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(BackendError, match=r"adapter: transformer\.encoder\.layers\.7\.self_attention\.query_key_value: "
+                                           r"LoRA target has no weight in the model"):
+        load_backend("torch", str(TINY_MODEL), str(TOKENIZER_MODEL), adapter=str(tmp_path / "adapter"))
+    save_file({**weights, qkv.format(0, "B"): weights[qkv.format(0, "B")][:100]},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    out = subprocess.run([sys.executable, "-m", "glm_serve", "--backend", "torch", "--model", str(TINY_MODEL),
+                          "--tokenizer", str(TOKENIZER_MODEL), "--adapter", str(tmp_path / "adapter"), "--port", "0"],
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "http://" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"glm2-serve: {tmp_path / 'adapter'}: transformer.encoder.layers.0.self_attention.query_key_value: lora A "
+        f"[4, 64] / B [100, 4] do not fit the model's weight [128, 64] (B @ A must be [out, in])")
+
+
+def test_mindspore_lora_adapter_that_does_not_fit_is_one_line(tmp_path, tmp_path_factory):
+    """The twin of the torch refusal, for a MindSpore LoRA ``.ckpt``."""
+    import numpy as np
+
+    from convert.ms_ckpt import save_ms_checkpoint
+    from glm_serve.backends import BackendError
+    from tests.serve.conftest import ms_checkpoint
+    base = ms_checkpoint(tmp_path_factory)
+    qkv = "transformer.encoder.layers.{}.self_attention.query_key_value.mindpet_delta_lora_{}"
+    a, b = np.zeros((4, 64), np.float32), np.zeros((128, 4), np.float32)
+    save_ms_checkpoint([(qkv.format(0, "a"), a), (qkv.format(0, "b"), b), (qkv.format(7, "a"), a),
+                        (qkv.format(7, "b"), b)], tmp_path / "lora.ckpt")
+    with pytest.raises(BackendError, match=r"lora\.ckpt: transformer\.encoder\.layers\.7\.self_attention\."
+                                           r"query_key_value: LoRA target has no weight in the model"):
+        load_backend("mindspore", base, str(TOKENIZER_MODEL), adapter=str(tmp_path / "lora.ckpt"))
+    save_ms_checkpoint([(qkv.format(0, "a"), a), (qkv.format(0, "b"), b[:100])], tmp_path / "lora.ckpt")
+    with pytest.raises(BackendError, match=r"query_key_value: lora A \[4, 64\] / B \[100, 4\] do not fit the "
+                                           r"model's weight \[128, 64\]"):
+        load_backend("mindspore", base, str(TOKENIZER_MODEL), adapter=str(tmp_path / "lora.ckpt"))

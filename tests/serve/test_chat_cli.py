@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, TINY_MODEL, TOKENIZER_MODEL
+from tests.serve.conftest import ms_checkpoint
 
 
 def _controlling_tty():
@@ -92,3 +95,36 @@ def test_two_turns_clear_and_ctrl_c(torch_backend):
     finally:
         if t.proc.poll() is None:
             t.proc.kill()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_mindspore_stops_the_answer_not_the_process(tmp_path_factory):
+    """MindSpore's runtime installs a SIGINT handler that ends the process while it runs a graph:
+    Ctrl-C must still stop only the answer, twice, and the session must go on (as on torch)."""
+    t = Pty([sys.executable, "-m", "glm_serve.chat", "--backend", "mindspore", "--model",
+             ms_checkpoint(tmp_path_factory), "--tokenizer", str(TOKENIZER_MODEL), "--temperature", "0"])
+    try:
+        t.read_until(b"You: ", timeout=600)
+        for _ in range(2):                                       # the second after MindSpore's graphs ran
+            t.send("你好\n".encode())
+            t.read_until(b"ChatGLM2: ", timeout=600)
+            t.send(b"\x03")
+            assert b"[stopped]" in t.read_until(b"You: ", timeout=600)
+        t.send(b"\x03")                                          # at the prompt: a hint, not an exit
+        assert b"(/exit quits)" in t.read_until(b"You: ", timeout=600)
+        t.send(b"/exit\n")
+        assert t.proc.wait(60) == 0
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+
+
+def test_piped_stdin(torch_backend):
+    """Not a terminal: the answers still stream (Ctrl-C stays a signal there)."""
+    b = torch_backend
+    want = b.model.chat(b.tokenizer, "你好", max_new_tokens=5, do_sample=False)[0]
+    out = subprocess.run([sys.executable, "-m", "glm_serve.chat", "--backend", "torch", "--model", str(TINY_MODEL),
+                          "--tokenizer", str(TOKENIZER_MODEL), "--temperature", "0", "--max-tokens", "5"],
+                         input="你好\n/exit\n", capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert f"ChatGLM2: {want}\n" in out.stdout

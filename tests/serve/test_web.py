@@ -197,3 +197,64 @@ def test_a_wrong_api_key_is_shown_as_an_error(torch_backend):
             assert b.model_id in browser.js("document.getElementById('model').textContent")
         finally:
             browser.close()
+
+
+def _enter(browser):
+    browser.call("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13, text="\r")
+    browser.call("Input.dispatchKeyEvent", type="keyUp", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+
+def test_page_key_hint_ime_errors_trimming_and_layout(torch_backend):
+    """A visible hint while a key is needed; Enter that confirms an IME composition does not send; an
+    error leaves no empty answer bubble; a history that no longer fits loses its oldest rounds (with a
+    note) and the answer is ``chat()``'s over the rounds kept; the input stays at the bottom of the window."""
+    from glm_common.prompt import build_prompt
+    b = torch_backend
+    n = 8
+    rounds = [("类型#裙*颜色#蓝色" * (i + 3), "这条蓝色裙子很好看" * (i + 3)) for i in range(4)]
+    query = "讲个笑话"
+    fits = lambda k: len(b.tokenizer.encode(build_prompt(query, rounds[k:]))) + n <= b.seq_length  # noqa: E731
+    keep = next(k for k in range(len(rounds) + 1) if fits(k))
+    assert 0 < keep < len(rounds)                      # some rounds must go, some stay
+    want = b.model.chat(b.tokenizer, query, rounds[keep:], max_new_tokens=n, do_sample=False)[0]
+    with serving(b, api_key="sekrit") as (url, sched):
+        browser = DevTools()
+        try:
+            browser.open(url + "/")
+            browser.wait("document.readyState === 'complete' && !document.getElementById('keyhint').hidden")
+            browser.js("localStorage.clear(); const k = document.getElementById('key'); k.value = 'sekrit'; "
+                       "k.dispatchEvent(new Event('change'))")
+            browser.wait("document.getElementById('keyhint').hidden && document.getElementById('model').textContent.length > 0")
+            browser.js(f"document.getElementById('temperature').value = '0'; "
+                       f"document.getElementById('max_tokens').value = '{n}'; document.getElementById('input').focus()")
+            # Enter while an IME composes (Chinese input) confirms the composition: nothing is sent
+            browser.js("const i = document.getElementById('input'); i.value = '你好'; i.dispatchEvent(new KeyboardEvent("
+                       "'keydown', {key: 'Enter', keyCode: 229, isComposing: true, bubbles: true, cancelable: true}))")
+            assert browser.js("document.querySelectorAll('.user').length") == 0
+            assert browser.js("document.getElementById('input').value") == "你好"
+            # an error (max_tokens over the server's limit): an error line, no empty answer bubble
+            browser.js("document.getElementById('max_tokens').value = '5000'")
+            _enter(browser)
+            browser.wait("document.querySelectorAll('.error').length === 1 && !document.getElementById('send').disabled")
+            assert "max_tokens: 5000 is more than this server's limit" in browser.js(
+                "document.querySelector('.error').textContent")
+            assert browser.js("document.querySelectorAll('.assistant').length") == 0
+            # a long history: the oldest rounds are left out, with a note
+            history = [m for u, a in rounds for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+            browser.js(f"history = {json.dumps(history, ensure_ascii=False)}; "
+                       f"document.getElementById('max_tokens').value = '{n}'; document.getElementById('input').focus()")
+            browser.call("Input.insertText", text=query)
+            _enter(browser)
+            browser.wait("(() => { const a = document.querySelectorAll('.assistant'); "
+                         "return a.length && a[a.length - 1].dataset.done === '1'; })()")
+            assert browser.js("[...document.querySelectorAll('.assistant')].pop().textContent") == want
+            note = browser.js("document.querySelector('.note').textContent")
+            assert note.startswith(f"(the {keep} oldest round" if keep > 1 else "(the oldest round")
+            assert browser.js("history.length") == 2 * (len(rounds) - keep) + 2
+            for _ in range(12):                          # enough messages to overflow the window
+                browser.js("bubble('user', 'x\\n'.repeat(5))")
+            assert browser.js("Math.abs(document.getElementById('form').getBoundingClientRect().bottom - "
+                              "window.innerHeight) <= 1")
+            assert browser.js("document.getElementById('log').scrollHeight > document.getElementById('log').clientHeight")
+        finally:
+            browser.close()
