@@ -142,10 +142,12 @@ def sniff_format(path: str) -> Optional[str]:
         return None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch-pickle"
+    # safetensors first: its 8-byte little-endian header length can start with the bytes of a pickle header
+    # (a length of 0x380 is 80 03 ...), while a pickle never has a '{' at byte 8 after a length that fits
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch-pickle"
     if len(head) >= 3 and head[0] == 0x0A:  # tag of field 1, length-delimited; then a varint length
         i = 1
         while i < len(head) and head[i] & 0x80:

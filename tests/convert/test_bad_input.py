@@ -406,3 +406,22 @@ def test_training_checkpoint_converts_and_merges_without_training_state(ms_train
     res, out = _merge(run, "--keep-optimizer")
     assert res.returncode == 0, res.stderr
     assert "loss_scale_good_steps" in MSCheckpoint(out).names
+
+
+@pytest.mark.parametrize("header_len", [0x380, 0x480, 0x580, 0x280])
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path, header_len):
+    """A safetensors header of 0x380 bytes is stored as ``80 03 00 ...``: the first two bytes of a pickle
+    protocol 3 header. The file is safetensors all the same, and safetensors' own reader agrees."""
+    from safetensors.numpy import load_file
+    from convert.safetensors_io import save_safetensors, sniff_format
+    path = str(tmp_path / "a.safetensors")
+    meta = {"format": "pt", "pad": ""}
+    save_safetensors([("w", np.zeros((2, 2), np.float32))], path, metadata=meta)
+    n = struct.unpack("<Q", open(path, "rb").read(8))[0]
+    meta["pad"] = "x" * (header_len - n)                     # the header grows to header_len bytes (+ alignment)
+    save_safetensors([("w", np.zeros((2, 2), np.float32))], path, metadata=meta)
+    head = open(path, "rb").read(8)
+    assert struct.unpack("<Q", head)[0] in range(header_len, header_len + 8)
+    assert head[0] == 0x80 and 2 <= head[1] <= 5             # looks like a pickle header
+    assert sniff_format(path) == "safetensors"
+    assert load_file(path)["w"].shape == (2, 2)
