@@ -28,8 +28,7 @@ def _tiny(dp=1, mp=1, pp=1, micro=1, opt_shard=False, recompute=False, select=No
     raw = yaml.safe_load(open(TINY_YAML))
     raw["use_parallel"] = True
     raw["load_checkpoint"] = ""
-    raw["parallel"].update(parallel_mode=1, full_batch=True, enable_parallel_optimizer=opt_shard,
-                           parallel_optimizer_threshold=0)
+    raw["parallel"].update(parallel_mode=1, full_batch=True, enable_parallel_optimizer=opt_shard)
     raw["parallel_config"].update(data_parallel=dp, model_parallel=mp, pipeline_stage=pp, micro_batch_num=micro)
     rc = {"recompute": recompute}
     if select is not None:
