@@ -14,6 +14,7 @@ import os
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.common.initializer import initializer
 
 from glm_common.run_config import RunConfigError, TrainSettings
 from glm_common.schedules import decays
@@ -54,6 +55,10 @@ def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWe
         if p.dtype != ms.float32:
             m = p.clone()
             m.name = f"{MASTER_PREFIX}.{p.name}"
+            if m.has_init and getattr(m.init_mode, "init", None) is not None:
+                # a lazy weight (mindspore_glm.dryrun): the clone shares the original's pending initializer,
+                # which MindSpore consumes when it slices the original; the master needs its own
+                m.init_mode = initializer(p.init_mode.init, p.shape, ms.float32)
             m.set_dtype(ms.float32)         # exact: float16/bfloat16 values are float32 values
             master[p.name] = m
     groups = [{"params": [master.get(p.name, p) for p in decay], "weight_decay": s.weight_decay}] if decay else []
@@ -67,12 +72,27 @@ def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWe
             raise RunConfigError(f"{s.source}: optimizer.type: AdamW with weight_decay > 0 is not available in "
                                  "the MindSpore runner; use AdamWeightDecay (mindformers' default)")
     opt = nn.AdamWeightDecay(groups, Tensor(lrs), beta1=s.beta1, beta2=s.beta2, eps=s.eps)
+    if master:
+        # the moments: float32 zeros cloned from the model's parameter, not from its master: a clone takes its
+        # original's parallel layout (optimizer shard, model parallel) when MindSpore slices the original,
+        # and a master is in no forward operator (cloned from it, the moments stayed whole on every rank)
+        opt.moments1 = ParameterTuple(_float32_state(p, f"adam_m.{p.name}") for p in ordered)
+        opt.moments2 = ParameterTuple(_float32_state(p, f"adam_v.{p.name}") for p in ordered)
     for p, m, v in zip(ordered, opt.moments1, opt.moments2):    # named after the model's parameter
         m.name, v.name = f"adam_m.{p.name}", f"adam_v.{p.name}"
     opt.model_weights = ParameterTuple(ordered)
     opt.low_weights = ParameterTuple(p for p in ordered if p.name in master)
     opt.masters = ParameterTuple(master[p.name] for p in ordered if p.name in master)
     return opt
+
+
+def _float32_state(p: Parameter, name: str) -> Parameter:
+    """An optimizer state of ``p``: float32 zeros of its shape, a clone of ``p`` (its parallel layout)."""
+    st = p.clone(init="zeros")
+    st.name = name
+    st.set_dtype(ms.float32)
+    st.set_data(initializer("zeros", p.shape, ms.float32))
+    return st
 
 
 # ExpandDims marked ``grad_scale``: under semi-auto parallel MindSpore aggregates the local square sum of a

@@ -169,13 +169,14 @@ def test_command_line(tmp_path):
 
 
 def test_consecutive_overflows_stop_the_run(tmp_path):
-    """Non-finite losses skip the update and count as overflows; runner_wrapper.max_consecutive_overflows
-    of them in a row stop the run: one line, exit status 1."""
+    """Non-finite losses (from a finite weight whose logits overflow: a NaN on disk is refused at load) skip
+    the update and count as overflows; runner_wrapper.max_consecutive_overflows of them in a row stop the
+    run: one line, exit status 1."""
     bad = tmp_path / "bad_model"
     shutil.copytree(TINY_MODEL, bad)
     model = ChatGLM2ForConditionalGeneration.from_pretrained(str(TINY_MODEL))
     with torch.no_grad():
-        model.transformer.output_layer.weight[:, 0] = float("nan")
+        model.transformer.output_layer.weight[:, 0] = 3e38             # finite on disk, inf in every logit
     model.save_pretrained(str(bad))
     cfg = run_config(tmp_path, "lora", 5e-3, rows=16, epochs=2, load_checkpoint=str(bad))
     cfg["runner_wrapper"]["max_consecutive_overflows"] = 3
