@@ -32,13 +32,17 @@ system-deps:
 demo: setup
 	$(PY) scripts/demo.py
 
-# pytest exits 5 when it collected no tests: a failure here, said plainly (make itself then exits 2)
+# pytest exits 5 when it collected no tests: a failure here, said plainly (make itself then exits 2).
+# TEST_WORKERS pytest processes (pytest-xdist), each test file on one of them (its module fixtures and
+# compiled graphs built once); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: setup system-deps
-	@$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; \
+	@$(PY) -m pytest $(XDIST) $(PYTEST_ARGS) || { rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc; }
 
 test-fast: setup system-deps
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -115,7 +115,8 @@ SHAPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path,value,expected", SHAPE_CASES, ids=[f"{c[0]}={c[1]!r}"[:60] for c in SHAPE_CASES])
+@pytest.mark.parametrize("path,value,expected", SHAPE_CASES,
+                         ids=[f"{c[0]}={'<deleted>' if c[1] is DELETE else repr(c[1])}"[:60] for c in SHAPE_CASES])
 def test_each_shape_error(in_tmp, path, value, expected):
     table = set_path(two_servers(), path, value)
     assert errors_of(table) == expected
