@@ -250,7 +250,7 @@ def test_glm2_6b_layers_under_the_seed_full_finetune_layout(fakecann):
     the 1-layer peak plus 27 of them; it fits the YAML's max_device_memory (30GB). Level 1 allocates no
     tensors: the compile's host memory stays far below the device memory it counts."""
     from mindspore_glm.dryrun import dryrun
-    peaks = {}
+    peaks, plans = {}, {}
     for n in (1, 2, 3):
         rep = dryrun(str(GLM2_FINETUNE), ranks=[0], num_layers=n, timeout=1200)
         lay = rep["layout"]
@@ -259,11 +259,15 @@ def test_glm2_6b_layers_under_the_seed_full_finetune_layout(fakecann):
         row = _ok(rep)[0]
         assert (row["batch"], row["seq"]) == (64, 192)          # the global batch 8 x dp 8 (full_batch)
         assert row["host_rss_bytes"] < 2 * 2 ** 30 < row["peak_bytes"]
-        peaks[n] = row["peak_bytes"]
+        peaks[n], plans[n] = row["peak_bytes"], row["plan_bytes"]
     step1, step2 = peaks[2] - peaks[1], peaks[3] - peaks[2]
     assert step1 > 0 and abs(step2 - step1) / step1 < 0.01
     at_28 = peaks[1] + 27 * step1
     assert at_28 < 30 * 2 ** 30
+    # the memory plan's 28 layers (glm_common.memory_plan) within 15% of MindSpore's count: float32 masters and
+    # moments split by the optimizer shard as the plan assumes (whole on every rank, one layer alone was 21.8 GiB)
+    plan_28 = plans[1] + 27 * (plans[2] - plans[1])
+    assert 0.85 < at_28 / plan_28 < 1.15, (at_28 / 2 ** 30, plan_28 / 2 ** 30)
 
 
 def test_without_gcc_the_command_says_so_in_one_line(tmp_path, monkeypatch, capsys):
