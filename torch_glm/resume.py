@@ -111,6 +111,10 @@ def save_trainer_state(directory: str, optimizer, scheduler, step: int, rngs: Op
                     plain[key] = value
             opt_state[str(idx)] = plain
         meta["optimizer"] = {"param_groups": opt["param_groups"], "state": opt_state}
+        # the float32 master copies of float16/bfloat16 weights (torch_glm.train_step.make_optimizer): the
+        # optimizer updates them, not the model's rounded copies
+        for i, (_, master) in enumerate(getattr(optimizer, "master_pairs", ())):
+            tensors[f"optimizer.master.{i}"] = master.detach().cpu().contiguous()
     save_file(tensors, os.path.join(directory, STATE_TENSORS))
     with atomic_file(os.path.join(directory, STATE_JSON), encoding="utf-8") as f:
         json.dump(meta, f)
@@ -143,6 +147,18 @@ def load_trainer_state(directory: str, optimizer, scheduler, rank: Optional[int]
             st.update({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
             state[int(idx)] = st
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        pairs = getattr(optimizer, "master_pairs", ())
+        stored = [k for k in tensors if k.startswith("optimizer.master.")]
+        if stored and len(stored) != len(pairs):
+            raise CheckpointInvalid(f"{STATE_TENSORS}: {len(stored)} float32 master weights, the run has "
+                                    f"{len(pairs)} (a different param_init_type or pet_config)")
+        for i, (_, master) in enumerate(pairs if stored else ()):
+            value = tensors[f"optimizer.master.{i}"]
+            if value.shape != master.shape:
+                raise CheckpointInvalid(f"{STATE_TENSORS}: optimizer.master.{i} has shape {tuple(value.shape)}, "
+                                        f"the run's weight {tuple(master.shape)}")
+            with torch.no_grad():
+                master.copy_(value)
     scheduler.load_state_dict(meta["scheduler"])
     if "rng" in meta:
         r = _world()[1] if rank is None else rank

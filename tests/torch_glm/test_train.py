@@ -97,11 +97,15 @@ def test_fine_tuning_reduces_the_loss(tmp_path, pet, lr, drop):
         assert torch.equal(fresh.transformer.output_layer.weight, base.transformer.output_layer.weight)  # frozen
 
 
-def test_resume_continues_the_same_trajectory(tmp_path):
-    """LoRA with dropout (RNG state matters), gradient accumulation 2: 8 steps, then resume from step 3."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_resume_continues_the_same_trajectory(tmp_path, dtype):
+    """LoRA with dropout (RNG state matters), gradient accumulation 2: 8 steps, then resume from step 3.
+    float16 weights: the optimizer's float32 master copies are part of the checkpoint (restarted from the
+    float16 weights, the resumed losses would differ)."""
     cfg = run_config(tmp_path / "a", "lora", 5e-3, rows=32, epochs=1,
                      callbacks=[{"type": "CheckpointMonitor", "prefix": "tiny", "save_checkpoint_steps": 3,
                                  "keep_checkpoint_max": 2}])
+    cfg["model"]["model_config"]["param_init_type"] = dtype
     cfg["runner_config"]["gradient_accumulation_steps"] = 2
     cfg["runner_config"]["batch_size"] = 2
     whole = run(cfg)["losses"]
