@@ -59,19 +59,6 @@ def ascend_devices() -> list:
     return list(range(first, first + 4))
 
 
-#: the test files that take longest (seconds of one 2-core run, `--durations`), run first: `make test` hands
-#: whole files to its pytest-xdist workers in collection order, and a long file handed out last leaves the
-#: other worker idle until it ends. The rest keep pytest's order.
-LONG_FILES = {
-    "tests/test_mindformers_compat.py": 190, "tests/mindspore_glm/test_dryrun.py": 131,
-    "tests/scripts/test_run_distribute.py": 86, "tests/torch_glm/test_fsdp.py": 80,
-    "tests/mindspore_glm/test_train.py": 53, "tests/mindspore_glm/test_resume.py": 46,
-    "tests/serve/test_prefix_cache.py": 40, "tests/mindspore_glm/test_parallel.py": 35,
-    "tests/parity/test_train_parity.py": 26, "tests/parity/test_lora_eval_parity.py": 25,
-    "tests/serve/test_api.py": 24, "tests/serve/test_isolation.py": 22,
-}
-
-
 def pytest_collection_modifyitems(config, items):
     skip_cuda = None if _has_cuda() else pytest.mark.skip(reason="needs a CUDA GPU")
     skip_ascend = None if _has_ascend() else pytest.mark.skip(reason="needs an Ascend NPU (GLM_TEST_DEVICE=Ascend)")
@@ -80,8 +67,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if skip_ascend and "ascend" in item.keywords:
             item.add_marker(skip_ascend)
-    # longest files first (a stable sort: each file's tests keep their order)
-    items.sort(key=lambda item: -LONG_FILES.get(item.nodeid.split("::")[0], 0))
 
 
 @pytest.fixture(scope="session")
