@@ -76,8 +76,8 @@ def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWe
         # the moments: float32 zeros cloned from the model's parameter, not from its master: a clone takes its
         # original's parallel layout (optimizer shard, model parallel) when MindSpore slices the original,
         # and a master is in no forward operator (cloned from it, the moments stayed whole on every rank)
-        opt.moments1 = ParameterTuple(_float32_state(p, f"adam_m.{p.name}") for p in ordered)
-        opt.moments2 = ParameterTuple(_float32_state(p, f"adam_v.{p.name}") for p in ordered)
+        opt.moments1 = ParameterTuple(_float32_state(p) for p in ordered)
+        opt.moments2 = ParameterTuple(_float32_state(p) for p in ordered)
     for p, m, v in zip(ordered, opt.moments1, opt.moments2):    # named after the model's parameter
         m.name, v.name = f"adam_m.{p.name}", f"adam_v.{p.name}"
     opt.model_weights = ParameterTuple(ordered)
@@ -86,10 +86,10 @@ def make_optimizer(params: list, s: TrainSettings, lrs: np.ndarray) -> nn.AdamWe
     return opt
 
 
-def _float32_state(p: Parameter, name: str) -> Parameter:
-    """An optimizer state of ``p``: float32 zeros of its shape, a clone of ``p`` (its parallel layout)."""
+def _float32_state(p: Parameter) -> Parameter:
+    """An optimizer state of ``p``: float32 zeros of its shape, a clone of ``p`` (its parallel layout); named
+    by the caller."""
     st = p.clone(init="zeros")
-    st.name = name
     st.set_dtype(ms.float32)
     st.set_data(initializer("zeros", p.shape, ms.float32))
     return st
