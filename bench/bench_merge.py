@@ -105,7 +105,7 @@ def main() -> None:
         ms_dir = os.path.join(a.workdir, "ms_out")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ours = measured([sys.executable, os.path.join(root, "convert", "merge_shards.py"), "--src", src,
-                         "--strategy", strat, "--output", ours_out, "--quiet"])
+                         "--strategy", strat, "--output", ours_out, "--quiet", "--overwrite"])
         theirs = measured([sys.executable, "-c",
                            "import mindspore as ms, sys; ms.transform_checkpoints(*sys.argv[1:5], None)",
                            src, ms_dir, "merged_", strat])

@@ -404,13 +404,13 @@ def _adapter_config(adapter_dir: str, cfg: Mapping, config: Optional[str]):
 
 
 def peft_to_ms(adapter_dir: str, output: str, pet_config: Optional[str] = None, dtype: str = "keep",
-               config: Optional[str] = None, allow_nonfinite: bool = False) -> str:
+               config: Optional[str] = None, allow_nonfinite: bool = False, overwrite: bool = False) -> str:
     """A peft LoRA directory -> mindpet ``.ckpt`` + ``pet_config``, validated (:func:`validate_lora`) against
     ``config`` when given (or found as the adapter's local base model)."""
     adapter = read_peft_adapter(adapter_dir)
-    check_output(output, [adapter_dir], "--output")
-    if pet_config:
-        check_output(pet_config, [adapter_dir, output], "--pet-config")
+    check_output(output, [adapter_dir], "--output", overwrite=overwrite)
+    check_output(pet_config or os.path.splitext(output)[0] + "_pet_config.yaml", [adapter_dir, output],
+                 "--pet-config", overwrite=overwrite)
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
         cfg = json.load(f)
     model_cfg, model_src = _adapter_config(adapter_dir, cfg, config)
@@ -444,9 +444,9 @@ def _prefix_source(path: str):
     return _Mem()
 
 
-def prefix_to_ms(hf: str, output: str, dtype: str = "keep") -> str:
+def prefix_to_ms(hf: str, output: str, dtype: str = "keep", overwrite: bool = False) -> str:
     """P-tuning v2 prefix weights of an HF directory / file -> mindpet names in a ``.ckpt``."""
-    check_output(output, [hf], "--output")
+    check_output(output, [hf], "--output", overwrite=overwrite)
     src = _prefix_source(hf)
     names = [n for n in src.names if n.startswith("transformer.prefix_encoder.")]
     if not names:
@@ -497,7 +497,7 @@ def merge(base: str, output: str, adapter: Optional[str] = None, pet_config: Opt
     tensor is checked (float dtype, finite values, the merged values in range of the stored dtype)."""
     base_is_ckpt = os.path.isfile(base)
     out_is_ckpt = output.endswith((".ckpt", ".safetensors")) and not os.path.isdir(output)
-    check_output(output, [base, adapter, pet_config], "--output", overwrite=None if out_is_ckpt else overwrite)
+    check_output(output, [base, adapter, pet_config], "--output", overwrite=overwrite)
     if base_is_ckpt and not out_is_ckpt:
         raise ConversionError(f"{output}: a .ckpt base gives a .ckpt (convert it with convert/ms_to_hf.py afterwards)")
     pet = read_pet_config(pet_config) if pet_config else None
@@ -635,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base model's config.json (or folder, or run YAML) to check layers and shapes against; "
                         "default: the adapter's base_model_name_or_path when it is a local folder")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert NaN/Inf LoRA values instead of refusing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (and --pet-config) file")
     p.add_argument("--dtype", **dt)
 
     p = sub.add_parser("ms-to-peft", formatter_class=fmt, help="mindpet LoRA .ckpt + pet_config -> peft adapter directory")
@@ -652,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", required=True,
                    help="HF directory or weights file (.bin/.safetensors) holding transformer.prefix_encoder.*")
     p.add_argument("--output", required=True, help="MindSpore checkpoint to write (.ckpt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--dtype", **dt)
 
     p = sub.add_parser("ms-to-prefix", formatter_class=fmt, help="mindpet prefix weights in a .ckpt -> HF P-tuning dir")
@@ -674,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="largest shard of an HF output directory")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge NaN/Inf values instead of refusing")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --output folder (replaces the files this command writes, keeps others)")
+                   help="replace an existing --output file, or write into a non-empty --output folder "
+                        "(replaces the files this command writes, keeps others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dtype", **dt)
     return ap
@@ -686,11 +689,11 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "peft-to-ms":
             line = peft_to_ms(args.adapter, args.output, args.pet_config, args.dtype, args.config,
-                              args.allow_nonfinite)
+                              args.allow_nonfinite, args.overwrite)
         elif args.cmd == "ms-to-peft":
             line = ms_to_peft(args.ckpt, args.pet_config, args.output, args.dtype, args.base_model, args.overwrite)
         elif args.cmd == "prefix-to-ms":
-            line = prefix_to_ms(args.hf, args.output, args.dtype)
+            line = prefix_to_ms(args.hf, args.output, args.dtype, args.overwrite)
         elif args.cmd == "ms-to-prefix":
             line = ms_to_prefix(args.ckpt, args.output, args.dtype, args.format, args.config, args.overwrite)
         else:

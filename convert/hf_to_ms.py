@@ -119,7 +119,7 @@ def plan_hf_to_ms(ckpt: HFCheckpoint, config: ChatGLM2Config, config_source: str
 def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str = "mindformers",
                      qkv: str = "concat", mlp: str = "concat", fmt: Optional[str] = None,
                      config: Optional[str] = None, allow_extra: bool = False, progress: bool = True,
-                     allow_nonfinite: bool = False) -> dict:
+                     allow_nonfinite: bool = False, overwrite: bool = False) -> dict:
     """Convert ``hf_dir`` to ``output`` (``.ckpt``, or MindSpore safetensors with ``fmt="safetensors"``).
 
     Every weight is checked on the way (:mod:`convert.tensor_checks`): a float dtype, finite values (unless
@@ -135,7 +135,7 @@ def convert_hf_to_ms(hf_dir: str, output: str, dtype: str = "keep", naming: str 
     config_source = config or os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"{hf_dir}: not a directory (expected an HF ChatGLM2 directory)")
-    check_output(output, [hf_dir, config_source], "--output")
+    check_output(output, [hf_dir, config_source], "--output", overwrite=overwrite)
     cfg = ChatGLM2Config.from_hf(config_source)
     ckpt = HFCheckpoint(hf_dir)
     pieces, notes = plan_hf_to_ms(ckpt, cfg, config_source, naming, qkv, mlp, dtype, allow_extra)
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="copy tensors the config does not know, unchanged, instead of stopping with an error")
     ap.add_argument("--allow-nonfinite", action="store_true",
                     help="convert weights holding NaN/Inf instead of stopping with an error naming the tensor")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --output file (refused otherwise)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is printed)")
     return ap
 
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: convert_hf_to_ms(args.hf_dir, args.output, args.dtype, args.naming, args.qkv, args.mlp,
                                                args.format, args.config, args.allow_extra, progress=not args.no_progress,
-                                               allow_nonfinite=args.allow_nonfinite))
+                                               allow_nonfinite=args.allow_nonfinite, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

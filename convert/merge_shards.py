@@ -405,8 +405,9 @@ def _count_ranks(src: str, world_size: Optional[int] = None) -> int:
 
 def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "all", keep_optimizer: bool = False,
                  step: Optional[int] = None, progress: bool = True, world_size: Optional[int] = None,
-                 prefix: Optional[str] = None) -> dict:
-    """Merge ``src/rank_N/*.ckpt`` laid out by ``strategy`` into the single checkpoint ``output``.
+                 prefix: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Merge ``src/rank_N/*.ckpt`` laid out by ``strategy`` into the single checkpoint ``output``
+    (an existing ``output`` file is refused unless ``overwrite``).
 
     ``strategy=None`` is a pure data-parallel run: every rank holds full replicas, checked bit for bit;
     its rank count is ``world_size``, or what the checkpoints record, or the rank folders (no gaps).
@@ -426,7 +427,8 @@ def merge_shards(src: str, strategy: Optional[str], output: str, params: str = "
         if world_size is not None and world_size != strat.device_num:
             raise MergeError(f"{strategy}: describes {strat.device_num} ranks, --world-size says {world_size}")
     files = find_rank_files(src, strat.device_num, step, prefix)
-    check_output(output, [strategy] + sorted({os.path.dirname(f) for f in files.values()}), "--output")
+    check_output(output, [strategy] + sorted({os.path.dirname(f) for f in files.values()}), "--output",
+                 overwrite=overwrite)
     ckpts = {r: MSCheckpoint(f) for r, f in files.items()}
     _check_recorded_ranks(ckpts, strat.device_num)
     # every name once, stage by stage, in the order the ranks hold them
@@ -472,7 +474,7 @@ def split_checkpoint(full_ckpt: str, strategy: str, output_dir: str, prefix: str
     complete or not at all.
     """
     t0 = time.time()
-    check_output(output_dir, [full_ckpt, strategy], "--output")
+    check_output(output_dir, [full_ckpt, strategy], "--output", overwrite=False)
     try:
         strat = load_strategy(strategy)
     except StrategyError as e:
@@ -573,6 +575,7 @@ def _merge_parser() -> argparse.ArgumentParser:
                         "data-parallel run (no strategy file): every rank then holds full replicas, which are "
                         "checked to be bit-identical")
     p.add_argument("--output", required=True, help="merged checkpoint to write (.ckpt); written atomically")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (refused otherwise)")
     p.add_argument("--params", default="all", choices=("all", "trainable", "lora"),
                    help="all: every weight (default); trainable: LoRA and P-tuning prefix weights if the run "
                         "has any, else every weight; lora: only *.mindpet_delta_lora_a/b")
@@ -627,7 +630,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.world_size is not None and a.world_size < 1:
             raise MergeError(f"--world-size: {a.world_size} must be at least 1")
         s = merge_shards(a.src, a.strategy, a.output, a.params, a.keep_optimizer, a.step, progress=not a.quiet,
-                         world_size=a.world_size, prefix=a.prefix)
+                         world_size=a.world_size, prefix=a.prefix, overwrite=a.overwrite)
         print(f"merged {s['ranks']} ranks ({s['stages']} stage(s)): {s['params']} parameters, "
               f"{s['bytes'] / 2**20:.1f} MiB -> {a.output} ({s['dropped']} dropped) in {s['seconds']:.1f}s")
         if a.to_hf:

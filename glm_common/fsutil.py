@@ -8,8 +8,8 @@ an unusable location.
 
 :func:`check_output` is the one gate every writer passes its output through first: it resolves the
 output (real path and inode) and refuses one that is, contains or lies inside any of the run's inputs,
-and an output folder that already holds files unless the run was told it may replace its own files in it
-(``--overwrite``). :func:`atomic_write_text` writes a small file in one go through :func:`atomic_file`;
+an output file that exists, and an output folder that already holds files, unless the run was told it may
+replace its own files (``--overwrite``). :func:`atomic_write_text` writes a small file in one go through :func:`atomic_file`;
 :func:`atomic_path` gives writers that take a file name (``savefig``, ``save_checkpoint``) the same.
 """
 from __future__ import annotations
@@ -59,9 +59,9 @@ def check_output(output: str, inputs=(), what: str = "output", overwrite: Option
 
     Refused: an output that is one of ``inputs`` (same real path, or the same file reached through a link
     or a hard link), lies inside an input folder, or contains an input (it would be replaced or removed
-    under the reader). With ``overwrite`` given (``False`` / ``True``: the ``--overwrite`` flag of a command
-    that writes a folder), an existing non-empty output folder is refused unless ``overwrite`` (which then
-    replaces only the files the command writes). Inputs that are ``None`` or empty are skipped.
+    under the reader). With ``overwrite`` given (``False`` / ``True``: the command's ``--overwrite`` flag), an
+    existing output file, and an existing non-empty output folder, are refused unless ``overwrite`` (which
+    then replaces the file, or only the files the command writes in the folder). Inputs that are ``None`` or empty are skipped.
     ``contains=False`` allows an output folder that holds inputs among its files (a run's result folder
     that only adds files of its own names), though never an input at the path of a file it writes.
     """
@@ -80,9 +80,12 @@ def check_output(output: str, inputs=(), what: str = "output", overwrite: Option
             raise OutputError(f"{output}: {what} contains the input {inp} (choose a folder of its own)")
         if contains and out_ids and out_ids & _ids(real_in, depth=1):
             raise OutputError(f"{output}: {what} holds a file of the input {inp} (a link or hard link to it)")
-    if overwrite is not None and os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise OutputError(f"{output}: {what} folder is not empty (--overwrite replaces this command's own files "
-                          f"in it and leaves the others)")
+    if overwrite is not None and not overwrite and os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise OutputError(f"{output}: {what} exists (--overwrite replaces it)")
+        if os.listdir(out):
+            raise OutputError(f"{output}: {what} folder is not empty (--overwrite replaces this command's own files "
+                              f"in it and leaves the others)")
     return out
 
 

@@ -52,7 +52,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_features(args) -> int:
-    check_output(args.out, list(args.files) + [args.tokenizer], "--out")
+    check_output(args.out, list(args.files) + [args.tokenizer], "--out", overwrite=args.overwrite)
     samples = load_samples(args.files, args.format, on_error="skip" if args.skip_bad_rows else "raise",
                            skip_hint="pass --skip-bad-rows to drop them")
     feats = build_train_features(samples, _tokenizer(args.tokenizer), args.mode, args.max_source_length,
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     common(f, True)
     f.add_argument("--mode", choices=MODES, default="official")
     f.add_argument("--out", required=True, help="output .npz")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out file (refused otherwise)")
     args = p.parse_args(argv)
     try:
         return {"check": cmd_check, "stats": cmd_stats, "features": cmd_features}[args.command](args)

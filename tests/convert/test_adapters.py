@@ -115,11 +115,17 @@ def test_peft_to_ms_writes_the_pair_or_nothing(peft_dir, tmp_path, monkeypatch, 
     # an existing pair is kept as it was
     ckpt.write_bytes(b"old ckpt")
     pet.write_text("old pet")
-    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt)]) == 1
+    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt), "--overwrite"]) == 1
     assert ckpt.read_bytes() == b"old ckpt" and pet.read_text() == "old pet"
     assert sorted(os.listdir(tmp_path)) == ["lora.ckpt", "lora_pet_config.yaml"]
     monkeypatch.undo()
-    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt)]) == 0
+    capsys.readouterr()
+    # without --overwrite the existing pair is refused in one line and kept
+    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists (--overwrite replaces it)" in err[0], err
+    assert ckpt.read_bytes() == b"old ckpt" and pet.read_text() == "old pet"
+    assert adapters.main(["peft-to-ms", "--adapter", str(adapter), "--output", str(ckpt), "--overwrite"]) == 0
     assert yaml.safe_load(open(pet))["pet_config"]["lora_rank"] == R and ckpt.stat().st_size > 100
 
 

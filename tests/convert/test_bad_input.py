@@ -403,7 +403,7 @@ def test_training_checkpoint_converts_and_merges_without_training_state(ms_train
     merged = MSCheckpoint(out)
     assert not [n for n in merged.names if is_train_state(n)]
     assert set(merged.names) == {n for n in ckpt.names if not is_train_state(n)}
-    res, out = _merge(run, "--keep-optimizer")
+    res, out = _merge(run, "--keep-optimizer", "--overwrite")
     assert res.returncode == 0, res.stderr
     assert "loss_scale_good_steps" in MSCheckpoint(out).names
 

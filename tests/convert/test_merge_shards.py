@@ -197,7 +197,8 @@ def test_cli_step_selection_and_summary(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "merged 2 ranks" in res.stdout
     assert_bits_equal(ours(out), full)
-    assert merge_main(cmd[2:-1] + ["--step", "5", "--quiet"]) == 0
+    assert merge_main(cmd[2:-1] + ["--step", "5", "--quiet"]) == 1     # the merged file exists
+    assert merge_main(cmd[2:-1] + ["--step", "5", "--quiet", "--overwrite"]) == 0
     assert all(not v.any() for v in ours(out).values())
     res = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--keep-optimizer" in res.stdout and "split" in res.stdout

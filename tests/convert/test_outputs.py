@@ -182,3 +182,43 @@ def test_check_output_rules(tmp_path):
     with pytest.raises(OutputError, match="contains"):
         check_output(str(tmp_path), [str(d / "a.bin")])
     assert check_output(str(tmp_path / "fresh"), [str(d), None, ""], overwrite=False) == str(tmp_path / "fresh")
+
+
+def _existing_file_cases(hf_dir, ms_ckpt, tmp_path):
+    """``(name, argv runner, output file)`` for every command that writes one file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    rank = tmp_path / "run" / "rank_0"
+    rank.mkdir(parents=True)
+    save_ms_checkpoint([("w", np.ones((2, 2), np.float32))], str(rank / "glm2_rank_0-1_4.ckpt"))
+    cases = {
+        "hf_to_ms": (lambda o, *x: hf_to_ms.main(["--hf-dir", hf_dir, "--output", o, "--no-progress", *x]),
+                     out / "model.ckpt"),
+        "merge_shards": (lambda o, *x: merge_shards.main(["--src", str(tmp_path / "run"), "--output", o, "--quiet",
+                                                          *x]), out / "merged.ckpt"),
+        "adapters merge": (lambda o, *x: adapters.main(["merge", "--base", ms_ckpt, "--adapter", ms_ckpt,
+                                                        "--output", o, "--no-progress", *x]), out / "merged_lora.ckpt"),
+        "data features": (lambda o, *x: data_cli.main(["features", str(ADGEN_DIR / "train.json"), "--tokenizer",
+                                                       str(TOKENIZER_MODEL), "--out", o, *x]), out / "feats.npz"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("name", ["hf_to_ms", "merge_shards", "adapters merge", "data features"])
+def test_an_existing_output_file_needs_overwrite(name, hf_dir, ms_ckpt, tmp_path, capsys):
+    """A file output that exists is refused in one line and left byte for byte as it was; ``--overwrite``
+    replaces it (and only it)."""
+    run, target = _existing_file_cases(hf_dir, ms_ckpt, tmp_path)[name]
+    target.write_bytes(b"a user's file")
+    (target.parent / "other.txt").write_text("mine")
+    refused(capsys, run(str(target)), target, "exists", "--overwrite")
+    assert target.read_bytes() == b"a user's file"
+    no_partials(target.parent)
+    rc = run(str(target), "--overwrite")
+    if name == "adapters merge":   # the tiny base holds no LoRA: refused after the output check, file untouched
+        refused(capsys, rc, "LoRA")
+        assert target.read_bytes() == b"a user's file"
+    else:
+        assert rc == 0, capsys.readouterr().err
+        assert target.read_bytes() != b"a user's file" and target.stat().st_size > 30
+    assert (target.parent / "other.txt").read_text() == "mine"
