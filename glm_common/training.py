@@ -119,9 +119,19 @@ def eval_samples(s: TrainSettings) -> list:
 
 
 def eval_loss_features(s: TrainSettings, tokenizer, samples) -> dict:
-    """Teacher-forced features of the eval samples (``feature_mode``, the eval lengths)."""
-    return build_train_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length,
-                                max_target_length=s.eval_max_target_length)
+    """Teacher-forced features of the eval samples (``feature_mode``, the eval lengths), cut to the model's
+    ``seq_length`` where the eval lengths add up to more (the shipped P-tuning v2 YAML: 128 + 128 eval
+    tokens, ``seq_length`` 193): the loss is then over the label tokens inside the model's window."""
+    feats = build_train_features(samples, tokenizer, mode=s.feature_mode, max_source_length=s.eval_max_source_length,
+                                 max_target_length=s.eval_max_target_length)
+    limit = int(s.config.seq_length)
+    if feats["input_ids"].shape[1] > limit:
+        feats = dict(feats)
+        for key in ("input_ids", "labels"):
+            feats[key] = np.ascontiguousarray(feats[key][:, :limit])
+        if "lengths" in feats:
+            feats["lengths"] = np.minimum(feats["lengths"], limit)
+    return feats
 
 
 def eval_prompts(s: TrainSettings, tokenizer, samples, report=None) -> tuple:

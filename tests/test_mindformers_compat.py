@@ -425,3 +425,47 @@ def test_dropouts_change_the_training_numbers_in_both_backends():
             t.train()
             on_t = t(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels)).loss.item()
         assert off_t == pytest.approx(plain, rel=1e-4) and abs(on_t - off_t) > 1e-4, (key, on_t, off_t)
+
+
+@pytest.mark.slow
+def test_ptuning2_eval_loss_over_lengths_beyond_seq_length(tmp_path):
+    """The shipped P-tuning v2 YAML evaluates at 128 + 128 tokens but its model holds seq_length 193: the
+    teacher-forced eval loss (``do_eval``, PerplexityMetric) is taken over the first 193 tokens (MindSpore
+    failed in its embedding Gather before), the same number in torch_glm given the same prefix weights."""
+    import torch
+    from glm_common.data import load_samples
+    from glm_common.names import HF_TO_MS_PREFIX
+    from glm_common.tokenizer import ChatGLM2Tokenizer
+    from glm_common.training import eval_loss_features
+    from mindspore_glm.evaluate import eval_loss as ms_eval_loss
+    from mindspore_glm.train import build_model as ms_build, set_context
+    from torch_glm.evaluate import eval_loss as pt_eval_loss
+    from torch_glm.train import build_model as pt_build
+    cfg = load_run_config(str(shrunk("ptuning2", tmp_path)))
+    mc = cfg["model"]["model_config"]
+    mc["param_init_type"] = mc["compute_dtype"] = "float32"
+    cfg["use_parallel"] = False
+    s = quiet(cfg)
+    assert s.eval_max_source_length + s.eval_max_target_length + 1 > s.config.seq_length == 193
+    tok = ChatGLM2Tokenizer(str(TOKENIZER_MODEL))
+    samples = load_samples(s.eval_file)[:8]
+    feats = eval_loss_features(s, tok, samples)
+    assert feats["input_ids"].shape == feats["labels"].shape == (8, 193)
+    assert (feats["labels"] != -100).any()
+    set_context(s)
+    ms_model, _ = ms_build(s)
+    ms_model.set_train(False)
+    got = ms_eval_loss(ms_model, s, tok, samples)
+    pt_model, _ = pt_build(s, "cpu")
+    ms_params = {p.name: p.asnumpy() for p in ms_model.get_parameters()}
+    copied = 0
+    with torch.no_grad():
+        for name, p in pt_model.named_parameters():
+            for hf, ms_name in HF_TO_MS_PREFIX.items():
+                if name.endswith(hf.split("transformer.", 1)[1]) and ms_name in ms_params:
+                    p.copy_(torch.from_numpy(ms_params[ms_name]))
+                    copied += 1
+    assert copied >= 1
+    pt_model.eval()
+    want = pt_eval_loss(pt_model, s, tok, samples)
+    assert np.isfinite(got) and got == pytest.approx(want, abs=1e-4)
