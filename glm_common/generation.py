@@ -35,7 +35,7 @@ import numpy as np
 from glm_common.prompt import INVALID_SCORE_TOKEN, INVALID_SCORE_VALUE
 
 __all__ = ["INVALID_SCORE_TOKEN", "INVALID_SCORE_VALUE", "invalid_score_processor", "presence_frequency_penalty",
-           "common_start",
+           "prompt_logprobs", "common_start",
            "new_token_budget",
            "chat_token_budget", "GenerationPlan", "plan_generation", "budget_groups", "apply_plan",
            "plan_eval_prompts"]
@@ -69,6 +69,22 @@ def presence_frequency_penalty(scores, answer_ids: Sequence[int], presence: floa
         out[0, ids.tolist()] -= out.new_tensor(penalty)
     else:
         out[0, ids] -= penalty
+    return out
+
+
+def prompt_logprobs(logits: np.ndarray, ids: Sequence[int], k: int = 0) -> list:
+    """``logits [S, V]`` of one forward pass over the prompt ``ids`` -> per prompt token, the model's
+    log-probability of it given the tokens before it and the ``k`` most likely tokens there:
+    ``[None, (logprob, [(token, logprob), ...]), ...]`` (the first token has nothing before it: ``None``, as
+    OpenAI's ``echo`` with ``logprobs`` reports it)."""
+    x = np.asarray(logits[:len(ids) - 1], np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    out: list = [None]
+    for i in range(1, len(ids)):
+        row = logp[i - 1]
+        top = np.argsort(-row, kind="stable")[:k] if k else ()
+        out.append((float(row[ids[i]]), [(int(t), float(row[t])) for t in top]))
     return out
 
 

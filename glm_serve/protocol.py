@@ -6,8 +6,11 @@ field. Sampling: ``temperature``, ``top_p``, ``seed``, ``presence_penalty`` and 
 (OpenAI's, over the answer), and vLLM's extensions ``top_k`` (0 or -1: off) and ``repetition_penalty``
 (ChatGLM2's ``chat()`` one, over prompt and answer). ``logprobs``/``top_logprobs`` (chat) and
 ``logprobs: k`` (completions) report the model's own log-probabilities (before penalties and
-temperature, as vLLM does). Fields of OpenAI's API that change what the model would do but that we do
-not implement (``n`` other than 1, ``echo``, ``tools``, ``logit_bias``, ``response_format``) are refused
+temperature, as vLLM does). ``echo`` (completions) puts the prompt before the answer; with ``logprobs``
+it also reports each prompt token's log-probability given those before it (the first: ``null``), and
+with ``max_tokens: 0`` it only scores the prompt, as evaluation harnesses ask. Fields of OpenAI's API that
+change what the model would do but that we do not implement (``n`` other than 1, ``echo`` in chat,
+``tools``, ``logit_bias``, ``response_format``) are refused
 with 400 rather than silently ignored; purely informational ones
 (``user``, ``metadata``, ``stream_options`` other than ``include_usage``) are accepted.
 ``stream_options`` without ``stream: true`` is refused, as OpenAI refuses it.
@@ -72,6 +75,7 @@ class ChatRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: Optional[int] = None              # None: no log-probabilities; k: the token's and the top k
+    echo: bool = False                          # completions: the prompt comes back before the answer
     stop: list = field(default_factory=list)
     include_usage: bool = False
     model: str = ""
@@ -158,7 +162,16 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
 def _common(body: Any, chat: bool, model_id: str) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "request body: expected a JSON object")
+    echo = False
+    if not chat:
+        echo = body.get("echo", False)
+        if echo is None:
+            echo = False
+        if not isinstance(echo, bool):
+            raise APIError(400, f"echo: expected true or false, got {echo!r}", param="echo")
     for key, default in _REFUSED.items():
+        if key == "echo" and not chat:
+            continue
         v = body.get(key)
         if v is None or v is False and (default is None or isinstance(default, bool)):
             continue
@@ -185,7 +198,8 @@ def _common(body: Any, chat: bool, model_id: str) -> dict:
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 2 ** 31, integer=True)
+        # 0 only with echo: the prompt scored, nothing generated
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 0 if echo else 1, 2 ** 31, integer=True)
     seed = _number(body, "seed", None, -2 ** 63, 2 ** 64, integer=True)
     repetition = float(_number(body, "repetition_penalty", 1.0, 0, 10))
     if repetition == 0:
@@ -205,7 +219,7 @@ def _common(body: Any, chat: bool, model_id: str) -> dict:
                 temperature=float(_number(body, "temperature", DEFAULT_TEMPERATURE, 0, 2)),
                 top_p=float(_number(body, "top_p", DEFAULT_TOP_P, 0, 1)),
                 seed=None if seed is None else seed % 2 ** 63, stop=stop, top_k=max(top_k, 0),
-                repetition_penalty=repetition, logprobs=logprobs,
+                repetition_penalty=repetition, logprobs=logprobs, echo=echo,
                 presence_penalty=float(_number(body, "presence_penalty", 0.0, -2, 2)),
                 frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -2, 2)),
                 include_usage=bool(opts.get("include_usage", False)), model=model_id)
@@ -256,7 +270,8 @@ def logprobs_body(req: ChatRequest, entries: Optional[list], offset: int = 0):
         offsets.append(offset)
         offset += len(t)
     return {"tokens": [e[0] for e in entries], "token_logprobs": [e[2] for e in entries],
-            "top_logprobs": [{tt: tlp for tt, _, tlp in e[3]} for e in entries] if req.logprobs else None,
+            "top_logprobs": [None if e[3] is None else {tt: tlp for tt, _, tlp in e[3]} for e in entries]
+            if req.logprobs else None,
             "text_offset": offsets}
 
 

@@ -158,13 +158,16 @@ class Scheduler:
             for job in admit:
                 try:
                     r = job.req
-                    settings = self.settings_cls(do_sample=r.do_sample, temperature=r.temperature or 1.0,
-                                                 top_p=r.top_p, top_k=r.top_k, seed=r.seed,
-                                                 repetition_penalty=r.repetition_penalty,
-                                                 presence_penalty=r.presence_penalty,
-                                                 frequency_penalty=r.frequency_penalty, logprobs=r.logprobs)
-                    first = self.decoder.add(id(job), job.prompt_ids, settings, job.max_tokens)
-                    self.active[id(job)] = job
+                    echo = self._echo_entries(job) if r.echo else None
+                    first = None
+                    if job.max_tokens > 0:
+                        settings = self.settings_cls(do_sample=r.do_sample, temperature=r.temperature or 1.0,
+                                                     top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+                                                     repetition_penalty=r.repetition_penalty,
+                                                     presence_penalty=r.presence_penalty,
+                                                     frequency_penalty=r.frequency_penalty, logprobs=r.logprobs)
+                        first = self.decoder.add(id(job), job.prompt_ids, settings, job.max_tokens)
+                        self.active[id(job)] = job
                 except Exception as e:                       # noqa: BLE001 - reported to the client
                     log.error("prefill failed: %s: %s", type(e).__name__, e)
                     job.finished = True
@@ -174,6 +177,11 @@ class Scheduler:
                 finally:
                     with self.cond:
                         self.admitting -= 1
+                if echo is not None:
+                    job.emit(("text", job.req.prompt, echo))
+                if first is None:                          # max_tokens 0 (echo): the prompt scored, no answer
+                    self._finish(job, "length", flushed=True)
+                    continue
                 self._token(job, first)
             if not self.active:
                 continue
@@ -198,6 +206,17 @@ class Scheduler:
                     job.emit(("error", f"decode failed: {type(tok).__name__}: {tok}"))
                     continue
                 self._token(job, tok)
+
+    def _echo_entries(self, job: Job) -> list:
+        """The log-probability entries of the prompt's tokens for ``echo`` (none unless ``logprobs``)."""
+        if job.req.logprobs is None:
+            return []
+        out = []
+        for tok, lp in zip(job.prompt_ids, self.decoder.prompt_logprobs(job.prompt_ids, job.req.logprobs)):
+            text, raw = self._token_text(tok)
+            out.append((text, raw, None, None) if lp is None else
+                       (text, raw, lp[0], [(*self._token_text(t), v) for t, v in lp[1]]))
+        return out
 
     def _drop(self, job: Job) -> None:
         self.active.pop(id(job), None)

@@ -36,7 +36,7 @@ from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
-from glm_common.generation import common_start, invalid_score_processor, presence_frequency_penalty
+from glm_common.generation import common_start, invalid_score_processor, presence_frequency_penalty, prompt_logprobs
 from mindspore_glm.generate import process_logits, sample_next
 
 __all__ = ["BatchDecoder", "SamplingSettings"]
@@ -202,6 +202,19 @@ class BatchDecoder:
                 self.rows[key].index = i
 
     # ------------------------------------------------------------------ join / leave
+    def prompt_logprobs(self, prompt_ids: Sequence[int], k: int = 0) -> list:
+        """Each prompt token's log-probability given the tokens before it, and the ``k`` most likely there
+        (:func:`glm_common.generation.prompt_logprobs`), from one forward pass over the prompt alone; the
+        rows decoding are not touched."""
+        from mindspore import Tensor
+        was_training = self.model.training
+        self.model.set_train(False)
+        try:
+            logits = self.model(Tensor(np.asarray([list(prompt_ids)], np.int32)))
+        finally:
+            self.model.set_train(was_training)
+        return prompt_logprobs(logits.asnumpy()[0].astype(np.float32), list(prompt_ids), k)
+
     def add(self, key: Hashable, prompt_ids: Sequence[int], settings: Optional[SamplingSettings] = None,
             max_new_tokens: Optional[int] = None) -> int:
         """Prefill ``prompt_ids`` alone and return the first new token; the row decodes from the next

@@ -31,7 +31,7 @@ from typing import Hashable, Optional, Sequence
 
 import torch
 
-from glm_common.generation import common_start, presence_frequency_penalty
+from glm_common.generation import common_start, presence_frequency_penalty, prompt_logprobs
 from torch_glm.generate import (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
                                 invalid_score_processor, sample_next)
 
@@ -117,6 +117,15 @@ class BatchDecoder:
         """``(log-probability of the last token chosen, [(token, log-probability)] of the most likely)``
         for a row whose settings ask for ``logprobs``; ``None`` otherwise."""
         return self.rows[key].logprobs
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt_ids: Sequence[int], k: int = 0) -> list:
+        """Each prompt token's log-probability given the tokens before it, and the ``k`` most likely there
+        (:func:`glm_common.generation.prompt_logprobs`), from one forward pass over the prompt alone; the
+        rows decoding are not touched."""
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids).logits[0].float().cpu().numpy()
+        return prompt_logprobs(logits, list(prompt_ids), k)
 
     # ------------------------------------------------------------------ join / leave
     @torch.no_grad()

@@ -118,5 +118,48 @@ def test_sampling_fields_are_checked(torch_backend):
             assert r.status_code == 400 and r.json()["error"]["message"].startswith(words), r.json()
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "logprobs": 6}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["message"] == "logprobs: 6 is out of range [0, 5]"
-        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "echo": True}, timeout=60)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user, "echo": True}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("echo: not supported")
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "echo": "yes"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "echo: expected true or false, got 'yes'"
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_echo_scores_the_prompt(backend, reference_model):
+    """``echo`` with ``logprobs`` (what evaluation harnesses send to score a text): each prompt token's
+    log-probability given those before it, from the reference model's plain forward; ``max_tokens: 0``
+    scores without answering; with an answer, the prompt comes first and the answer is the one without echo."""
+    b = backend
+    prompt = build_prompt(QUERY, [])
+    ids = b.tokenizer.encode(prompt)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        ref = reference_model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float().log_softmax(-1)
+    tol = 1e-4 if b.name == "torch" else 1e-3
+    with serving(b) as (url, _):
+        client = _client(url)
+        scored = client.completions.create(model=b.model_id, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                           temperature=0)
+        ch = scored.choices[0]
+        assert ch.text == prompt and ch.finish_reason == "length"
+        assert scored.usage.prompt_tokens == len(ids) and scored.usage.completion_tokens == 0
+        lp = ch.logprobs
+        assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx([float(ref[i - 1, ids[i]]) for i in range(1, len(ids))],
+                                                      abs=tol)
+        for d, i in zip(lp.top_logprobs[1:], range(1, len(ids))):
+            assert sorted(d.values(), reverse=True) == pytest.approx(torch.topk(ref[i - 1], 2).values.tolist()[:len(d)],
+                                                                     abs=tol)
+        plain = client.completions.create(model=b.model_id, prompt=prompt, max_tokens=N, temperature=0, logprobs=2)
+        both = client.completions.create(model=b.model_id, prompt=prompt, max_tokens=N, temperature=0, logprobs=2,
+                                         echo=True)
+        assert both.choices[0].text == prompt + plain.choices[0].text
+        assert both.choices[0].logprobs.token_logprobs == [None] + lp.token_logprobs[1:] + \
+            plain.choices[0].logprobs.token_logprobs
+        assert both.usage.completion_tokens == plain.usage.completion_tokens
+        stream = client.completions.create(model=b.model_id, prompt=prompt, max_tokens=N, temperature=0, echo=True,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == both.choices[0].text
+        echoed = client.completions.create(model=b.model_id, prompt=prompt, max_tokens=N, temperature=0, echo=True)
+        assert echoed.choices[0].text == both.choices[0].text and echoed.choices[0].logprobs is None
