@@ -36,7 +36,7 @@ REQUIRED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads
 
 @dataclass
 class ChatGLM2Config:
-    """ChatGLM2 architecture (the table of chatglm2.md). Defaults are the HF ChatGLMConfig's defaults
+    """ChatGLM2 architecture (docs/architecture.md, section 1). Defaults are the HF ChatGLMConfig's defaults
     for optional switches; dimension fields (``REQUIRED``) have no default in a file."""
 
     num_layers: int = 28

@@ -21,6 +21,9 @@ On a machine without CANN the Ascend plugin loads the stand-in libraries of :mod
 ``convert/merge_shards.py --strategy`` reads.
 
 exit status: 0 every rank compiled, 1 a rank did not compile, 2 bad input.
+
+There is no ``torch_glm`` twin of this module: it checks MindSpore's semi-auto-parallel compiler, which torch
+has no counterpart of (torch's sharded training, FSDP2, runs for real on CPU under ``torchrun``).
 """
 from __future__ import annotations
 

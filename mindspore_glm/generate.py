@@ -237,8 +237,8 @@ class GenerationMixin:
              max_new_tokens: Optional[int] = None, do_sample: bool = True, top_p: float = 0.8,
              temperature: float = 0.8, top_k: int = 0, repetition_penalty: float = 1.0,
              seed: Optional[int] = None, logits_processor=None):
-        """One reply: ``(response, history + [(query, response)])`` (chatglm2.md's defaults: sampling with
-        ``top_p=0.8``, ``temperature=0.8``)."""
+        """One reply: ``(response, history + [(query, response)])`` (docs/architecture.md, section 6: sampling
+        with ``top_p=0.8``, ``temperature=0.8`` by default)."""
         history = list(history or [])
         ids, max_new_tokens = self._chat_inputs(tokenizer, query, history, max_length, max_new_tokens, "chat")
         out = self.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,

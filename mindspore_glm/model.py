@@ -5,9 +5,9 @@ Shapes use ``B`` batch, ``S`` query length, ``K`` key length (prefix + past + cu
 
 Parameter names are mindformers' (``transformer.embedding.embedding_weight``, the rest as HF), so a
 checkpoint of this model loads into mindformers' ``ChatGLM2ForConditionalGeneration`` and back.
-The forward pass follows chatglm2.md: RMSNorm with a float32 variance, rotary embedding over the first
-half of each head (adjacent pairs, cos/sin rounded to ``rotary_dtype``), multi-query attention with a
-float32 softmax, SwiGLU MLP, shifted cross-entropy ignoring -100.
+The forward pass follows docs/architecture.md (section 3): RMSNorm with a float32 variance, rotary
+embedding over the first half of each head (adjacent pairs, cos/sin rounded to ``rotary_dtype``),
+multi-query attention with a float32 softmax, SwiGLU MLP, shifted cross-entropy ignoring -100.
 
 Every ``construct`` uses static shapes only, so the same code runs in PYNATIVE and GRAPH mode
 (``mindspore.jit``).

@@ -2,7 +2,7 @@
 
 :class:`GenerationMixin` gives the model ``generate`` (prompt + new ids, as transformers returns
 them), ``stream_generate`` (yields the ids after every step), ``chat`` and ``stream_chat``
-(chatglm2.md: prompt format, ``top_p=0.8``, ``temperature=0.8``, ``do_sample=True``, the NaN/Inf
+(docs/architecture.md, sections 6-7: prompt format, ``top_p=0.8``, ``temperature=0.8``, ``do_sample=True``, the NaN/Inf
 logits processor, response post-processing, history ``[(query, response), ...]``).
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ Modules (each docstring states tensor shapes): :class:`RMSNorm`, the rotary help
 :class:`ChatGLM2ForConditionalGeneration` (loss, loading and saving the HF layouts, generation via
 :class:`torch_glm.generate.GenerationMixin`).
 
-Numerics follow chatglm2.md. Key/value caches are per layer ``(key, value)`` pairs of shape
+Numerics follow docs/architecture.md (section 3). Key/value caches are per layer ``(key, value)`` pairs of shape
 ``[B, g, S_past, hn]`` (rotary already applied; P-tuning prefix entries first when present).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """P-tuning v2: the prefix encoder and the helpers that freeze the base model around it.
 
 The prefix encoder turns ``arange(pre_seq_len)`` into one past (key, value) pair per layer
-(chatglm2.md, "P-tuning v2"). Parameter names are ChatGLM2's (``transformer.prefix_encoder.embedding``,
+(docs/architecture.md, section 5). Parameter names are ChatGLM2's (``transformer.prefix_encoder.embedding``,
 ``transformer.prefix_encoder.trans.{0,2}``) so prefix checkpoints move between implementations.
 """
 from __future__ import annotations

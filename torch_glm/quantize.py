@@ -11,6 +11,9 @@ dtype. Weights are stored as integers with symmetric scales, activations stay in
 
 Plain torch (no custom kernels), so it runs on CPU and CUDA alike; it trades speed for memory (the
 linears take about 1/4 (int8) or 1/7 (int4) of their float32 bytes).
+
+There is no ``mindspore_glm`` twin of this module: MindSpore serving on Ascend keeps float16 weights
+(the ``--quantize`` flag of ``glm2-serve`` is refused there in one line).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Helpers with the same name mean the same thing in both backends: the rotary cache and rotation, the
 attention mask (with and without a past, with left padding), the invalid-score guard. Checked against
-each other and against a plain numpy statement of chatglm2.md's rules.
+each other and against a plain numpy statement of docs/architecture.md's rules.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_apply_rope_same_in_both_and_as_the_tables():
     rope = cache[pos]                                                     # [B, S, rot/2, 2]
     got_ms = msm.apply_rope(ms.Tensor(x), ms.Tensor(rope)).asnumpy()
     got_pt = ptm.apply_rope(torch.from_numpy(x), torch.from_numpy(rope)).numpy()
-    # chatglm2.md: adjacent pairs of the first half rotated, the second half passes through
+    # docs/architecture.md: adjacent pairs of the first half rotated, the second half passes through
     x0, x1 = x[..., 0:hn // 2:2], x[..., 1:hn // 2:2]
     c, s = rope[:, None, ..., 0], rope[:, None, ..., 1]
     want = x.copy()
@@ -54,7 +54,7 @@ def test_apply_rope_same_in_both_and_as_the_tables():
 
 
 def _np_mask(keep, q_len, past_len):
-    """chatglm2.md's rule, written out: causal, not padding; without a past padding queries see all."""
+    """docs/architecture.md's rule, written out: causal, not padding; without a past padding queries see all."""
     B, K = keep.shape
     out = np.zeros((B, 1, q_len, K), bool)
     for b in range(B):

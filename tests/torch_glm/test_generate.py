@@ -86,7 +86,7 @@ def test_chat_and_stream_chat(model, tokenizer):
     query, history = "类型#裙", [("你好", "好")]
     response, new_history = model.chat(tokenizer, query, history, max_new_tokens=8, do_sample=False)
     assert new_history == history + [(query, response)]
-    # the same answer by hand: prompt format of chatglm2.md, greedy generate, decode, strip
+    # the same answer by hand: prompt format of docs/architecture.md, greedy generate, decode, strip
     ids = torch.tensor([tokenizer.encode(build_prompt(query, history))])
     out = model.generate(ids, max_new_tokens=8)
     new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.eos_token_id]
